@@ -1,0 +1,211 @@
+"""The one source of truth for TenSafe configuration: ``TENSAFE_*`` variables.
+
+CLI flags (``vllm serve --tensafe-...``) are written into the environment by the plugin before
+vLLM spawns its engine-core and worker processes, so every process builds the same settings
+from the same variables. See docs/configuration.md (a test keeps it in step with this model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+from vllm_tensafe.errors import ConfigError
+
+ENV_PREFIX = "TENSAFE_"
+
+# Names of HE profiles; kept here (not imported from he/) so reading settings never imports
+# TenSEAL. tests/test_settings.py checks this list against vllm_tensafe.he.profiles.
+PROFILE_NAMES = ("default", "fast", "precise")
+
+
+class TenSafeSettings(BaseSettings):
+    """TenSafe settings. Field ``x`` is read from ``TENSAFE_X`` and set by ``--tensafe-x``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    enabled: bool = Field(
+        False,
+        description="Serve encrypted TSSP adapters (flag: --enable-tensafe). Turns LoRA on.",
+    )
+    trusted_keys: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (PEM files, comma-separated) whose signatures are "
+        "trusted. A key carried inside a package never counts.",
+    )
+    verify_signature: bool = Field(
+        True,
+        description="Verify package signatures. Set false only for local experiments: every "
+        "load then logs a warning.",
+    )
+    key_holder: Literal["local", "remote"] = Field(
+        "local",
+        description="Who decrypts HE deltas: 'local' (secret key file in the worker) or "
+        "'remote' (a vllm-tensafe key-holder service; the host never holds the key).",
+    )
+    he_secret: Path | None = Field(
+        None,
+        description="CKKS secret key file (PREFIX.secret) for the local key holder.",
+    )
+    he_secret_passphrase: str | None = Field(
+        None,
+        description="Passphrase of an encrypted he_secret file.",
+        repr=False,
+    )
+    key_holder_url: str | None = Field(
+        None,
+        description="Base URL of the remote key holder, e.g. https://127.0.0.1:8443.",
+    )
+    key_holder_token_file: Path | None = Field(
+        None,
+        description="File holding the bearer token the host presents to the remote key holder.",
+    )
+    key_holder_ca: Path | None = Field(
+        None,
+        description="CA bundle to verify the remote key holder's TLS certificate.",
+    )
+    key_holder_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds to wait for one key-holder reply before the request fails.",
+    )
+    key_holder_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Retries after a connection failure before the request fails.",
+    )
+    adapter_dir: Path | None = Field(
+        None,
+        description="Folder of NAME.tssp packages that requests for model NAME load on demand.",
+    )
+    profile: str = Field(
+        "default",
+        description=f"HE profile for new keys and packs: one of {', '.join(PROFILE_NAMES)}.",
+    )
+
+    @field_validator("trusted_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys_exist(cls, value: list[Path]) -> list[Path]:
+        for path in value:
+            if not path.is_file():
+                raise ValueError(f"trusted key file {str(path)!r} does not exist")
+        return value
+
+    @field_validator("he_secret", "key_holder_token_file", "key_holder_ca")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
+        return value
+
+    @field_validator("adapter_dir")
+    @classmethod
+    def _dir_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"folder {str(value)!r} does not exist")
+        return value
+
+    @field_validator("key_holder_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+        try:
+            parsed.port  # noqa: B018 - raises on a malformed port
+        except ValueError as exc:
+            raise ValueError(f"{value!r} has a malformed port") from exc
+        return value.rstrip("/")
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, value: str) -> str:
+        if value not in PROFILE_NAMES:
+            raise ValueError(f"unknown profile {value!r}; accepted: {', '.join(PROFILE_NAMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _key_holder_complete(self) -> TenSafeSettings:
+        if not self.enabled:
+            return self
+        if self.key_holder == "remote" and not self.key_holder_url:
+            raise ValueError(
+                "key_holder is 'remote' but no key_holder_url is set "
+                "(--tensafe-key-holder-url / TENSAFE_KEY_HOLDER_URL)"
+            )
+        if self.key_holder == "remote" and not self.key_holder_token_file:
+            raise ValueError(
+                "key_holder is 'remote' but no key_holder_token_file is set "
+                "(--tensafe-key-holder-token-file / TENSAFE_KEY_HOLDER_TOKEN_FILE)"
+            )
+        if self.key_holder == "local" and self.he_secret is None:
+            raise ValueError(
+                "key_holder is 'local' but no he_secret is set "
+                "(--tensafe-he-secret / TENSAFE_HE_SECRET)"
+            )
+        if self.verify_signature and not self.trusted_keys:
+            raise ValueError(
+                "no trusted signer keys (--tensafe-trusted-keys / TENSAFE_TRUSTED_KEYS); "
+                "packages cannot be verified without them"
+            )
+        return self
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def flag_name(field: str) -> str:
+    return "--enable-tensafe" if field == "enabled" else f"--tensafe-{field.replace('_', '-')}"
+
+
+def load_settings() -> TenSafeSettings:
+    """Build settings from ``TENSAFE_*``; a bad value raises one clear ConfigError line."""
+    try:
+        return TenSafeSettings()
+    except ValidationError as exc:
+        raise config_error_from(exc) from None
+
+
+def config_error_from(exc: ValidationError) -> ConfigError:
+    first = exc.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if isinstance(part, str)]
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if loc and loc[0] in TenSafeSettings.model_fields:
+        field = loc[0]
+        field_info = TenSafeSettings.model_fields[field]
+        accepted = _accepted(field)
+        where = f"{flag_name(field)} / {env_name(field)}"
+        return ConfigError(
+            f"invalid TenSafe setting {where}: {msg}",
+            f"{accepted or field_info.description}",
+        )
+    return ConfigError(f"invalid TenSafe settings: {msg}", "see docs/configuration.md")
+
+
+def _accepted(field: str) -> str:
+    annotation = TenSafeSettings.model_fields[field].annotation
+    if annotation is bool:
+        return "use true or false"
+    if field == "profile":
+        return f"use one of {', '.join(PROFILE_NAMES)}"
+    if field == "key_holder":
+        return "use local or remote"
+    if field == "key_holder_url":
+        return "use a URL like https://keyholder.example:8443"
+    return ""
