@@ -8,12 +8,11 @@ from the same variables. See docs/configuration.md (a test keeps it in step with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 from vllm_tensafe.errors import ConfigError
 
@@ -31,7 +30,7 @@ class TenSafeSettings(BaseSettings):
 
     enabled: bool = Field(
         False,
-        description="Serve encrypted TSSP adapters (flag: --enable-tensafe). Turns LoRA on.",
+        description="Serve encrypted TSSP adapters; also turns on --enable-lora.",
     )
     trusted_keys: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,

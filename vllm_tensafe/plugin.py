@@ -1,0 +1,244 @@
+"""vLLM entry point (``vllm.general_plugins``): ``register()``.
+
+vLLM calls ``register()`` in every process it starts (API server, engine core, workers),
+sometimes more than once, so it is idempotent. It always does two cheap things: route the
+plugin's log records through vLLM's log handler, and teach the stock argument parser the
+``--enable-tensafe`` / ``--tensafe-*`` flags (without that, the flag that turns TenSafe on could
+not exist). Everything else (TenSEAL, the LoRA loader and layer hooks) is installed only when
+TenSafe is enabled, by flag or ``TENSAFE_ENABLED``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from vllm_tensafe.errors import ConfigError
+from vllm_tensafe.settings import (
+    ENV_PREFIX,
+    TenSafeSettings,
+    env_name,
+    flag_name,
+    load_settings,
+)
+
+logger = logging.getLogger("vllm_tensafe.plugin")
+
+_registered = False
+_activated = False
+
+# A passphrase on a command line is readable by every local user (ps): environment only.
+ENV_ONLY = frozenset({"he_secret_passphrase"})
+
+_GROUP_TITLE = "TenSafe (encrypted LoRA adapters)"
+_GROUP_DESCRIPTION = (
+    "Serve LoRA adapters packed as signed, CKKS-encrypted TSSP packages "
+    "(vllm-tensafe pack ...). Pass them like any adapter: --lora-modules NAME=NAME.tssp. "
+    "Every flag can also be set with the TENSAFE_* variable named in its help; a flag wins "
+    "over the variable. See docs/configuration.md."
+)
+
+
+def register() -> None:
+    """Entry point for ``vllm.general_plugins``. Idempotent and cheap when not enabled."""
+    global _registered
+    if not _registered:
+        _registered = True
+        _install_cli_hooks()
+        _announce()
+    if _env_enabled():
+        activate()
+
+
+def activate() -> None:
+    """Install the runtime hooks in this process. Called once TenSafe is known to be on."""
+    global _activated
+    if _activated:
+        return
+    settings = load_settings()
+    if not settings.enabled:
+        return
+    _activated = True
+    from vllm_tensafe.vllm import install
+
+    install(settings)
+    logger.info(
+        "TenSafe enabled in process %d (%s): key holder %s, signature checks %s",
+        os.getpid(),
+        _process_role(),
+        settings.key_holder,
+        "on" if settings.verify_signature else "OFF",
+    )
+
+
+def _env_enabled() -> bool:
+    # Cheap pre-check so that a disabled plugin never builds settings or imports TenSEAL.
+    return os.environ.get(env_name("enabled"), "").strip().lower() in {
+        "1",
+        "true",
+        "yes",
+        "on",
+        "t",
+        "y",
+    }
+
+
+def _any_tensafe_env() -> bool:
+    return any(key.startswith(ENV_PREFIX) for key in os.environ)
+
+
+def _process_role() -> str:
+    import multiprocessing
+
+    name = multiprocessing.current_process().name
+    return "API server" if name == "MainProcess" else name
+
+
+_announced = False
+
+
+def _announce() -> None:
+    """Log the registration once vLLM's logging is set up in this process.
+
+    vLLM configures logging at import in its engine and worker processes, but only after
+    parsing the command line in the API server, which is after register() ran there.
+    """
+    global _announced
+    if _announced or not _route_logs_through_vllm():
+        return
+    _announced = True
+    logger.info("vllm-tensafe plugin registered in process %d (%s)", os.getpid(), _process_role())
+
+
+def _route_logs_through_vllm() -> bool:
+    """Give the ``vllm_tensafe`` logger vLLM's handler, so our records look like vLLM's."""
+    vllm_logger = logging.getLogger("vllm")
+    ours = logging.getLogger("vllm_tensafe")
+    if not vllm_logger.handlers:
+        return False
+    for handler in vllm_logger.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    ours.setLevel(vllm_logger.level or logging.INFO)
+    ours.propagate = False
+    return True
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def add_tensafe_args(parser: argparse.ArgumentParser) -> None:
+    """Add the TenSafe flags. Defaults are None so an unset flag leaves TENSAFE_* in charge."""
+    if any(action.dest == "enable_tensafe" for action in parser._actions):
+        return
+    group = parser.add_argument_group(_GROUP_TITLE, _GROUP_DESCRIPTION)
+    for name, field in TenSafeSettings.model_fields.items():
+        if name in ENV_ONLY:
+            continue
+        help_text = f"{field.description} [env: {env_name(name)}]"
+        if name == "enabled":
+            group.add_argument(
+                flag_name(name),
+                dest="enable_tensafe",
+                action="store_const",
+                const="true",
+                default=None,
+                help=help_text,
+            )
+            continue
+        metavar = {
+            "verify_signature": "{true,false}",
+            "key_holder": "{local,remote}",
+            "profile": "{default,fast,precise}",
+            "trusted_keys": "PUB[,PUB...]",
+        }.get(name, name.upper().split("_")[-1])
+        group.add_argument(
+            flag_name(name),
+            dest=_dest(name),
+            default=None,
+            metavar=metavar,
+            help=help_text,
+        )
+
+
+def _dest(field: str) -> str:
+    return "enable_tensafe" if field == "enabled" else f"tensafe_{field}"
+
+
+def apply_cli_args(args: argparse.Namespace) -> TenSafeSettings | None:
+    """Write the TenSafe flags into TENSAFE_* (so spawned processes agree), then validate.
+
+    Returns the settings when TenSafe is enabled, else None. Raises ConfigError.
+    """
+    for name in TenSafeSettings.model_fields:
+        value = None if name in ENV_ONLY else getattr(args, _dest(name), None)
+        if value is not None:
+            os.environ[env_name(name)] = str(value)
+    if not _any_tensafe_env():
+        return None
+    settings = load_settings()  # validates every TENSAFE_* value, enabled or not
+    if not settings.enabled:
+        return None
+    if hasattr(args, "enable_lora") and not args.enable_lora:
+        logger.info("--enable-tensafe turns on --enable-lora (encrypted adapters are LoRAs)")
+        args.enable_lora = True
+    activate()
+    return settings
+
+
+def _install_cli_hooks() -> None:
+    """Wrap EngineArgs so stock ``vllm serve`` learns the flags and applies them."""
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError:  # vLLM not installed: the package still works as a library.
+        return
+
+    original_add = EngineArgs.add_cli_args
+    if getattr(original_add, "_tensafe", False):
+        return
+
+    def add_cli_args(parser: Any) -> Any:
+        parser = original_add(parser)
+        add_tensafe_args(parser)
+        return parser
+
+    add_cli_args._tensafe = True  # type: ignore[attr-defined]
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
+
+    original_from = EngineArgs.from_cli_args.__func__  # type: ignore[attr-defined]
+
+    def from_cli_args(cls: type, args: argparse.Namespace) -> Any:
+        _announce()
+        try:
+            apply_cli_args(args)
+        except ConfigError as exc:
+            # One clear line and a non-zero exit, before vLLM spends a minute starting up.
+            logger.error("%s", exc)
+            sys.stderr.write(f"vllm-tensafe: error: {exc}\n")
+            raise SystemExit(2) from None
+        return original_from(cls, args)
+
+    EngineArgs.from_cli_args = classmethod(from_cli_args)  # type: ignore[method-assign,assignment]
+
+    original_create = EngineArgs.create_engine_config
+
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _announce()
+        # The Python API (vllm.LLM, AsyncLLM) never parses flags: settings come from TENSAFE_*.
+        if _any_tensafe_env():
+            try:
+                enabled = load_settings().enabled
+                if enabled:
+                    activate()
+            except ConfigError as exc:
+                logger.error("%s", exc)
+                raise
+            if enabled and not self.enable_lora:
+                logger.info("TENSAFE_ENABLED turns on enable_lora (encrypted adapters are LoRAs)")
+                self.enable_lora = True
+        return original_create(self, *args, **kwargs)
+
+    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]

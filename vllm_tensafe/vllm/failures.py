@@ -1,0 +1,277 @@
+"""Fail the requests of an encrypted adapter, not the server, when its key holder fails.
+
+A key-holder failure happens inside the model forward pass, in a worker process, where an
+exception would kill the engine and every other request with it. Instead:
+
+1. the worker poisons that adapter's delta with NaN (so nothing of the step can pass for a
+   base-model answer) and records the failure on a ``FailureBoard``;
+2. the engine core, right after the step, finishes every request of that adapter with
+   ``FINISHED_ERROR`` and drops the poisoned tokens from the step's outputs;
+3. the API server turns that error into an HTTP error whose message names the cause.
+
+The board is a folder (``TENSAFE_RUN_DIR``) shared by the processes of one vLLM instance:
+the process that activates TenSafe first creates it, and the processes vLLM spawns inherit it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("vllm_tensafe.failures")
+
+RUN_DIR_ENV = "TENSAFE_RUN_DIR"
+# Request records older than this are dropped: the API server reads them within one step.
+_REQUEST_RECORD_TTL = 600.0
+
+
+def _safe_key(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)[:200]
+
+
+class FailureBoard:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._adapters = root / "adapters"
+        self._requests = root / "requests"
+        self._adapters.mkdir(parents=True, exist_ok=True)
+        self._requests.mkdir(parents=True, exist_ok=True)
+
+    # worker side
+    def record_adapter_failure(self, lora_int_id: int, adapter: str, exc: BaseException) -> None:
+        record = {
+            "lora_int_id": lora_int_id,
+            "adapter": adapter,
+            "error": type(exc).__name__,
+            "message": str(exc),
+            "time": time.time(),
+        }
+        _write_json(self._adapters / f"{lora_int_id}.json", record)
+
+    # engine-core side
+    def take_adapter_failures(self) -> dict[int, dict[str, Any]]:
+        failures: dict[int, dict[str, Any]] = {}
+        try:
+            names = os.listdir(self._adapters)
+        except FileNotFoundError:
+            return failures
+        for name in names:
+            path = self._adapters / name
+            record = _read_json(path)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            if record is not None:
+                failures[int(record["lora_int_id"])] = record
+        return failures
+
+    def record_request_failure(self, request_id: str, record: dict[str, Any]) -> None:
+        _write_json(self._requests / f"{_safe_key(request_id)}.json", record)
+
+    # API-server side
+    def pop_request_failure(self, request_id: str) -> dict[str, Any] | None:
+        """The record of the engine request ``request_id`` or of one derived from it."""
+        key = _safe_key(request_id)
+        try:
+            names = os.listdir(self._requests)
+        except FileNotFoundError:
+            return None
+        found = None
+        now = time.time()
+        for name in names:
+            stem = name.removesuffix(".json")
+            path = self._requests / name
+            if stem == key or stem.startswith(f"{key}-"):
+                found = _read_json(path)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            else:
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    if now - path.stat().st_mtime > _REQUEST_RECORD_TTL:
+                        path.unlink()
+        return found
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return None
+
+
+_board: FailureBoard | None = None
+
+
+def ensure_run_dir() -> Path:
+    """Create this vLLM instance's board folder once; spawned processes inherit the variable."""
+    existing = os.environ.get(RUN_DIR_ENV)
+    if existing and Path(existing).is_dir():
+        return Path(existing)
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    path = Path(tempfile.mkdtemp(prefix="tensafe-run-", dir=base))
+    os.environ[RUN_DIR_ENV] = str(path)
+    return path
+
+
+def get_board() -> FailureBoard:
+    global _board
+    if _board is None:
+        _board = FailureBoard(ensure_run_dir())
+    return _board
+
+
+# --- engine core ----------------------------------------------------------------------------
+
+
+def install_engine_core_hook() -> None:
+    try:
+        from vllm.v1.engine.core import EngineCore
+    except ImportError:
+        return
+    for name in ("step", "step_with_batch_queue"):
+        original = getattr(EngineCore, name, None)
+        if original is None or getattr(original, "_tensafe", False):
+            continue
+        setattr(EngineCore, name, _wrap_step(original))
+
+
+def _wrap_step(original: Any) -> Any:
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        lora_of = _lora_requests(self.scheduler)
+        result = original(self, *args, **kwargs)
+        if not lora_of:
+            return result
+        failures = get_board().take_adapter_failures()
+        if failures:
+            outputs = result[0] if isinstance(result, tuple) else None
+            fail_adapter_requests(self.scheduler, outputs, lora_of, failures)
+        return result
+
+    step._tensafe = True  # type: ignore[attr-defined]
+    return step
+
+
+def _lora_requests(scheduler: Any) -> dict[str, int]:
+    return {
+        req_id: request.lora_request.lora_int_id
+        for req_id, request in scheduler.requests.items()
+        if getattr(request, "lora_request", None) is not None
+    }
+
+
+def fail_adapter_requests(
+    scheduler: Any,
+    outputs: dict[int, Any] | None,
+    lora_of: dict[str, int],
+    failures: dict[int, dict[str, Any]],
+) -> list[str]:
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+    from vllm.v1.request import RequestStatus
+
+    failed = {req_id for req_id, lora_id in lora_of.items() if lora_id in failures}
+    if not failed:
+        return []
+    board = get_board()
+    client_of: dict[str, int] = {}
+    for req_id in failed:
+        request = scheduler.requests.get(req_id)
+        if request is not None:
+            client_of[req_id] = request.client_index
+        board.record_request_failure(req_id, failures[lora_of[req_id]])
+        logger.error(
+            "Request %s failed: encrypted adapter %r: %s",
+            req_id,
+            failures[lora_of[req_id]]["adapter"],
+            failures[lora_of[req_id]]["message"],
+        )
+    # Tokens computed with a poisoned delta must never reach the client.
+    if outputs is not None:
+        for client_index, batch in outputs.items():
+            kept = []
+            for out in batch.outputs:
+                if out.request_id in failed:
+                    client_of.setdefault(out.request_id, client_index)
+                else:
+                    kept.append(out)
+            batch.outputs = kept
+    active = [req_id for req_id in failed if req_id in scheduler.requests]
+    if active:
+        scheduler.finish_requests(active, RequestStatus.FINISHED_ERROR)
+    if outputs is not None:
+        for req_id, client_index in client_of.items():
+            batch = outputs.get(client_index)
+            if batch is None:
+                batch = EngineCoreOutputs()
+                outputs[client_index] = batch
+            batch.outputs.append(
+                EngineCoreOutput(
+                    request_id=req_id, new_token_ids=[], finish_reason=FinishReason.ERROR
+                )
+            )
+            finished = set(batch.finished_requests or ())
+            finished.add(req_id)
+            batch.finished_requests = finished
+    return sorted(failed)
+
+
+# --- API server -----------------------------------------------------------------------------
+
+
+def install_api_error_hook() -> None:
+    try:
+        from vllm.entrypoints.generate.base import serving as generate_serving
+        from vllm.exceptions import GenerationError, RetryableRequestError
+    except ImportError:
+        return
+    cls = _find_raise_owner(generate_serving)
+    if cls is None:
+        return
+    original = cls._raise_if_error
+    if getattr(original, "_tensafe", False):
+        return
+
+    class EncryptedAdapterUnavailable(RetryableRequestError):
+        """The key holder could not be reached: retrying later may succeed (HTTP 503)."""
+
+    class EncryptedAdapterRefused(GenerationError):
+        """The key holder refused (revoked, budget, credentials): HTTP 403."""
+
+        def __init__(self, message: str) -> None:
+            super().__init__(message)
+            from http import HTTPStatus
+
+            self.status_code = HTTPStatus.FORBIDDEN
+
+    def _raise_if_error(self: Any, finish_reason: str | None, request_id: str) -> None:
+        if finish_reason == "error":
+            record = get_board().pop_request_failure(request_id)
+            if record is not None:
+                message = (
+                    f"encrypted adapter {record['adapter']!r} failed: {record['message']}. "
+                    "Nothing was generated from the base model in its place."
+                )
+                if record.get("error") == "KeyHolderUnavailableError":
+                    raise EncryptedAdapterUnavailable(message)
+                raise EncryptedAdapterRefused(message)
+        original(self, finish_reason, request_id)
+
+    _raise_if_error._tensafe = True  # type: ignore[attr-defined]
+    cls._raise_if_error = _raise_if_error
+
+
+def _find_raise_owner(module: Any) -> Any:
+    for value in vars(module).values():
+        if isinstance(value, type) and "_raise_if_error" in vars(value):
+            return value
+    return None
