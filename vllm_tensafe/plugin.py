@@ -66,12 +66,18 @@ def activate() -> None:
 
     install(settings)
     logger.info(
-        "TenSafe enabled in process %d (%s): key holder %s, signature checks %s",
+        "TenSafe enabled in process %d (%s): key holder %s (timeout %.1fs), signature checks %s",
         os.getpid(),
         _process_role(),
         settings.key_holder,
+        settings.key_holder_timeout,
         "on" if settings.verify_signature else "OFF",
     )
+    if not settings.verify_signature:
+        logger.warning(
+            "TENSAFE_VERIFY_SIGNATURE=false: packages are loaded WITHOUT signature checks; "
+            "anyone who can write a .tssp file can change what this server answers"
+        )
 
 
 def _env_enabled() -> bool:
