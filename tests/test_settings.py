@@ -53,7 +53,12 @@ def test_env_only(clean_env: pytest.MonkeyPatch, key_files: dict[str, Path]) -> 
 @pytest.mark.parametrize(
     ("env", "value", "named", "accepted"),
     [
-        ("TENSAFE_PROFILE", "turbo", "--tensafe-profile / TENSAFE_PROFILE", "default, fast, precise"),
+        (
+            "TENSAFE_PROFILE",
+            "turbo",
+            "--tensafe-profile / TENSAFE_PROFILE",
+            "default, fast, precise",
+        ),
         ("TENSAFE_ENABLED", "maybe", "--enable-tensafe / TENSAFE_ENABLED", "true or false"),
         (
             "TENSAFE_VERIFY_SIGNATURE",
@@ -142,8 +147,7 @@ def serve_parser():  # type: ignore[no-untyped-def]
 
 
 def test_parser_has_every_setting_as_flag(serve_parser) -> None:  # type: ignore[no-untyped-def]
-    from vllm_tensafe.plugin import ENV_ONLY
-    from vllm_tensafe.settings import flag_name
+    from vllm_tensafe.settings import ENV_ONLY, flag_name
 
     flags = {opt for action in serve_parser._actions for opt in action.option_strings}
     for field in TenSafeSettings.model_fields:

@@ -18,6 +18,7 @@ from typing import Any
 
 from vllm_tensafe.errors import ConfigError
 from vllm_tensafe.settings import (
+    ENV_ONLY,
     ENV_PREFIX,
     TenSafeSettings,
     env_name,
@@ -29,9 +30,6 @@ logger = logging.getLogger("vllm_tensafe.plugin")
 
 _registered = False
 _activated = False
-
-# A passphrase on a command line is readable by every local user (ps): environment only.
-ENV_ONLY = frozenset({"he_secret_passphrase"})
 
 _GROUP_TITLE = "TenSafe (encrypted LoRA adapters)"
 _GROUP_DESCRIPTION = (

@@ -21,6 +21,8 @@ ENV_PREFIX = "TENSAFE_"
 # Names of HE profiles; kept here (not imported from he/) so reading settings never imports
 # TenSEAL. tests/test_settings.py checks this list against vllm_tensafe.he.profiles.
 PROFILE_NAMES = ("default", "fast", "precise")
+# A passphrase on a command line is readable by every local user (ps): environment only.
+ENV_ONLY = frozenset({"he_secret_passphrase"})
 
 
 class TenSafeSettings(BaseSettings):
@@ -208,3 +210,18 @@ def _accepted(field: str) -> str:
     if field == "key_holder_url":
         return "use a URL like https://keyholder.example:8443"
     return ""
+
+
+def markdown_table() -> str:
+    """The settings as the table in docs/configuration.md (a test keeps the page in step)."""
+    rows = ["| flag | variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, field in TenSafeSettings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "(none)" if default in (None, []) else str(default).lower()
+        flag = "(environment only)" if name in ENV_ONLY else f"`{flag_name(name)}`"
+        rows.append(f"| {flag} | `{env_name(name)}` | {shown} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
