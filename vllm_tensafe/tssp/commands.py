@@ -1,0 +1,385 @@
+"""``vllm-tensafe keygen | pack | verify | inspect``: the package workflow on the command line.
+
+Heavy imports (numpy, TenSEAL, safetensors) happen inside the handlers, so building the
+parser for ``--help`` stays instant. Handlers return an exit code; refusals are raised as
+TenSafeError and printed by cli.main as one ``vllm-tensafe: error: ...`` line (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from vllm_tensafe.errors import ConfigError, TsspError
+from vllm_tensafe.settings import PROFILE_NAMES
+
+TRUSTED_KEYS_ENV = "TENSAFE_TRUSTED_KEYS"
+
+
+def add_commands(subparsers: Any) -> None:
+    _add_keygen(subparsers)
+    _add_pack(subparsers)
+    _add_verify(subparsers)
+    _add_inspect(subparsers)
+
+
+# --- shared helpers --------------------------------------------------------------------------
+
+
+def _passphrase(var: str | None) -> str | None:
+    """The passphrase from environment variable ``var`` (never from argv: argv is visible to
+    every user through ps and lands in shell history)."""
+    if var is None:
+        return None
+    value = os.environ.get(var)
+    if not value:
+        raise ConfigError(
+            f"--passphrase-env names {var}, but that environment variable is "
+            f"{'empty' if value == '' else 'not set'}",
+            f"export {var}=... before running, or drop --passphrase-env",
+        )
+    return value
+
+
+def _split_paths(values: list[str] | None) -> list[Path]:
+    out: list[Path] = []
+    for value in values or []:
+        out += [Path(part.strip()) for part in value.split(",") if part.strip()]
+    return out
+
+
+def _trust_store(values: list[str] | None, required: bool) -> Any:
+    from vllm_tensafe.tssp.signing import TrustStore
+
+    paths = _split_paths(values)
+    if not paths and os.environ.get(TRUSTED_KEYS_ENV):
+        paths = _split_paths([os.environ[TRUSTED_KEYS_ENV]])
+    if not paths:
+        if required:
+            raise TsspError(
+                "no trusted signer keys were given, so the package cannot be verified",
+                f"pass --trusted-keys SIGNER.pub[,...] (or set {TRUSTED_KEYS_ENV})",
+            )
+        return None
+    return TrustStore.from_files(paths)
+
+
+def _base_config(model_dir: str | None) -> dict[str, Any] | None:
+    if model_dir is None:
+        return None
+    from vllm_tensafe.tssp.adapter import load_base_config
+
+    return load_base_config(model_dir)
+
+
+def _trusted_keys_arg(parser: argparse.ArgumentParser, required_text: str) -> None:
+    parser.add_argument(
+        "--trusted-keys",
+        action="append",
+        metavar="PUB[,PUB...]",
+        help=f"Ed25519 public keys (PREFIX.pub from `keygen signing`) whose signatures you "
+        f"trust; comma-separated or repeated. Default: ${TRUSTED_KEYS_ENV}. {required_text}",
+    )
+
+
+def _refuse_existing(paths: list[Path], force: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise TsspError(
+            f"refusing to overwrite {', '.join(existing)}",
+            "choose another output, or pass --force to replace it",
+        )
+
+
+# --- keygen ----------------------------------------------------------------------------------
+
+
+def _add_keygen(subparsers: Any) -> None:
+    keygen = subparsers.add_parser(
+        "keygen",
+        help="make a signing key pair or a CKKS (HE) key pair",
+        description="Make the adapter owner's keys: an Ed25519 signing key pair (who made a "
+        "package) or a CKKS key pair (the secret key decrypts; the public part encrypts).",
+    )
+    kinds = keygen.add_subparsers(dest="kind", metavar="KIND", required=True)
+
+    signing = kinds.add_parser(
+        "signing",
+        help="Ed25519 key pair: PREFIX.key (private, 0600) and PREFIX.pub (give to hosts)",
+        description="Write PREFIX.key (Ed25519 private key, PKCS8 PEM, mode 0600, encrypted "
+        "when --passphrase-env is given) and PREFIX.pub (SubjectPublicKeyInfo PEM). Hosts list "
+        "PREFIX.pub in --tensafe-trusted-keys; PREFIX.key never leaves the adapter owner.",
+    )
+    signing.add_argument("--out", required=True, metavar="PREFIX", help="output path prefix")
+    signing.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="encrypt the private key with the passphrase in environment variable VAR",
+    )
+    signing.add_argument("--force", action="store_true", help="replace existing key files")
+    signing.set_defaults(handler=_keygen_signing)
+
+    he = kinds.add_parser(
+        "he",
+        help="CKKS key pair: PREFIX.secret (key holder only) and PREFIX.public (for pack)",
+        description="Write PREFIX.secret (CKKS secret key; only the key holder may have it) "
+        "and PREFIX.public (public context without secret key; `pack --he-public` encrypts "
+        "with it and it travels inside every package).",
+    )
+    he.add_argument("--out", required=True, metavar="PREFIX", help="output path prefix")
+    he.add_argument(
+        "--profile",
+        choices=PROFILE_NAMES,
+        default="default",
+        help="HE parameter profile (default: %(default)s; 128-bit security)",
+    )
+    he.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="encrypt the secret key file with the passphrase in environment variable VAR",
+    )
+    he.add_argument("--force", action="store_true", help="replace existing key files")
+    he.set_defaults(handler=_keygen_he)
+
+
+def _keygen_signing(args: argparse.Namespace) -> int:
+    from vllm_tensafe.tssp.signing import key_id, load_public_key, write_signing_keypair
+
+    key_path, pub_path = write_signing_keypair(
+        args.out, passphrase=_passphrase(args.passphrase_env), force=args.force
+    )
+    kid = key_id(load_public_key(pub_path))
+    print(f"wrote {key_path} (private, keep it secret) and {pub_path} (public)")
+    print(f"signer key id: {kid}")
+    return 0
+
+
+def _keygen_he(args: argparse.Namespace) -> int:
+    prefix = Path(args.out)
+    targets = [prefix.with_name(prefix.name + ext) for ext in (".secret", ".public")]
+    _refuse_existing(targets, args.force)
+    passphrase = _passphrase(args.passphrase_env)
+    if args.force:
+        for path in targets:
+            path.unlink(missing_ok=True)
+    from vllm_tensafe.he import PublicContext, write_keypair
+
+    secret_path, public_path = write_keypair(prefix, profile=args.profile, passphrase=passphrase)
+    ctx = PublicContext.from_bytes(Path(public_path).read_bytes())
+    print(f"wrote {secret_path} (CKKS secret key: key holder only) and {public_path} (public)")
+    print(f"HE profile {args.profile}, public key id: {ctx.key_id}")
+    return 0
+
+
+# --- pack ------------------------------------------------------------------------------------
+
+
+def _add_pack(subparsers: Any) -> None:
+    pack = subparsers.add_parser(
+        "pack",
+        help="PEFT LoRA adapter -> signed, encrypted NAME.tssp",
+        description="Check a PEFT LoRA adapter against its base model, mix it with a random "
+        "invertible matrix, encrypt B under the CKKS public key, sign the manifest and write "
+        "one .tssp file. Refuses adapters that could not be served exactly (DoRA, "
+        "modules_to_save, embedding/lm_head LoRA, biases, per-module ranks, pickle weights).",
+    )
+    pack.add_argument(
+        "adapter_dir",
+        metavar="ADAPTER_DIR",
+        help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)",
+    )
+    pack.add_argument(
+        "--base-model",
+        required=True,
+        metavar="MODEL_DIR",
+        help="base model folder (only its config.json is read)",
+    )
+    pack.add_argument(
+        "--signing-key",
+        required=True,
+        metavar="PREFIX.key",
+        help="Ed25519 private key from `keygen signing`",
+    )
+    pack.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="environment variable holding the signing key's passphrase",
+    )
+    pack.add_argument(
+        "--he-public",
+        required=True,
+        metavar="PREFIX.public",
+        help="CKKS public context from `keygen he`",
+    )
+    pack.add_argument(
+        "-o", "--output", required=True, metavar="NAME.tssp", help="package to write (atomically)"
+    )
+    pack.add_argument(
+        "--name",
+        help="adapter name in the package (default: NAME of NAME.tssp); the name clients request",
+    )
+    pack.add_argument(
+        "--no-mix",
+        action="store_true",
+        help="do not mix A and B with a random matrix (debugging only: the host "
+        "then sees A itself)",
+    )
+    pack.add_argument("--force", action="store_true", help="replace an existing output file")
+    pack.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pack.set_defaults(handler=_pack)
+
+
+def _load_public_context(path: str) -> Any:
+    from vllm_tensafe.he import PublicContext
+    from vllm_tensafe.tssp.format import HE_CONTEXT, MEMBER_LIMITS
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise TsspError(
+            f"cannot read CKKS public context {path!r}: {exc.strerror or exc}",
+            "pass the PREFIX.public file written by `vllm-tensafe keygen he`",
+        ) from None
+    return PublicContext.from_bytes(data, max_size=MEMBER_LIMITS[HE_CONTEXT])
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from vllm_tensafe.tssp.pack import pack_adapter
+    from vllm_tensafe.tssp.signing import load_signing_key
+
+    out = Path(args.output)
+    _refuse_existing([out], args.force)
+    signing_key = load_signing_key(args.signing_key, _passphrase(args.passphrase_env))
+    ctx = _load_public_context(args.he_public)
+    path = pack_adapter(
+        args.adapter_dir,
+        args.base_model,
+        signing_key=signing_key,
+        public_context=ctx,
+        out_path=out,
+        name=args.name,
+        mix=not args.no_mix,
+        progress=not args.quiet,
+    )
+    from vllm_tensafe.tssp.package import read_manifest
+
+    manifest = read_manifest(path)
+    print(
+        f"wrote {path}: adapter {manifest['name']!r}, {len(manifest['modules'])} modules, "
+        f"rank {manifest['lora']['rank']}, "
+        f"{sum(m['ciphertexts'] for m in manifest['modules'].values())} ciphertexts, "
+        f"{path.stat().st_size} bytes, signer key id {manifest['signer_key_id']}"
+    )
+    return 0
+
+
+# --- verify ----------------------------------------------------------------------------------
+
+
+def _add_verify(subparsers: Any) -> None:
+    verify = subparsers.add_parser(
+        "verify",
+        help="check a .tssp: structure, signature by a trusted key, digests (exit 0 if valid)",
+        description="Verify a TSSP package the way the serving host does: container "
+        "structure and limits, the Ed25519 signature by one of your trusted keys, the digest "
+        "of every member, and the consistency of the payloads with the manifest. Exit 0 and "
+        "a one-line summary when valid; exit 1 and the reason otherwise.",
+    )
+    verify.add_argument("package", metavar="NAME.tssp", help="package to verify")
+    _trusted_keys_arg(verify, "Required.")
+    verify.add_argument(
+        "--base-model",
+        metavar="MODEL_DIR",
+        help="also check the package is bound to this base model (config.json)",
+    )
+    verify.set_defaults(handler=_verify)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from vllm_tensafe.tssp.package import verify_package
+
+    store = _trust_store(args.trusted_keys, required=True)
+    summary = verify_package(
+        args.package, trust_store=store, base_model_config=_base_config(args.base_model)
+    )
+    print(summary.line())
+    return 0
+
+
+# --- inspect ---------------------------------------------------------------------------------
+
+
+def _add_inspect(subparsers: Any) -> None:
+    inspect = subparsers.add_parser(
+        "inspect",
+        help="show a .tssp's manifest, signer, base-model binding, modules and sizes",
+        description="Show what a package declares: manifest, signer key id, base-model "
+        "binding, modules and shapes, HE parameters, member sizes and digest status. Prints "
+        "no key or ciphertext bytes. The signature is not checked unless --trusted-keys is "
+        "given (then an invalid package exits 1).",
+    )
+    inspect.add_argument("package", metavar="NAME.tssp", help="package to inspect")
+    inspect.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    _trusted_keys_arg(inspect, "Optional: without it the signature is not checked.")
+    inspect.set_defaults(handler=_inspect)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from vllm_tensafe.tssp.package import inspect_package
+
+    # An explicit --trusted-keys asks for verification; the environment default does not
+    # apply here, because inspecting an untrusted file is the point of this command.
+    store = None
+    if args.trusted_keys:
+        store = _trust_store(args.trusted_keys, required=True)
+    report = inspect_package(args.package, trust_store=store)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_report(report))
+    return 0
+
+
+def format_report(report: dict[str, Any]) -> str:
+    m = report["manifest"]
+    lora, base, he = m["lora"], m["base_model"], m["he"]
+    lines = [
+        f"package:     {report['path']} ({report['size_bytes']} bytes, format version "
+        f"{report['format_version']})",
+        f"signature:   {report['signature']}",
+        f"adapter:     {m['name']} (created {m['created']} by {m['tool']})",
+        f"signer:      key id {m['signer_key_id']}",
+        f"lora:        rank {lora['rank']}, alpha {lora['alpha']:g}, scaling {lora['scaling']:g} "
+        f"(folded into B'), rsLoRA {'yes' if lora['use_rslora'] else 'no'}, "
+        f"mixed {'yes' if lora['mixed'] else 'NO (A is stored as is)'}",
+        f"targets:     {', '.join(lora['target_modules'])}",
+        f"base model:  {base['architecture']} (model_type {base['model_type']}), fingerprint "
+        f"{base['fingerprint']}",
+        "             "
+        + ", ".join(f"{k}={v}" for k, v in sorted(base["config"].items()) if k != "architecture"),
+    ]
+    if base.get("name_or_path"):
+        lines.append(f"             packed against {base['name_or_path']}")
+    lines.append(
+        f"HE:          profile {he['profile']}, N={he['poly_modulus_degree']}, coeff bits "
+        f"{he['coeff_mod_bit_sizes']}, public key id {he['public_key_id']}"
+    )
+    lines.append(f"modules:     {len(m['modules'])}")
+    width = max(len(name) for name in m["modules"])
+    for name, mod in sorted(m["modules"].items()):
+        lines.append(
+            f"  {name:<{width}}  W ({mod['d_out']}, {mod['d_in']})  A' ({lora['rank']}, "
+            f"{mod['d_in']})  B' ({mod['d_out']}, {lora['rank']}): {mod['ciphertexts']} "
+            f"ciphertexts, {mod['b_size']} bytes"
+        )
+    lines.append("members:")
+    for name, size in report["member_sizes"].items():
+        status = report["member_digests"].get(name)
+        suffix = f", sha256 {status}" if status else ""
+        lines.append(f"  {name:<20} {size:>12} bytes{suffix}")
+    return "\n".join(lines) + "\n"

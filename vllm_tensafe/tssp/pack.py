@@ -1,0 +1,188 @@
+"""Pack a PEFT LoRA adapter into a signed TSSP package (the adapter owner's side).
+
+Steps: read and check the adapter against the base model's config.json (adapter.py), mix
+each module with a fresh random R (mixing.py), encrypt each B' under the owner's public CKKS
+context (vllm_tensafe.he), write the members, build and sign the manifest, and write the
+container atomically (format.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from vllm_tensafe import __version__
+from vllm_tensafe.errors import TsspError
+from vllm_tensafe.tssp import lora_a
+from vllm_tensafe.tssp.adapter import load_base_config, read_adapter
+from vllm_tensafe.tssp.base_model import make_binding
+from vllm_tensafe.tssp.ciphertexts import BlobSpool
+from vllm_tensafe.tssp.format import (
+    FORMAT_VERSION,
+    HE_CONTEXT,
+    LORA_A,
+    LORA_B,
+    MANIFEST,
+    MEMBER_LIMITS,
+    SIGNATURE,
+    write_container,
+)
+from vllm_tensafe.tssp.manifest import (
+    NAME_RE,
+    canonical_json,
+    parse_canonical_json,
+    validate_manifest,
+)
+from vllm_tensafe.tssp.mixing import mix_factors, new_generator
+from vllm_tensafe.tssp.signing import key_id, sign_manifest
+
+if TYPE_CHECKING:
+    from vllm_tensafe.he import PublicContext
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON round trip: tuples become lists, so the stored layout compares equal on read."""
+    return json.loads(canonical_json(value))
+
+
+def default_name(out_path: Path) -> str:
+    return out_path.name.removesuffix(".tssp")
+
+
+def pack_adapter(
+    adapter_dir: str | os.PathLike[str],
+    base_model_dir: str | os.PathLike[str],
+    *,
+    signing_key: Ed25519PrivateKey,
+    public_context: PublicContext,
+    out_path: str | os.PathLike[str],
+    name: str | None = None,
+    mix: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Write ``out_path`` (a .tssp file) and return its path.
+
+    ``name`` is the adapter name the package declares (default: the file name without
+    ``.tssp``); it must match ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` because it becomes a model
+    name in URLs and CLI flags. ``mix=False`` stores A as is (A' = A); only for debugging.
+    """
+    from tqdm import tqdm
+
+    from vllm_tensafe.he import ciphertext_count, encrypt_matrix
+
+    out = Path(out_path)
+    adapter_name = name if name is not None else default_name(out)
+    if not NAME_RE.match(adapter_name):
+        raise TsspError(
+            f"adapter name {adapter_name[:140]!r} is not allowed",
+            "use 1-128 characters from A-Z a-z 0-9 . _ - starting with a letter or digit "
+            "(pass --name)",
+        )
+    base_config = load_base_config(base_model_dir)
+    adapter = read_adapter(adapter_dir, base_config)
+    binding = make_binding(base_config, adapter.modules, adapter.base_model_name_or_path)
+
+    ctx = public_context
+    context_bytes = ctx.to_bytes()
+    if len(context_bytes) > MEMBER_LIMITS[HE_CONTEXT]:
+        raise TsspError(
+            f"the public CKKS context is {len(context_bytes)} bytes, over the "
+            f"{MEMBER_LIMITS[HE_CONTEXT]}-byte limit readers accept",
+            "make HE keys with `vllm-tensafe keygen he` (it leaves out Galois keys)",
+        )
+    rng = new_generator() if mix else None
+    total = sum(ciphertext_count(ctx, m.d_out, adapter.rank) for m in adapter.modules.values())
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spool = BlobSpool(out.parent)
+    try:
+        a_mixed: dict[str, Any] = {}
+        modules: dict[str, Any] = {}
+        with tqdm(
+            total=total,
+            desc=f"encrypting {adapter_name}",
+            unit="ct",
+            file=sys.stderr,
+            disable=not progress,
+        ) as bar:
+            for module_name, module in adapter.modules.items():  # sorted by read_adapter
+                a_prime, b_prime = mix_factors(module.a, module.b, adapter.scaling, rng)
+                encrypted = encrypt_matrix(ctx, b_prime, progress=bar.update)
+                blob = encrypted.to_bytes()
+                spool.add(module_name, blob)
+                a_mixed[module_name] = a_prime
+                modules[module_name] = {
+                    "d_in": module.d_in,
+                    "d_out": module.d_out,
+                    "ciphertexts": ciphertext_count(ctx, module.d_out, adapter.rank),
+                    "b_size": len(blob),
+                    "b_layout": _json_value(encrypted.layout()),
+                }
+                del encrypted, blob
+        a_bytes = lora_a.encode(a_mixed)
+        index, b_digest, b_size = spool.finish()
+
+        profile = ctx.profile
+        manifest_obj: dict[str, Any] = {
+            "format": "tssp",
+            "format_version": FORMAT_VERSION,
+            "name": adapter_name,
+            "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "tool": f"vllm-tensafe {__version__}",
+            "signer_key_id": key_id(signing_key.public_key()),
+            "lora": {
+                "rank": adapter.rank,
+                "alpha": adapter.alpha,
+                "scaling": adapter.scaling,
+                "use_rslora": adapter.use_rslora,
+                "target_modules": adapter.target_modules,
+                "mixed": mix,
+                "scaling_in_b": True,
+            },
+            "base_model": binding,
+            "he": {
+                "profile": profile.name,
+                "poly_modulus_degree": int(profile.poly_modulus_degree),
+                "coeff_mod_bit_sizes": [int(b) for b in profile.coeff_mod_bit_sizes],
+                "public_key_id": ctx.key_id,
+            },
+            "modules": modules,
+            "members": {
+                HE_CONTEXT: {
+                    "sha256": hashlib.sha256(context_bytes).hexdigest(),
+                    "size": len(context_bytes),
+                },
+                LORA_A: {"sha256": hashlib.sha256(a_bytes).hexdigest(), "size": len(a_bytes)},
+                LORA_B: {"sha256": b_digest, "size": b_size},
+            },
+        }
+        manifest_bytes = canonical_json(manifest_obj)
+        # Read our own manifest back through the reader's checks: a packer that writes what
+        # the reader refuses must fail here, not on the serving host.
+        validate_manifest(parse_canonical_json(manifest_bytes))
+        if len(manifest_bytes) > MEMBER_LIMITS[MANIFEST]:
+            raise TsspError(
+                f"the manifest would be {len(manifest_bytes)} bytes, over the "
+                f"{MEMBER_LIMITS[MANIFEST]}-byte limit",
+                "pack fewer target modules",
+            )
+        signature = sign_manifest(signing_key, manifest_bytes)
+        return write_container(
+            out,
+            {
+                MANIFEST: manifest_bytes,
+                SIGNATURE: signature,
+                HE_CONTEXT: context_bytes,
+                LORA_A: a_bytes,
+                LORA_B: [index, spool.path],
+            },
+        )
+    finally:
+        spool.discard()
