@@ -121,8 +121,8 @@ def _add_slot_delta(
     for s, size in enumerate(layer.output_slices):
         shard = shards[s]
         if shard is not None:
-            delta[rows, offset : offset + size] += shard[:size].T.to(delta.dtype, copy=False).to(
-                delta.device
+            delta[rows, offset : offset + size] += (
+                shard[:size].T.to(delta.dtype, copy=False).to(delta.device)
             )
         offset += size
 
