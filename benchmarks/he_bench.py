@@ -1,0 +1,274 @@
+"""HE-LoRA delta benchmark: ms per token per module, next to the primitive floor.
+
+    .venv/bin/python benchmarks/he_bench.py [--profile default] [--repeats 3]
+
+Prints one JSON document. For each (d_out, r) and T it times DeltaEngine.compute through a
+local key holder and through a remote one on loopback (`key-holder serve` in its own process,
+as deployed: in-process it would share the GIL with the host), and the primitive floor
+measured in the same run: per result ciphertext, r plaintext-ciphertext products, r - 1
+additions and one decryption (decrypt + decode), divided by T.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tenseal
+import tenseal.sealapi as seal
+
+from vllm_tensafe.he import (
+    DeltaEngine,
+    LocalKeyHolder,
+    RemoteKeyHolder,
+    encrypt_matrix,
+    generate_keys,
+)
+from vllm_tensafe.he.flooding import complex_normal, uniform_mask
+from vllm_tensafe.he.packing import ciphertext_to_bytes, load_ciphertext
+
+SHAPES = [(128, 8), (896, 8), (4096, 16)]
+TOKENS = [1, 16, 64]
+TOKEN = "bench-token-0123456789abcdef"
+SERVE = """
+import argparse, sys
+from vllm_tensafe.he.service import add_commands
+parser = argparse.ArgumentParser(prog="vllm-tensafe")
+add_commands(parser.add_subparsers(dest="command"))
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.handler(args))
+"""
+
+
+def start_service(secret: Any, workdir: Path) -> tuple[subprocess.Popen[str], str]:
+    """`key-holder serve` in a child process; returns it and its URL."""
+    secret_path, token_path = workdir / "bench.secret", workdir / "tokens"
+    secret.save(secret_path)
+    token_path.write_text(TOKEN + "\n")
+    token_path.chmod(0o600)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SERVE,
+            "key-holder",
+            "serve",
+            "--he-secret",
+            str(secret_path),
+            "--port",
+            "0",
+            "--token-file",
+            str(token_path),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "listening on" in line:
+            # Keep reading its audit log, or a full pipe would block the service.
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, line.split("listening on ", 1)[1].split()[0]
+    proc.kill()
+    raise RuntimeError("key holder did not start")
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``repeats`` runs after one warm-up."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def primitives(ctx: Any, secret: Any, repeats: int) -> dict[str, float]:
+    p = ctx.profile
+    rng = np.random.default_rng(0)
+    plain = seal.Plaintext()
+    ctx.encoder.encode(rng.normal(size=p.slot_count).tolist(), ctx.parms_id, p.b_scale, plain)
+    b_ct = seal.Ciphertext(ctx.context)
+    ctx.encryptor.encrypt(plain, b_ct)
+    u_vec = rng.normal(size=p.slot_count).tolist()
+    u_plain = seal.Plaintext()
+    ctx.encoder.encode(u_vec, ctx.parms_id, p.u_scale, u_plain)
+    out = seal.Ciphertext(ctx.context)
+    ctx.evaluator.multiply_plain(b_ct, u_plain, out)
+    acc = seal.Ciphertext(ctx.context)
+    ctx.evaluator.multiply_plain(b_ct, u_plain, acc)
+    mask_plain = seal.Plaintext()
+    decryptor = seal.Decryptor(ctx.context, secret.secret_key)
+    dec_plain = seal.Plaintext()
+    decryptor.decrypt(out, dec_plain)
+    blob = ciphertext_to_bytes(out)
+    n = max(repeats * 10, 20)
+
+    def per_call(fn: Callable[[], object]) -> float:
+        return timed(lambda: [fn() for _ in range(n)], 1) / n * 1e3
+
+    return {
+        "encode_u_vector": per_call(
+            lambda: ctx.encoder.encode(u_vec, ctx.parms_id, p.u_scale, u_plain)
+        ),
+        "encode_u_scalar": per_call(
+            lambda: ctx.encoder.encode(0.5, ctx.parms_id, p.u_scale, u_plain)
+        ),
+        "multiply_plain": per_call(lambda: ctx.evaluator.multiply_plain(b_ct, u_plain, out)),
+        "add": per_call(lambda: ctx.evaluator.add_inplace(acc, out)),
+        "encode_mask": per_call(
+            lambda: ctx.encoder.encode(
+                uniform_mask(p.slot_count, p.mask_bound).tolist(),
+                ctx.parms_id,
+                out.scale,
+                mask_plain,
+            )
+        ),
+        "encode_flood": per_call(
+            lambda: ctx.encoder.encode(
+                (complex_normal(p.slot_count) * p.flood_sigma).tolist(),
+                ctx.parms_id,
+                out.scale,
+                mask_plain,
+            )
+        ),
+        "decrypt": per_call(lambda: decryptor.decrypt(out, dec_plain)),
+        "decode": per_call(lambda: ctx.encoder.decode_double(dec_plain)),
+        "serialize": per_call(lambda: ciphertext_to_bytes(out)),
+        "deserialize": per_call(lambda: load_ciphertext(ctx, blob, out.scale, "bench")),
+    }
+
+
+def precision(repeats: int) -> dict[str, dict[str, float]]:
+    """Max |delta error| per profile: |U| entries up to 64, |delta| <= 8, after flooding."""
+    out = {}
+    for name in ("default", "fast", "precise"):
+        secret, ctx = generate_keys(name)
+        engine = DeltaEngine(ctx, LocalKeyHolder(secret))
+        rng = np.random.default_rng(2)
+        worst = {"max_abs_error": 0.0, "max_abs_error_typical_u": 0.0, "max_abs_delta": 0.0}
+        for d_out, rank, tokens in ((896, 8, 16), (128, 64, 64), (4096, 16, 8)):
+            for _ in range(max(1, repeats // 2)):
+                b = rng.normal(size=(d_out, rank))
+                for key, u in (
+                    ("max_abs_error", rng.uniform(-64, 64, size=(tokens, rank))),
+                    ("max_abs_error_typical_u", rng.normal(size=(tokens, rank))),
+                ):
+                    exact = u @ b.T
+                    bb = b * (7.9 / np.abs(exact).max())  # |delta| <= 8
+                    (delta,) = engine.compute("p", [(u, encrypt_matrix(ctx, bb))])
+                    expected = u @ bb.T
+                    worst[key] = max(worst[key], float(np.abs(delta - expected).max()))
+                    worst["max_abs_delta"] = max(
+                        worst["max_abs_delta"], float(np.abs(expected).max())
+                    )
+        out[name] = {k: float(f"{v:.3g}") for k, v in worst.items()} | {
+            "tolerance": ctx.profile.tolerance
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="default", help="HE profile (default: default)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
+    args = parser.parse_args(argv)
+
+    secret, ctx = generate_keys(args.profile)
+    prim = primitives(ctx, secret, args.repeats)
+    local = DeltaEngine(ctx, LocalKeyHolder(secret))
+    workdir = tempfile.TemporaryDirectory()
+    service, url = start_service(secret, Path(workdir.name))
+    remote_holder = RemoteKeyHolder(url, TOKEN, timeout=60)
+    remote = DeltaEngine(ctx, remote_holder)
+    rng = np.random.default_rng(1)
+    results = []
+    try:
+        for d_out, rank in SHAPES:
+            matrix = encrypt_matrix(ctx, rng.normal(size=(d_out, rank)) * 0.05)
+            for tokens in TOKENS:
+                u = rng.normal(size=(tokens, rank))
+                items = [(u, matrix)]
+                before = local.stats.as_dict()
+                t_local = timed(lambda items=items: local.compute("bench", items), args.repeats)
+                after = local.stats.as_dict()
+                t_remote = timed(lambda items=items: remote.compute("bench", items), args.repeats)
+                k = matrix.tokens_per_ciphertext
+                cts = -(-tokens // k) * matrix.n_chunks
+                floor = (
+                    cts
+                    * (
+                        rank * prim["multiply_plain"]
+                        + (rank - 1) * prim["add"]
+                        + prim["decrypt"]
+                        + prim["decode"]
+                    )
+                    / tokens
+                )
+                runs = args.repeats + 1
+                host = (after["seconds_products"] - before["seconds_products"]) / runs
+                holder = (after["seconds_key_holder"] - before["seconds_key_holder"]) / runs
+                results.append(
+                    {
+                        "d_out": d_out,
+                        "r": rank,
+                        "T": tokens,
+                        "tokens_per_ciphertext": k,
+                        "ciphertexts": cts,
+                        "local_ms_per_token": round(t_local * 1e3 / tokens, 3),
+                        "remote_ms_per_token": round(t_remote * 1e3 / tokens, 3),
+                        "floor_ms_per_token": round(floor, 3),
+                        "remote_overhead_ms_per_token": round(
+                            (t_remote - t_local) * 1e3 / tokens, 3
+                        ),
+                        "local_host_ms_per_token": round(host * 1e3 / tokens, 3),
+                        "local_key_holder_ms_per_token": round(holder * 1e3 / tokens, 3),
+                    }
+                )
+    finally:
+        remote_holder.close()
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=30)
+        workdir.cleanup()
+
+    report = {
+        "command": "python benchmarks/he_bench.py " + " ".join(argv or sys.argv[1:]),
+        "profile": ctx.profile.describe(),
+        "machine": {
+            "python": platform.python_version(),
+            "tenseal": tenseal.__version__,
+            "numpy": np.__version__,
+            "cpus": os.cpu_count(),
+            # Other work on the machine inflates every figure; recorded so readers can tell.
+            "loadavg_at_end": os.getloadavg()[0],
+            "platform": platform.platform(),
+        },
+        "notes": [
+            "ms per token per module; medians; TenSEAL holds the GIL, so this is one core",
+            "floor = ciphertexts * (r multiply_plain + (r-1) add + decrypt + decode) / T",
+            "local/remote include U encoding, masks, flooding and (remote) serialisation",
+        ],
+        "primitives_ms": {name: round(v, 4) for name, v in prim.items()},
+        "results": results,
+        "precision": precision(args.repeats),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
