@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any
 
-from vllm_tensafe.errors import ConfigError
+from vllm_tensafe.errors import ConfigError, TenSafeError
 from vllm_tensafe.settings import (
     ENV_ONLY,
     ENV_PREFIX,
@@ -98,7 +98,9 @@ def _process_role() -> str:
     import multiprocessing
 
     name = multiprocessing.current_process().name
-    return "API server" if name == "MainProcess" else name
+    if name != "MainProcess":
+        return name
+    return "API server" if "serve" in sys.argv[1:2] else "main process"
 
 
 _announced = False
@@ -190,7 +192,43 @@ def apply_cli_args(args: argparse.Namespace) -> TenSafeSettings | None:
         logger.info("--enable-tensafe turns on --enable-lora (encrypted adapters are LoRAs)")
         args.enable_lora = True
     activate()
+    check_static_packages(args)
     return settings
+
+
+def check_static_packages(args: argparse.Namespace) -> None:
+    """Open every ``--lora-modules NAME=PATH.tssp`` before vLLM spends a minute starting.
+
+    The worker checks each package again when it loads it; this only moves the refusal of a
+    bad package to the first second, as the last line the user reads.
+    """
+    from vllm_tensafe.vllm.loader import is_tssp_path
+
+    modules = [m for m in getattr(args, "lora_modules", None) or [] if is_tssp_path(m.path)]
+    if not modules:
+        return
+    from vllm_tensafe.vllm.runtime import get_runtime
+
+    config = _local_model_config(getattr(args, "model_tag", None) or getattr(args, "model", None))
+    for module in modules:
+        try:
+            get_runtime().open_package(module.path, config)
+        except TenSafeError as exc:
+            raise type(exc)(
+                f"--lora-modules {module.name}={module.path}: {exc.cause}", exc.fix
+            ) from None
+        logger.info("Verified encrypted adapter %s=%s", module.name, module.path)
+
+
+def _local_model_config(model: str | None) -> dict[str, Any] | None:
+    """config.json of a local model folder (None for hub ids: the worker checks those)."""
+    import json
+    from pathlib import Path
+
+    if not model or not (Path(model) / "config.json").is_file():
+        return None
+    config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    return config.get("text_config", config) if isinstance(config, dict) else None
 
 
 def _install_cli_hooks() -> None:
@@ -218,7 +256,7 @@ def _install_cli_hooks() -> None:
         _announce()
         try:
             apply_cli_args(args)
-        except ConfigError as exc:
+        except TenSafeError as exc:
             # One clear line and a non-zero exit, before vLLM spends a minute starting up.
             logger.error("%s", exc)
             sys.stderr.write(f"vllm-tensafe: error: {exc}\n")

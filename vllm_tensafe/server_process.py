@@ -44,7 +44,8 @@ def vllm_executable() -> str:
 
 class ServerStartError(RuntimeError):
     def __init__(self, message: str, log: str, returncode: int | None) -> None:
-        super().__init__(message)
+        tail = "\n".join(log.splitlines()[-40:])
+        super().__init__(f"{message}; last lines of its log:\n{tail}")
         self.log = log
         self.returncode = returncode
 

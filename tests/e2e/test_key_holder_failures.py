@@ -1,0 +1,229 @@
+"""Stock ``vllm serve`` with a REMOTE key holder: it works, and when the key holder refuses or
+fails, only the affected requests fail, with a clear error; the rest keep being served and
+nothing is answered from the base model in place of the encrypted adapter.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import AdapterFactory, Keys
+from tests.e2e.helpers import LOGPROB_TOL, PROMPTS, assert_same_completion, complete
+from vllm_tensafe.server_process import VllmServer, free_port
+
+pytestmark = pytest.mark.vllm
+
+BASE = "tiny-llama"
+TOKEN = "host-token-for-tests"
+TIMEOUT = 3.0
+
+
+class KeyHolderHarness:
+    """The owner's key-holder service on loopback, which the tests can stop and replace."""
+
+    def __init__(self, secret_path: Path, port: int) -> None:
+        from vllm_tensafe.he import SecretKeySet
+
+        self.secret = SecretKeySet.load(secret_path)
+        self.port = port
+        self.service: Any = None
+        self._blackhole: socket.socket | None = None
+
+    def start(self) -> None:
+        from vllm_tensafe.he import KeyHolderService
+
+        self.service = KeyHolderService(
+            self.secret, {TOKEN}, port=self.port, budgets={"e-budget": 20}
+        )
+        assert self.service.start() == self.port
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.service.stop()
+            self.service = None
+
+    def blackhole(self) -> None:
+        """Accept connections and never answer: a key holder slower than any timeout."""
+        self.stop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(64)
+        self._blackhole = sock
+        held: list[socket.socket] = []
+
+        def accept() -> None:
+            while self._blackhole is not None:
+                try:
+                    conn, _ = sock.accept()
+                    held.append(conn)
+                except OSError:
+                    return
+
+        threading.Thread(target=accept, daemon=True).start()
+
+    def end_blackhole(self) -> None:
+        if self._blackhole is not None:
+            sock, self._blackhole = self._blackhole, None
+            sock.close()
+
+
+@pytest.fixture(scope="module")
+def packages(tiny_llama: Path, adapters: AdapterFactory) -> dict[str, Path]:
+    peft = adapters.peft(tiny_llama, "llama-r8-qv", rank=8, alpha=16, seed=11)
+    return {
+        "p8": peft,
+        "e8": adapters.package(peft, tiny_llama, "e8"),
+        "e-budget": adapters.package(peft, tiny_llama, "e-budget"),
+        "e-revoke": adapters.package(peft, tiny_llama, "e-revoke"),
+    }
+
+
+@pytest.fixture(scope="module")
+def key_holder(owner_keys: Keys) -> Iterator[KeyHolderHarness]:
+    harness = KeyHolderHarness(owner_keys.he_secret, free_port())
+    harness.start()
+    yield harness
+    harness.end_blackhole()
+    harness.stop()
+
+
+@pytest.fixture(scope="module")
+def server(
+    tiny_llama: Path,
+    owner_keys: Keys,
+    packages: dict[str, Path],
+    key_holder: KeyHolderHarness,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[VllmServer]:
+    token_file = tmp_path_factory.mktemp("host") / "token"
+    token_file.write_text(TOKEN + "\n")
+    args = [
+        "--served-model-name",
+        BASE,
+        "--enable-tensafe",
+        "--tensafe-trusted-keys",
+        str(owner_keys.signing_pub),
+        "--tensafe-key-holder",
+        "remote",
+        "--tensafe-key-holder-url",
+        f"http://127.0.0.1:{key_holder.port}",
+        "--tensafe-key-holder-token-file",
+        str(token_file),
+        "--tensafe-key-holder-timeout",
+        str(TIMEOUT),
+        "--tensafe-key-holder-retries",
+        "1",
+        "--max-lora-rank",
+        "8",
+        "--max-loras",
+        "4",
+        "--lora-modules",
+        *(f"{name}={path}" for name, path in packages.items()),
+    ]
+    with VllmServer(tiny_llama, args) as srv:
+        assert "--tensafe-he-secret" not in " ".join(srv.command)  # the host holds no key
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server: VllmServer) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _fails(client: Any, model: str) -> Any:
+    from openai import APIStatusError
+
+    with pytest.raises(APIStatusError) as info:
+        client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=10, temperature=0)
+    return info.value
+
+
+def _others_still_served(client: Any, reference: dict[str, Any]) -> None:
+    for model in (BASE, "p8"):
+        assert complete(client, model, PROMPTS[0]).token_ids == reference[model].token_ids
+
+
+@pytest.fixture(scope="module")
+def reference(client: Any) -> dict[str, Any]:
+    return {model: complete(client, model, PROMPTS[0]) for model in (BASE, "p8", "e8")}
+
+
+def test_remote_key_holder_serves_the_adapter(reference: dict[str, Any]) -> None:
+    assert_same_completion(reference["e8"], reference["p8"], LOGPROB_TOL)
+    assert reference["e8"].token_ids != reference[BASE].token_ids
+
+
+def test_streaming_chat_through_remote_key_holder(client: Any) -> None:
+    stream = client.chat.completions.create(
+        model="e8",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+    )
+    assert sum(1 for chunk in stream if chunk.choices) >= 2
+
+
+def test_revoked_adapter_fails_clearly(
+    client: Any, key_holder: KeyHolderHarness, reference: dict[str, Any], server: VllmServer
+) -> None:
+    complete(client, "e-revoke", PROMPTS[0])  # works before
+    key_holder.service.revoke("e-revoke")
+    error = _fails(client, "e-revoke")
+    assert error.status_code == 403
+    assert "revoked" in str(error).lower() and "e-revoke" in str(error)
+    _others_still_served(client, reference)
+    assert complete(client, "e8", PROMPTS[0]).token_ids == reference["e8"].token_ids
+    assert server.healthy()
+
+
+def test_budget_exhausted_fails_clearly(
+    client: Any, reference: dict[str, Any], server: VllmServer
+) -> None:
+    error = _fails(client, "e-budget")
+    assert error.status_code == 403
+    assert "budget" in str(error).lower()
+    _others_still_served(client, reference)
+    assert server.healthy()
+
+
+def test_key_holder_down_then_back(
+    client: Any, key_holder: KeyHolderHarness, reference: dict[str, Any], server: VllmServer
+) -> None:
+    key_holder.stop()
+    started = time.monotonic()
+    error = _fails(client, "e8")
+    assert error.status_code == 503
+    assert "key holder" in str(error).lower()
+    assert time.monotonic() - started < 60
+    _others_still_served(client, reference)
+    assert server.healthy()
+    key_holder.start()
+    assert complete(client, "e8", PROMPTS[0]).token_ids == reference["e8"].token_ids
+
+
+def test_key_holder_slower_than_timeout(
+    client: Any, key_holder: KeyHolderHarness, reference: dict[str, Any], server: VllmServer
+) -> None:
+    key_holder.blackhole()
+    try:
+        started = time.monotonic()
+        error = _fails(client, "e8")
+        assert error.status_code == 503
+        assert time.monotonic() - started < 4 * TIMEOUT + 30
+        _others_still_served(client, reference)
+    finally:
+        key_holder.end_blackhole()
+        key_holder.start()
+    assert complete(client, "e8", PROMPTS[0]).token_ids == reference["e8"].token_ids
+    assert server.healthy()
