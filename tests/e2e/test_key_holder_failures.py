@@ -5,6 +5,7 @@ nothing is answered from the base model in place of the encrypted adapter.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -35,6 +36,7 @@ class KeyHolderHarness:
         self.port = port
         self.service: Any = None
         self._blackhole: socket.socket | None = None
+        self._held: list[socket.socket] = []
 
     def start(self) -> None:
         from vllm_tensafe.he import KeyHolderService
@@ -57,7 +59,7 @@ class KeyHolderHarness:
         sock.bind(("127.0.0.1", self.port))
         sock.listen(64)
         self._blackhole = sock
-        held: list[socket.socket] = []
+        held = self._held
 
         def accept() -> None:
             while self._blackhole is not None:
@@ -72,7 +74,14 @@ class KeyHolderHarness:
     def end_blackhole(self) -> None:
         if self._blackhole is not None:
             sock, self._blackhole = self._blackhole, None
+            # shutdown() wakes the thread blocked in accept(); close() alone leaves the port
+            # listening until accept() returns.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+        for conn in self._held:
+            conn.close()
+        self._held.clear()
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,11 @@
 A key-holder failure happens inside the model forward pass, in a worker process, where an
 exception would kill the engine and every other request with it. Instead:
 
-1. the worker poisons that adapter's delta with NaN (so nothing of the step can pass for a
-   base-model answer) and records the failure on a ``FailureBoard``;
-2. the engine core, right after the step, finishes every request of that adapter with
-   ``FINISHED_ERROR`` and drops the poisoned tokens from the step's outputs;
+1. the worker records the failure on a ``FailureBoard`` and stops asking the key holder for
+   that adapter for the rest of the step;
+2. the engine core, right after the step, drops every token the step computed for that
+   adapter's requests (they lack the adapter's delta), evicts their KV blocks from the prefix
+   cache, and finishes those requests with ``FINISHED_ERROR``;
 3. the API server turns that error into an HTTP error whose message names the cause.
 
 The board is a folder (``TENSAFE_RUN_DIR``) shared by the processes of one vLLM instance:
@@ -21,6 +22,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,12 @@ class FailureBoard:
             "message": str(exc),
             "time": time.time(),
         }
-        _write_json(self._adapters / f"{lora_int_id}.json", record)
+        path = self._adapters / f"{lora_int_id}.json"
+        if not path.exists():  # the first cause of a step is the one the user must read
+            _write_json(path, record)
+
+    def has_adapter_failure(self, lora_int_id: int) -> bool:
+        return (self._adapters / f"{lora_int_id}.json").exists()
 
     # engine-core side
     def take_adapter_failures(self) -> dict[int, dict[str, Any]]:
@@ -148,40 +155,65 @@ def install_engine_core_hook() -> None:
 
 def _wrap_step(original: Any) -> Any:
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
-        lora_of = _lora_requests(self.scheduler)
+        encrypted = _encrypted_requests(self.scheduler)
         result = original(self, *args, **kwargs)
-        if not lora_of:
+        if not encrypted:
             return result
         failures = get_board().take_adapter_failures()
         if failures:
             outputs = result[0] if isinstance(result, tuple) else None
-            fail_adapter_requests(self.scheduler, outputs, lora_of, failures)
+            fail_adapter_requests(self.scheduler, outputs, encrypted, failures)
         return result
 
     step._tensafe = True  # type: ignore[attr-defined]
     return step
 
 
-def _lora_requests(scheduler: Any) -> dict[str, int]:
-    return {
-        req_id: request.lora_request.lora_int_id
-        for req_id, request in scheduler.requests.items()
-        if getattr(request, "lora_request", None) is not None
-    }
+@dataclass(frozen=True)
+class _Tracked:
+    lora_int_id: int
+    block_ids: frozenset[int]
+
+
+def _encrypted_requests(scheduler: Any) -> dict[str, _Tracked]:
+    """Requests of encrypted adapters, with their KV blocks as they were before the step."""
+    tracked = {}
+    for req_id, request in scheduler.requests.items():
+        lora = getattr(request, "lora_request", None)
+        if lora is None or not str(lora.lora_path or "").endswith(".tssp"):
+            continue
+        try:
+            groups = scheduler.kv_cache_manager.get_block_ids(req_id)
+            blocks = frozenset(b for group in groups for b in group)
+        except Exception:  # not scheduled yet: no blocks
+            blocks = frozenset()
+        tracked[req_id] = _Tracked(lora.lora_int_id, blocks)
+    return tracked
 
 
 def fail_adapter_requests(
     scheduler: Any,
     outputs: dict[int, Any] | None,
-    lora_of: dict[str, int],
+    encrypted: dict[str, _Tracked],
     failures: dict[int, dict[str, Any]],
 ) -> list[str]:
     from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
     from vllm.v1.request import RequestStatus
 
+    lora_of = {req_id: item.lora_int_id for req_id, item in encrypted.items()}
     failed = {req_id for req_id, lora_id in lora_of.items() if lora_id in failures}
     if not failed:
         return []
+    # KV computed without the adapter's delta must never be served again from the prefix
+    # cache (a later request of the same adapter and prompt would silently reuse it).
+    stale = set().union(*(encrypted[req_id].block_ids for req_id in failed))
+    for req_id in failed:
+        if req_id in scheduler.requests:
+            with contextlib.suppress(Exception):
+                groups = scheduler.kv_cache_manager.get_block_ids(req_id)
+                stale.update(b for group in groups for b in group)
+    if stale:
+        scheduler.kv_cache_manager.block_pool.evict_blocks(stale)
     board = get_board()
     client_of: dict[str, int] = {}
     for req_id in failed:

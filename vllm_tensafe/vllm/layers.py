@@ -86,6 +86,12 @@ def _add_slot_delta(
     rows: torch.Tensor,
     delta: torch.Tensor,
 ) -> None:
+    board = get_board()
+    if board.has_adapter_failure(entry.adapter.lora_int_id):
+        # An earlier layer of this step already failed for this adapter: its requests are
+        # failed after the step and these tokens are discarded, so the key holder is not
+        # asked again (its first error stands).
+        return
     rank = entry.adapter.rank
     items = []
     targeted = []
@@ -99,12 +105,12 @@ def _add_slot_delta(
     try:
         results = entry.adapter.engine.compute(entry.adapter.adapter_id, items)
     except Exception as exc:
-        # Never let these tokens pass for base-model tokens, and never take the engine down
-        # with them: poison them and let the engine core fail just this adapter's requests.
+        # Never take the engine down with these tokens: record why, add no delta (a finite
+        # value, so nothing unusual lands in the KV cache), and let the engine core fail this
+        # adapter's requests and discard every token this step computed for them.
         if not isinstance(exc, TenSafeError):
             logger.exception("HE delta failed for adapter %r", entry.adapter.name)
-        get_board().record_adapter_failure(entry.adapter.lora_int_id, entry.adapter.name, exc)
-        delta[rows] = float("nan")
+        board.record_adapter_failure(entry.adapter.lora_int_id, entry.adapter.name, exc)
         return
 
     # Full-width deltas, transposed to (d_out, T) so vLLM's own slice_lora_b can pick this
