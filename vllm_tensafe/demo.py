@@ -35,6 +35,19 @@ def add_commands(subparsers: Any) -> None:
     parser.set_defaults(handler=run_demo)
 
 
+def _quiet_model_building() -> None:
+    # transformers' per-shard progress bars say nothing useful about a 1 MB model.
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def _step(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
@@ -55,6 +68,7 @@ def run_demo(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    _quiet_model_building()
 
     _step(f"building the tiny model and the demo adapter in {workdir}")
     paths = build_demo(workdir)
