@@ -63,6 +63,9 @@ def activate() -> None:
     from vllm_tensafe.vllm import install
 
     install(settings)
+    from vllm_tensafe.observability import setup_from_settings
+
+    setup_from_settings(settings)
     logger.info(
         "TenSafe enabled in process %d (%s): key holder %s (timeout %.1fs), signature checks %s",
         os.getpid(),
@@ -160,6 +163,8 @@ def add_tensafe_args(parser: argparse.ArgumentParser) -> None:
             "key_holder": "{local,remote}",
             "profile": "{default,fast,precise}",
             "trusted_keys": "PUB[,PUB...]",
+            "otlp_endpoint": "URL",
+            "service_name": "NAME",
         }.get(name, name.upper().split("_")[-1])
         group.add_argument(
             flag_name(name),

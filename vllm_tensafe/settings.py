@@ -89,6 +89,16 @@ class TenSafeSettings(BaseSettings):
         "default",
         description=f"HE profile for new keys and packs: one of {', '.join(PROFILE_NAMES)}.",
     )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry collector to export metrics to, e.g. "
+        "http://otel-collector:4317 (needs vllm-tensafe[otlp]). Unset: no metrics export.",
+    )
+    service_name: str = Field(
+        "vllm-tensafe",
+        min_length=1,
+        description="OpenTelemetry service.name of the exported metrics.",
+    )
 
     @field_validator("trusted_keys", mode="before")
     @classmethod
@@ -119,7 +129,7 @@ class TenSafeSettings(BaseSettings):
             raise ValueError(f"folder {str(value)!r} does not exist")
         return value
 
-    @field_validator("key_holder_url")
+    @field_validator("key_holder_url", "otlp_endpoint")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is None:
@@ -209,6 +219,8 @@ def _accepted(field: str) -> str:
         return "use local or remote"
     if field == "key_holder_url":
         return "use a URL like https://keyholder.example:8443"
+    if field == "otlp_endpoint":
+        return "use a URL like http://otel-collector:4317"
     return ""
 
 

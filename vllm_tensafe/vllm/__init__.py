@@ -16,6 +16,7 @@ def install(settings: TenSafeSettings) -> None:
     from vllm_tensafe.vllm.loader import install_loader
     from vllm_tensafe.vllm.punica import install_no_lora_fix
     from vllm_tensafe.vllm.serving import install_serving_hooks
+    from vllm_tensafe.vllm.status_route import install_worker_status
 
     ensure_run_dir()
     install_no_lora_fix()
@@ -24,3 +25,4 @@ def install(settings: TenSafeSettings) -> None:
     install_serving_hooks(settings)
     install_engine_core_hook()
     install_api_error_hook()
+    install_worker_status()

@@ -15,12 +15,14 @@ be captured in a CUDA graph (it calls the key holder), which is why GPU users ne
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from vllm_tensafe import observability
 from vllm_tensafe.errors import TenSafeError
 from vllm_tensafe.vllm.failures import get_board
 from vllm_tensafe.vllm.runtime import EncryptedAdapter
@@ -102,16 +104,22 @@ def _add_slot_delta(
         u = (xs @ a.T).cpu().numpy().astype(np.float64, copy=False)
         items.append((u, matrix))
         targeted.append(s)
+    adapter = entry.adapter
+    before = _usage(adapter.engine.stats)
+    started = time.perf_counter()
     try:
-        results = entry.adapter.engine.compute(entry.adapter.adapter_id, items)
+        results = adapter.engine.compute(adapter.adapter_id, items)
     except Exception as exc:
         # Never take the engine down with these tokens: record why, add no delta (a finite
         # value, so nothing unusual lands in the KV cache), and let the engine core fail this
         # adapter's requests and discard every token this step computed for them.
         if not isinstance(exc, TenSafeError):
-            logger.exception("HE delta failed for adapter %r", entry.adapter.name)
-        board.record_adapter_failure(entry.adapter.lora_int_id, entry.adapter.name, exc)
+            logger.exception("HE delta failed for adapter %r", adapter.name)
+        board.record_adapter_failure(adapter.lora_int_id, adapter.name, exc)
+        adapter.failures += 1
         return
+    finally:
+        _account(adapter, before, time.perf_counter() - started)
 
     # Full-width deltas, transposed to (d_out, T) so vLLM's own slice_lora_b can pick this
     # rank's shard exactly as it does for a plaintext B.
@@ -131,6 +139,37 @@ def _add_slot_delta(
                 shard[:size].T.to(delta.dtype, copy=False).to(delta.device)
             )
         offset += size
+
+
+def _usage(stats: Any) -> tuple[int, int, int, float]:
+    return (stats.decrypt_calls, stats.ciphertexts_sent, stats.tokens, stats.seconds_key_holder)
+
+
+def _account(
+    adapter: EncryptedAdapter, before: tuple[int, int, int, float], seconds: float
+) -> None:
+    # The engine is shared by every adapter of one CKKS key; its counters only grow, and the
+    # worker computes one delta at a time, so the difference is this call's.
+    decrypts, ciphertexts, tokens, kh_seconds = (
+        now - then for now, then in zip(_usage(adapter.engine.stats), before, strict=True)
+    )
+    adapter.he_calls += 1
+    adapter.decrypt_calls += int(decrypts)
+    adapter.ciphertexts_sent += int(ciphertexts)
+    adapter.tokens += int(tokens)
+    adapter.he_seconds += seconds
+    adapter.key_holder_seconds += kh_seconds
+    try:
+        observability.record_he_delta(
+            adapter.name,
+            str(adapter.summary.get("key_holder", "")),
+            seconds=seconds,
+            ciphertexts=int(ciphertexts),
+            key_holder_calls=int(decrypts),
+            key_holder_seconds=kh_seconds,
+        )
+    except Exception:  # a metrics problem must never fail a forward pass
+        logger.debug("Could not record HE metrics", exc_info=True)
 
 
 # --- hooks into vLLM's LoRA classes -----------------------------------------------------------

@@ -99,6 +99,11 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
             "modules": len(package.modules),
             "he_profile": package.public_context.profile.name,
             "key_holder": runtime.key_holder_kind,
+            "base_model": {
+                "architecture": package.base_binding.get("architecture"),
+                "model_type": package.base_binding.get("model_type"),
+                "fingerprint": package.base_binding.get("fingerprint"),
+            },
         },
     )
     lora.tensafe_adapter = adapter  # read by the activation hook in layers.py

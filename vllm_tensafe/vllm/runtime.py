@@ -32,11 +32,38 @@ class EncryptedAdapter:
     matrices: dict[str, EncryptedMatrix]
     engine: DeltaEngine
     summary: dict[str, object] = field(default_factory=dict)
+    # This adapter's share of its engine's work (an engine serves every adapter of one key);
+    # updated by layers.py after each HE delta. Read by the /v1/tensafe/adapters route.
+    he_calls: int = 0
+    decrypt_calls: int = 0
+    ciphertexts_sent: int = 0
+    tokens: int = 0
+    he_seconds: float = 0.0
+    key_holder_seconds: float = 0.0
+    failures: int = 0
 
     @property
     def adapter_id(self) -> str:
         # The key holder meters and revokes by this name; it is the package's signed name.
         return self.name
+
+    def status(self) -> dict[str, object]:
+        """What the adapter status route shows: identity, checks, usage. Never key material,
+        ciphertext bytes or key-holder credentials (the summary holds none either)."""
+        return {
+            **self.summary,
+            "lora_int_id": self.lora_int_id,
+            "path": self.path,
+            "usage": {
+                "he_calls": self.he_calls,
+                "decrypt_calls": self.decrypt_calls,
+                "ciphertexts_sent": self.ciphertexts_sent,
+                "tokens": self.tokens,
+                "he_seconds": round(self.he_seconds, 6),
+                "key_holder_seconds": round(self.key_holder_seconds, 6),
+                "failures": self.failures,
+            },
+        }
 
 
 class TenSafeRuntime:
@@ -59,14 +86,32 @@ class TenSafeRuntime:
         return self._trust_store
 
     def open_package(self, path: str, base_model_config: dict | None) -> TsspPackage:
+        from vllm_tensafe import observability
         from vllm_tensafe.tssp import open_package
 
-        return open_package(
-            path,
-            trust_store=self.trust_store,
-            verify_signature=self.settings.verify_signature,
-            base_model_config=base_model_config,
-        )
+        try:
+            package = open_package(
+                path,
+                trust_store=self.trust_store,
+                verify_signature=self.settings.verify_signature,
+                base_model_config=base_model_config,
+            )
+        except Exception as exc:
+            observability.record_tssp_verification(observability.verification_outcome(exc))
+            raise
+        observability.record_tssp_verification("ok")
+        return package
+
+    def adapter_status(self, resident: set[int] | None = None) -> list[dict[str, object]]:
+        """Status of the encrypted adapters this process holds (``resident``: the LoRA ids vLLM
+        still has loaded; an adapter vLLM evicted is left out)."""
+        with self._lock:
+            adapters = sorted(self.adapters.items())
+        return [
+            adapter.status()
+            for lora_id, adapter in adapters
+            if resident is None or lora_id in resident
+        ]
 
     def engine_for(self, package: TsspPackage) -> DeltaEngine:
         from vllm_tensafe.he import DeltaEngine

@@ -1,0 +1,221 @@
+"""Metrics and the adapter status route, without starting vLLM (the end-to-end run is
+tests/e2e/test_metrics_status.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from vllm_tensafe import observability as obs
+from vllm_tensafe.errors import ConfigError
+
+
+@pytest.fixture
+def reader(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    monkeypatch.delenv(obs.DUMP_ENV, raising=False)
+    obs.shutdown_observability()
+    memory = InMemoryMetricReader()
+    obs.setup_observability("test-service", readers=[memory])
+    yield memory
+    obs.shutdown_observability()
+
+
+def _metrics(reader: Any) -> dict[str, list[dict[str, Any]]]:
+    return obs.metrics_as_dict(reader.get_metrics_data())
+
+
+def test_every_guide_metric_is_recorded_with_its_name(reader: Any) -> None:
+    obs.record_request_finished("stop", 0.5)
+    obs.record_request_finished("length", 1.5)
+    obs.record_tokens_generated(7)
+    obs.record_kv_cache_usage(0.25)
+    obs.record_he_delta(
+        "e8",
+        "local",
+        seconds=0.01,
+        ciphertexts=4,
+        key_holder_calls=1,
+        key_holder_seconds=0.004,
+    )
+    obs.record_tssp_verification("ok")
+    obs.record_tssp_verification(obs.verification_outcome(ValueError("x")))
+    got = _metrics(reader)
+
+    requests = {p["attributes"]["status"]: p["value"] for p in got[obs.REQUESTS_TOTAL]}
+    assert requests == {"stop": 1, "length": 1}
+    assert got[obs.TOKENS_GENERATED][0]["value"] == 7
+    latency = got[obs.LATENCY_SECONDS][0]
+    assert latency["count"] == 2 and latency["sum"] == pytest.approx(2.0)
+    assert got[obs.KV_CACHE_UTILIZATION][0]["value"] == 0.25
+    he_ops = got[obs.HE_OPERATIONS_TOTAL][0]
+    assert he_ops == {"attributes": {"adapter": "e8"}, "value": 4}
+    assert got[obs.HE_DELTA_SECONDS][0]["count"] == 1
+    assert got[obs.KEY_HOLDER_SECONDS][0]["attributes"] == {"key_holder": "local"}
+    outcomes = {p["attributes"]["outcome"]: p["value"] for p in got[obs.TSSP_VERIFICATIONS_TOTAL]}
+    assert outcomes == {"ok": 1, "ValueError": 1}
+
+
+def test_without_an_sdk_recording_is_a_no_op() -> None:
+    obs.shutdown_observability()
+    obs.record_request_finished("stop", 0.1)  # must not raise, must not need an SDK
+    obs.record_tssp_verification("ok")
+
+
+def test_missing_otlp_exporter_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    obs.shutdown_observability()
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc.metric_exporter", None)
+    with pytest.raises(ConfigError) as info:
+        obs.setup_observability(otlp_endpoint="http://127.0.0.1:4317")
+    assert "pip install 'vllm-tensafe[otlp]'" in str(info.value)
+    obs.shutdown_observability()
+
+
+def test_unknown_otlp_protocol_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    obs.shutdown_observability()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")
+    with pytest.raises(ConfigError, match="unsupported OTLP protocol"):
+        obs.setup_observability(otlp_endpoint="http://127.0.0.1:4317")
+    obs.shutdown_observability()
+
+
+def test_dump_hook_writes_this_process_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    obs.shutdown_observability()
+    prefix = tmp_path / "metrics"
+    monkeypatch.setenv(obs.DUMP_ENV, str(prefix))
+    assert obs.setup_from_settings(SimpleNamespace(otlp_endpoint=None, service_name="s"))
+    try:
+        obs.record_tssp_verification("ok")
+        path = Path(f"{prefix}.{os.getpid()}.json")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if path.exists() and obs.TSSP_VERIFICATIONS_TOTAL in path.read_text():
+                break
+            time.sleep(0.2)
+        record = json.loads(path.read_text())
+        assert record["pid"] == os.getpid()
+        assert record["metrics"][obs.TSSP_VERIFICATIONS_TOTAL][0]["value"] == 1
+    finally:
+        obs.shutdown_observability()
+
+
+def test_no_endpoint_and_no_dump_means_no_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(obs.DUMP_ENV, raising=False)
+    assert not obs.setup_from_settings(SimpleNamespace(otlp_endpoint=None, service_name="s"))
+
+
+def test_otlp_settings_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_tensafe.settings import load_settings
+
+    monkeypatch.setenv("TENSAFE_OTLP_ENDPOINT", "otel-collector:4317")
+    with pytest.raises(ConfigError, match="--tensafe-otlp-endpoint"):
+        load_settings()
+    monkeypatch.setenv("TENSAFE_OTLP_ENDPOINT", "http://otel-collector:4317/")
+    monkeypatch.setenv("TENSAFE_SERVICE_NAME", "my-host")
+    settings = load_settings()
+    assert settings.otlp_endpoint == "http://otel-collector:4317"
+    assert settings.service_name == "my-host"
+
+
+def test_stat_logger_reads_vllm_stats(reader: Any) -> None:
+    from vllm.v1.engine import FinishReason
+    from vllm.v1.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
+
+    from vllm_tensafe.vllm.stat_logger import TenSafeStatLogger
+
+    stat_logger = TenSafeStatLogger(vllm_config=None, engine_index=0)
+    iteration = IterationStats()
+    iteration.num_generation_tokens = 5
+    iteration.finished_requests.append(
+        FinishedRequestStats(finish_reason=FinishReason.LENGTH, e2e_latency=0.75)
+    )
+    stat_logger.record(SchedulerStats(kv_cache_usage=0.5), iteration)
+    got = _metrics(reader)
+    assert got[obs.REQUESTS_TOTAL] == [{"attributes": {"status": "length"}, "value": 1}]
+    assert got[obs.TOKENS_GENERATED][0]["value"] == 5
+    assert got[obs.LATENCY_SECONDS][0]["sum"] == pytest.approx(0.75)
+    assert got[obs.KV_CACHE_UTILIZATION][0]["value"] == 0.5
+
+
+# --- the adapter status route --------------------------------------------------------------------
+
+
+def _adapter(lora_id: int, name: str) -> Any:
+    from vllm_tensafe.vllm.runtime import EncryptedAdapter
+
+    return EncryptedAdapter(
+        lora_int_id=lora_id,
+        name=name,
+        path=f"/adapters/{name}.tssp",
+        signer_key_id="ab" * 32,
+        rank=8,
+        matrices={},
+        engine=None,  # type: ignore[arg-type]
+        summary={"name": name, "signer_key_id": "ab" * 32, "key_holder": "remote"},
+        decrypt_calls=3,
+        ciphertexts_sent=12,
+    )
+
+
+def test_runtime_status_lists_resident_adapters_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_tensafe.vllm.runtime import TenSafeRuntime
+
+    runtime = TenSafeRuntime(SimpleNamespace(key_holder="remote"))  # type: ignore[arg-type]
+    runtime.adapters = {1: _adapter(1, "a"), 2: _adapter(2, "b")}
+    assert [a["name"] for a in runtime.adapter_status()] == ["a", "b"]
+    only = runtime.adapter_status({2})
+    assert [a["name"] for a in only] == ["b"]
+    assert only[0]["usage"]["ciphertexts_sent"] == 12  # type: ignore[index]
+
+
+async def test_route_answers_rank_zero_with_served_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_tensafe.vllm import status_route
+
+    monkeypatch.setenv("TENSAFE_ENABLED", "true")
+    rank0 = {"pid": 1, "key_holder": "remote", "adapters": [_adapter(4, "pkg-name").status()]}
+    rank1 = {"pid": 2, "key_holder": "remote", "adapters": []}
+
+    class Engine:
+        async def collective_rpc(self, method: str) -> list[dict[str, Any]]:
+            assert method == status_route.WORKER_METHOD
+            return [rank0, rank1]
+
+    models = SimpleNamespace(lora_requests={"served": SimpleNamespace(lora_int_id=4)})
+    state = SimpleNamespace(engine_client=Engine(), openai_serving_models=models)
+    status, body = await status_route.adapter_status_response(state)
+    assert status == 200 and body["workers"] == 2 and body["key_holder"] == "remote"
+    (adapter,) = body["adapters"]
+    assert adapter["served_names"] == ["served"] and adapter["name"] == "pkg-name"
+    assert adapter["usage"]["decrypt_calls"] == 3
+
+    monkeypatch.setenv("TENSAFE_ENABLED", "false")
+    assert await status_route.adapter_status_response(state) == (
+        200,
+        {"tensafe_enabled": False, "adapters": []},
+    )
+
+
+async def test_route_reports_an_engine_without_the_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_tensafe.vllm import status_route
+
+    monkeypatch.setenv("TENSAFE_ENABLED", "true")
+
+    class Engine:
+        async def collective_rpc(self, method: str) -> list[Any]:
+            raise NotImplementedError(f"Method {method!r} is not implemented.")
+
+    status, body = await status_route.adapter_status_response(
+        SimpleNamespace(engine_client=Engine())
+    )
+    assert status == 503 and "VLLM_PLUGINS" in body["error"]["message"]

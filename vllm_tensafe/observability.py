@@ -1,0 +1,522 @@
+"""OpenTelemetry metrics of vllm-tensafe, recorded in the process where each event happens.
+
+API server process (from vLLM's own per-step stats):
+
+* ``tensafe_vllm_requests_total``: counter of finished requests, attribute ``status`` (finish
+  reason: stop, length, abort, error, ...)
+* ``tensafe_vllm_tokens_generated``: counter of generated tokens
+* ``tensafe_vllm_latency_seconds``: histogram of request latency, arrival to last token
+* ``tensafe_vllm_kv_cache_utilization``: gauge of the KV cache usage fraction (0 to 1)
+
+Worker processes (around each ``DeltaEngine.compute``):
+
+* ``tensafe_vllm_he_operations_total``: counter of ciphertexts sent for decryption, ``adapter``
+* ``tensafe_vllm_he_delta_seconds``: histogram of one HE delta (products, key holder, unmask)
+* ``tensafe_vllm_key_holder_seconds``: histogram of one key-holder round trip, ``key_holder``
+
+Wherever a package is opened (API server checks, workers, ``TSSPService``):
+
+* ``tensafe_vllm_tssp_verifications_total``: counter, ``outcome`` = ``ok`` or the error class
+
+The request metrics come from vLLM's own stats (``vllm_tensafe.vllm.stat_logger``) and count
+every request of the server, base model included. Only the OpenTelemetry *API* is needed at run
+time: until an SDK ``MeterProvider`` exists (``setup_observability``, or the application's own)
+every record call is a no-op.
+
+``TENSAFE_METRICS_DUMP=PATH`` is a test and debugging hook, not a way to run production: each
+process keeps its metrics in memory and writes them as JSON to ``PATH.<pid>.json`` every second
+(vLLM's engine and worker processes end with ``os._exit``, so a write at exit alone would be
+lost).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_tensafe.errors import ConfigError
+
+logger = logging.getLogger("vllm_tensafe.observability")
+
+METER_NAME = "vllm_tensafe"
+DUMP_ENV = "TENSAFE_METRICS_DUMP"
+DUMP_INTERVAL = 1.0
+
+REQUESTS_TOTAL = "tensafe_vllm_requests_total"
+TOKENS_GENERATED = "tensafe_vllm_tokens_generated"
+LATENCY_SECONDS = "tensafe_vllm_latency_seconds"
+HE_OPERATIONS_TOTAL = "tensafe_vllm_he_operations_total"
+KV_CACHE_UTILIZATION = "tensafe_vllm_kv_cache_utilization"
+HE_DELTA_SECONDS = "tensafe_vllm_he_delta_seconds"
+KEY_HOLDER_SECONDS = "tensafe_vllm_key_holder_seconds"
+TSSP_VERIFICATIONS_TOTAL = "tensafe_vllm_tssp_verifications_total"
+
+# HE deltas take milliseconds (local key holder) to seconds (remote, large layers); requests
+# take seconds to minutes. OpenTelemetry's default buckets (0, 5, 10, 25, ...) suit neither.
+_FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+
+
+@dataclass
+class _Instruments:
+    requests_total: Any
+    tokens_generated: Any
+    latency_seconds: Any
+    he_operations_total: Any
+    kv_cache_utilization: Any
+    he_delta_seconds: Any
+    key_holder_seconds: Any
+    tssp_verifications_total: Any
+
+
+@dataclass
+class _Setup:
+    """What ``setup_observability`` built, kept so a forked child can rebuild its own."""
+
+    service_name: str
+    otlp_endpoint: str | None
+    dump_path: str | None
+    provider: Any
+    base_resource: Any
+    export_interval_seconds: float
+    pid: int = field(default_factory=os.getpid)
+    dumper: _Dumper | None = None
+
+
+_lock = threading.Lock()
+_instruments: _Instruments | None = None
+_setup: _Setup | None = None
+
+
+def _meter() -> Any:
+    if _setup is not None:
+        return _setup.provider.get_meter(METER_NAME)
+    from opentelemetry import metrics
+
+    # The global provider: a no-op proxy until an application or setup_observability sets one.
+    return metrics.get_meter(METER_NAME)
+
+
+def _create_instruments() -> _Instruments:
+    meter = _meter()
+    return _Instruments(
+        requests_total=meter.create_counter(
+            REQUESTS_TOTAL, unit="1", description="Finished requests, by finish reason (status)"
+        ),
+        tokens_generated=meter.create_counter(
+            TOKENS_GENERATED, unit="1", description="Generated tokens"
+        ),
+        latency_seconds=meter.create_histogram(
+            LATENCY_SECONDS,
+            unit="s",
+            description="Request latency, arrival to last token",
+            explicit_bucket_boundaries_advisory=_REQUEST_BUCKETS,
+        ),
+        he_operations_total=meter.create_counter(
+            HE_OPERATIONS_TOTAL,
+            unit="1",
+            description="CKKS ciphertexts sent to the key holder for decryption",
+        ),
+        kv_cache_utilization=meter.create_gauge(
+            KV_CACHE_UTILIZATION, unit="1", description="KV cache usage fraction (0 to 1)"
+        ),
+        he_delta_seconds=meter.create_histogram(
+            HE_DELTA_SECONDS,
+            unit="s",
+            description="One encrypted LoRA delta: products, key holder, unmasking",
+            explicit_bucket_boundaries_advisory=_FAST_BUCKETS,
+        ),
+        key_holder_seconds=meter.create_histogram(
+            KEY_HOLDER_SECONDS,
+            unit="s",
+            description="One key-holder decryption round trip",
+            explicit_bucket_boundaries_advisory=_FAST_BUCKETS,
+        ),
+        tssp_verifications_total=meter.create_counter(
+            TSSP_VERIFICATIONS_TOTAL,
+            unit="1",
+            description="TSSP packages opened, by outcome (ok or the error class)",
+        ),
+    )
+
+
+def _get() -> _Instruments:
+    global _instruments
+    setup = _setup
+    if setup is not None and setup.pid != os.getpid():
+        _rebuild_after_fork(setup)
+    instruments = _instruments
+    if instruments is None:
+        with _lock:
+            if _instruments is None:
+                _instruments = _create_instruments()
+            instruments = _instruments
+    return instruments
+
+
+# --- recording (called from the plugin's hooks) -------------------------------------------------
+
+
+def record_request_finished(status: str, latency_seconds: float) -> None:
+    instruments = _get()
+    instruments.requests_total.add(1, {"status": status})
+    instruments.latency_seconds.record(max(0.0, latency_seconds))
+
+
+def record_tokens_generated(count: int) -> None:
+    if count > 0:
+        _get().tokens_generated.add(count)
+
+
+def record_kv_cache_usage(fraction: float) -> None:
+    _get().kv_cache_utilization.set(fraction)
+
+
+def record_he_delta(
+    adapter: str,
+    key_holder: str,
+    *,
+    seconds: float,
+    ciphertexts: int,
+    key_holder_calls: int,
+    key_holder_seconds: float,
+) -> None:
+    """One ``DeltaEngine.compute`` call (worker process)."""
+    instruments = _get()
+    instruments.he_delta_seconds.record(seconds, {"adapter": adapter})
+    if ciphertexts:
+        instruments.he_operations_total.add(ciphertexts, {"adapter": adapter})
+    if key_holder_calls:
+        # compute() makes one decrypt call; more would mean an engine change: average them.
+        per_call = key_holder_seconds / key_holder_calls
+        for _ in range(key_holder_calls):
+            instruments.key_holder_seconds.record(per_call, {"key_holder": key_holder})
+
+
+def record_tssp_verification(outcome: str) -> None:
+    _get().tssp_verifications_total.add(1, {"outcome": outcome})
+
+
+def verification_outcome(exc: BaseException | None) -> str:
+    return "ok" if exc is None else type(exc).__name__
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+
+def setup_observability(
+    service_name: str = "vllm-tensafe",
+    otlp_endpoint: str | None = None,
+    *,
+    readers: Sequence[Any] = (),
+    export_interval_seconds: float = 10.0,
+) -> Any:
+    """Configure an OpenTelemetry SDK ``MeterProvider`` for this process and return it.
+
+    ``otlp_endpoint`` (e.g. ``http://otel-collector:4317``) adds a periodic OTLP exporter; the
+    protocol follows ``OTEL_EXPORTER_OTLP_METRICS_PROTOCOL`` / ``OTEL_EXPORTER_OTLP_PROTOCOL``
+    (``grpc``, the default, or ``http/protobuf``). ``readers`` are extra SDK metric readers
+    (``InMemoryMetricReader`` in tests). The provider also becomes the global one unless the
+    application already set its own. Calling it again returns the first provider.
+    """
+    global _setup, _instruments
+    with _lock:
+        if _setup is not None and _setup.pid == os.getpid():
+            return _setup.provider
+        try:
+            from opentelemetry.sdk.resources import Resource
+        except ImportError:
+            raise _sdk_missing() from None
+        # Resource.create runs the resource detectors (OTEL_RESOURCE_ATTRIBUTES, ...) on a
+        # thread pool: fine here, not in a forked child (see _rebuild_after_fork).
+        base = Resource.create({"service.name": service_name})
+        setup = _build(
+            service_name, otlp_endpoint, os.environ.get(DUMP_ENV) or None, base,
+            export_interval_seconds, list(readers),
+        )  # fmt: skip
+        _setup = setup
+        _instruments = None  # rebuilt on the new provider at the next record call
+    _set_global(setup.provider)
+    logger.info(
+        "OpenTelemetry metrics on in process %d: service %r%s%s",
+        os.getpid(),
+        service_name,
+        f", OTLP to {otlp_endpoint}" if otlp_endpoint else "",
+        f", JSON dump to {setup.dumper.path}" if setup.dumper else "",
+    )
+    return setup.provider
+
+
+def setup_from_settings(settings: Any) -> bool:
+    """Called by the plugin in every process: set up when an endpoint or the dump hook is set."""
+    endpoint = getattr(settings, "otlp_endpoint", None)
+    if not endpoint and not os.environ.get(DUMP_ENV):
+        return False
+    setup_observability(getattr(settings, "service_name", None) or "vllm-tensafe", endpoint)
+    return True
+
+
+def _sdk_missing() -> ConfigError:
+    return ConfigError(
+        "OpenTelemetry metrics need the OpenTelemetry SDK, which is not installed",
+        "pip install 'vllm-tensafe[otlp]'",
+    )
+
+
+def _build(
+    service_name: str,
+    otlp_endpoint: str | None,
+    dump_path: str | None,
+    base_resource: Any,
+    export_interval_seconds: float,
+    readers: list[Any],
+) -> _Setup:
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import (
+            InMemoryMetricReader,
+            PeriodicExportingMetricReader,
+        )
+        from opentelemetry.sdk.resources import Resource
+    except ImportError:
+        raise _sdk_missing() from None
+    pid = os.getpid()
+    all_readers = list(readers)
+    if otlp_endpoint:
+        all_readers.append(
+            PeriodicExportingMetricReader(
+                _pid_guarded(_otlp_exporter(otlp_endpoint), pid),
+                export_interval_millis=export_interval_seconds * 1000,
+            )
+        )
+    memory_reader = InMemoryMetricReader() if dump_path else None
+    if memory_reader is not None:
+        all_readers.append(memory_reader)
+    # vLLM runs several processes; without these attributes their series would collide.
+    resource = base_resource.merge(
+        Resource(
+            {
+                "service.instance.id": f"{os.uname().nodename}-{pid}",
+                "process.pid": pid,
+                "process.role": _process_role(),
+            }
+        )
+    )
+    setup = _Setup(
+        service_name=service_name,
+        otlp_endpoint=otlp_endpoint,
+        dump_path=dump_path,
+        provider=MeterProvider(resource=resource, metric_readers=all_readers),
+        base_resource=base_resource,
+        export_interval_seconds=export_interval_seconds,
+        pid=pid,
+    )
+    if memory_reader is not None and dump_path:
+        setup.dumper = _Dumper(memory_reader, dump_path)
+        setup.dumper.start()
+    return setup
+
+
+def _rebuild_after_fork(stale: _Setup) -> None:
+    """Give a forked process (vLLM's engine core and workers) its own provider.
+
+    The child inherits the parent's provider: the parent's counts so far, the parent's pid in
+    its resource, no dump thread. Its exporters are muted by their pid guard; a fresh provider
+    with the same configuration takes over (readers passed to setup_observability stay with
+    the parent: an SDK reader belongs to one provider). Done on the child's first record call
+    rather than in an at-fork hook, where a thread pool or lock of the parent could hang it.
+    """
+    global _setup, _instruments
+    with _lock:
+        if _setup is not stale:
+            return
+        try:
+            _setup = _build(
+                stale.service_name, stale.otlp_endpoint, stale.dump_path,
+                stale.base_resource, stale.export_interval_seconds, [],
+            )  # fmt: skip
+        except Exception:  # never break a vLLM process over metrics
+            logger.exception("Could not rebuild OpenTelemetry metrics after fork")
+            _setup = None
+        _instruments = None
+
+
+def _otlp_exporter(endpoint: str) -> Any:
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    ).strip()
+    try:
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                OTLPMetricExporter,
+            )
+
+            return OTLPMetricExporter(endpoint=endpoint)
+        if protocol == "http/protobuf":
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                OTLPMetricExporter as HttpExporter,
+            )
+
+            return HttpExporter(endpoint=f"{endpoint.rstrip('/')}/v1/metrics")
+    except ImportError:
+        raise ConfigError(
+            f"an OTLP endpoint is set ({endpoint}) but the OpenTelemetry OTLP exporter for "
+            f"protocol {protocol!r} is not installed",
+            "pip install 'vllm-tensafe[otlp]'",
+        ) from None
+    raise ConfigError(
+        f"unsupported OTLP protocol {protocol!r} (OTEL_EXPORTER_OTLP_PROTOCOL)",
+        "use grpc or http/protobuf",
+    )
+
+
+def _pid_guarded(inner: Any, pid: int) -> Any:
+    from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
+
+    class PidGuardExporter(MetricExporter):
+        """Exports only from the process that made it: a forked copy stays silent."""
+
+        def __init__(self, inner: Any, pid: int) -> None:
+            super().__init__(
+                preferred_temporality=getattr(inner, "_preferred_temporality", None),
+                preferred_aggregation=getattr(inner, "_preferred_aggregation", None),
+            )
+            self.inner = inner
+            self.pid = pid
+
+        def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> Any:
+            if os.getpid() != self.pid:
+                return MetricExportResult.SUCCESS
+            return self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+
+        def force_flush(self, timeout_millis: float = 10_000) -> bool:
+            return os.getpid() != self.pid or bool(self.inner.force_flush(timeout_millis))
+
+        def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+            if os.getpid() == self.pid:
+                self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+    return PidGuardExporter(inner, pid)
+
+
+def _set_global(provider: Any) -> None:
+    from opentelemetry import metrics
+    from opentelemetry.metrics import NoOpMeterProvider
+    from opentelemetry.metrics._internal import _ProxyMeterProvider
+
+    current = metrics.get_meter_provider()
+    if isinstance(current, _ProxyMeterProvider | NoOpMeterProvider):
+        metrics.set_meter_provider(provider)
+    else:
+        # The application configured its own provider first: ours exports our metrics only.
+        logger.info("A global MeterProvider already exists; vllm-tensafe keeps its own")
+
+
+def _process_role() -> str:
+    name = multiprocessing.current_process().name
+    if name != "MainProcess":
+        return name
+    return "api-server" if "serve" in sys.argv[1:2] else "main"
+
+
+def shutdown_observability() -> None:
+    """Flush and stop what ``setup_observability`` started (tests; the process exit does it)."""
+    global _setup, _instruments
+    with _lock:
+        setup, _setup = _setup, None
+        _instruments = None
+    if setup is None or setup.pid != os.getpid():
+        return
+    if setup.dumper is not None:
+        setup.dumper.stop()
+    setup.provider.shutdown()
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have held the lock at the fork; the child gets a free one.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# --- the JSON dump (tests and debugging) --------------------------------------------------------
+
+
+def metrics_as_dict(metrics_data: Any) -> dict[str, list[dict[str, Any]]]:
+    """SDK ``MetricsData`` as ``{name: [{"attributes": {...}, "value"|"count"/"sum": ...}]}``."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    if metrics_data is None:
+        return out
+    for resource_metrics in metrics_data.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                points = out.setdefault(metric.name, [])
+                for point in metric.data.data_points:
+                    entry: dict[str, Any] = {"attributes": dict(point.attributes or {})}
+                    if hasattr(point, "bucket_counts"):
+                        entry.update(count=point.count, sum=point.sum, min=point.min, max=point.max)
+                    else:
+                        entry["value"] = point.value
+                    points.append(entry)
+    return out
+
+
+class _Dumper:
+    def __init__(self, reader: Any, path_prefix: str) -> None:
+        self.reader = reader
+        self.pid = os.getpid()
+        self.path = f"{path_prefix}.{self.pid}.json"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tensafe-metrics-dump", daemon=True)
+        self._thread.start()
+        atexit.register(self.dump)
+        try:  # multiprocessing children skip atexit but run these finalizers
+            from multiprocessing import util
+
+            util.Finalize(None, self.dump, exitpriority=100)
+        except Exception:  # pragma: no cover - best effort
+            pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.dump()
+
+    def _run(self) -> None:
+        while not self._stop.wait(DUMP_INTERVAL):
+            self.dump()
+
+    def dump(self) -> None:
+        if os.getpid() != self.pid:  # an inherited copy in a forked child: not its data
+            return
+        try:
+            data = metrics_as_dict(self.reader.get_metrics_data())
+        except Exception:  # the provider may be shut down already
+            return
+        record: Mapping[str, Any] = {
+            "pid": os.getpid(),
+            "role": _process_role(),
+            "metrics": data,
+        }
+        tmp = f"{self.path}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                json.dump(record, handle)
+            os.replace(tmp, self.path)
+        except OSError:
+            logger.debug("Could not write the metrics dump %s", self.path, exc_info=True)
