@@ -124,22 +124,6 @@ class VllmServer:
             None,
         )
 
-    def wait_exit(self, timeout: float = 300.0) -> int:
-        """Start the server expecting it to fail; return its exit code."""
-        self.process = subprocess.Popen(
-            self.command,
-            env=self.env,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise
-
     def healthy(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as response:

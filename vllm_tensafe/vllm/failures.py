@@ -177,18 +177,22 @@ class _Tracked:
 
 def _encrypted_requests(scheduler: Any) -> dict[str, _Tracked]:
     """Requests of encrypted adapters, with their KV blocks as they were before the step."""
+    from vllm_tensafe.vllm.loader import is_tssp_path
+
     tracked = {}
     for req_id, request in scheduler.requests.items():
         lora = getattr(request, "lora_request", None)
-        if lora is None or not str(lora.lora_path or "").endswith(".tssp"):
-            continue
-        try:
-            groups = scheduler.kv_cache_manager.get_block_ids(req_id)
-            blocks = frozenset(b for group in groups for b in group)
-        except Exception:  # not scheduled yet: no blocks
-            blocks = frozenset()
-        tracked[req_id] = _Tracked(lora.lora_int_id, blocks)
+        if lora is not None and is_tssp_path(lora.lora_path):
+            tracked[req_id] = _Tracked(lora.lora_int_id, _block_ids(scheduler, req_id))
     return tracked
+
+
+def _block_ids(scheduler: Any, req_id: str) -> frozenset[int]:
+    try:
+        groups = scheduler.kv_cache_manager.get_block_ids(req_id)
+    except Exception:  # not scheduled yet: no blocks
+        return frozenset()
+    return frozenset(b for group in groups for b in group)
 
 
 def fail_adapter_requests(
@@ -209,9 +213,7 @@ def fail_adapter_requests(
     stale = set().union(*(encrypted[req_id].block_ids for req_id in failed))
     for req_id in failed:
         if req_id in scheduler.requests:
-            with contextlib.suppress(Exception):
-                groups = scheduler.kv_cache_manager.get_block_ids(req_id)
-                stale.update(b for group in groups for b in group)
+            stale.update(_block_ids(scheduler, req_id))
     if stale:
         scheduler.kv_cache_manager.block_pool.evict_blocks(stale)
     board = get_board()
