@@ -19,6 +19,7 @@ from vllm_tensafe.he import (
     encrypt_matrix,
     generate_keys,
 )
+from vllm_tensafe.he.packing import fused_layouts
 
 # (d_out, rank, tokens, rslora): every value of each axis, the big corners once.
 # 5000 > 4096 slots: two chunks. 4096: exactly one token per ciphertext.
@@ -159,3 +160,61 @@ def test_input_validation(
     foreign = encrypt_matrix(other_keys[1], np.ones((64, 4)))
     with pytest.raises(ForeignCiphertextError):
         engine.compute("a", [(np.ones((2, 4)), foreign)])
+
+
+@pytest.mark.parametrize(("tokens", "ciphertexts"), [(1, 1), (3, 1), (7, 3)])
+def test_fused_layer_one_ciphertext_per_token_group(
+    ctx: PublicContext,
+    secret: SecretKeySet,
+    rng: np.random.Generator,
+    tokens: int,
+    ciphertexts: int,
+) -> None:
+    """q, k, v packed into one tile of 1152 slots: their products add into one ciphertext per
+    3 tokens, and every module still gets exactly its own delta."""
+    tiles = fused_layouts([[("q", 896), ("k", 128), ("v", 128)]], ctx.slot_count)
+    assert tiles == {"q": (0, 1152), "k": (896, 1152), "v": (1024, 1152)}
+    loras = [make_lora(rng, d, 8, rslora=False) for d in (896, 128, 128)]
+    mats = [
+        encrypt_matrix(ctx, lo.b_mixed, slot_offset=tiles[n][0], tile_width=tiles[n][1])
+        for lo, n in zip(loras, "qkv", strict=True)
+    ]
+    assert all(m.tokens_per_ciphertext == 3 for m in mats)
+    engine = DeltaEngine(ctx, LocalKeyHolder(secret))
+    xs = [rng.normal(size=(tokens, 48)) for _ in loras]
+    deltas = engine.compute("a", [(lo.u(x), m) for lo, x, m in zip(loras, xs, mats, strict=True)])
+    assert engine.stats.ciphertexts_sent == ciphertexts
+    for lo, x, delta in zip(loras, xs, deltas, strict=True):
+        assert np.abs(delta - lo.delta(x)).max() <= ctx.profile.tolerance
+    # A subset of the layer (k not targeted) and a different token count per call still work;
+    # items with different token counts are never fused.
+    (dq, dv) = engine.compute("a", [(loras[0].u(xs[0]), mats[0]), (loras[2].u(xs[2][:1]), mats[2])])
+    assert np.abs(dq - loras[0].delta(xs[0])).max() <= ctx.profile.tolerance
+    assert np.abs(dv - loras[2].delta(xs[2][:1])).max() <= ctx.profile.tolerance
+
+
+def test_fused_norm_bound_covers_the_concatenated_u(
+    ctx: PublicContext, secret: SecretKeySet, rng: np.random.Generator
+) -> None:
+    """Products that share a ciphertext are scaled by the norm of their concatenated U: the
+    noise the key holder floods for is that of the sum."""
+    tiles = fused_layouts([[("q", 64), ("v", 64)]], ctx.slot_count)
+    b = [rng.normal(size=(64, 4)) * 0.01 for _ in range(2)]
+    mats = [
+        encrypt_matrix(ctx, bi, slot_offset=tiles[n][0], tile_width=tiles[n][1])
+        for bi, n in zip(b, "qv", strict=True)
+    ]
+    seen: list[float] = []
+
+    class Recording(DeltaEngine):
+        def _products(self, group: np.ndarray, mat: Any) -> list[Any]:
+            seen.append(float(np.linalg.norm(group, axis=1).max()))
+            return super()._products(group, mat)
+
+    u = [np.full((1, 4), 200.0), np.full((1, 4), 200.0)]  # each 400, together ~566 > 512
+    engine = Recording(ctx, LocalKeyHolder(secret))
+    deltas = engine.compute("a", list(zip(u, mats, strict=True)))
+    assert np.sqrt(sum(s * s for s in seen)) <= ctx.profile.u_norm_bound * (1 + 1e-9)
+    factor = np.sqrt(2) * 400 / ctx.profile.u_norm_bound
+    for ui, bi, d in zip(u, b, deltas, strict=True):
+        assert np.abs(d - ui @ bi.T).max() <= ctx.profile.tolerance * factor

@@ -16,6 +16,7 @@ from vllm_tensafe.he import (
     encrypt_matrix,
     get_profile,
 )
+from vllm_tensafe.he.packing import fused_layouts
 
 
 @pytest.mark.parametrize(
@@ -79,3 +80,36 @@ def test_encrypt_validation(ctx: PublicContext) -> None:
         encrypt_matrix(ctx, np.full((4, 2), 1e30))
     with pytest.raises(HEError):
         ciphertext_count(ctx, 0, 2)
+
+
+def test_fused_layouts_and_tile_validation(ctx: PublicContext, rng: np.random.Generator) -> None:
+    slots = ctx.slot_count
+    tiles = fused_layouts(
+        [[("q", 896), ("v", 128)], [("o", 896)], [("g", 4864), ("u", 4864)]], slots
+    )
+    # q and v share a 1024-slot tile; o alone; gate+up do not fit one ciphertext: chunked alone.
+    assert tiles == {
+        "q": (0, 1024),
+        "v": (896, 1024),
+        "o": (0, 896),
+        "g": (0, slots),
+        "u": (0, slots),
+    }
+    b = rng.normal(size=(128, 2)) * 0.1
+    matrix = encrypt_matrix(ctx, b, slot_offset=896, tile_width=1024)
+    assert matrix.tokens_per_ciphertext == 4
+    layout = matrix.layout()
+    assert (layout["slot_offset"], layout["tile_width"]) == (896, 1024)
+    again = EncryptedMatrix.from_bytes(ctx, matrix.to_bytes(), d_out=128, rank=2)
+    assert (again.slot_offset, again.tile_width, again.tokens_per_ciphertext) == (896, 1024, 4)
+    for offset, width in ((897, 1024), (0, 127), (0, slots + 1), (-1, 1024)):
+        with pytest.raises(HEError, match="does not fit"):
+            encrypt_matrix(ctx, b, slot_offset=offset, tile_width=width)
+    with pytest.raises(HEError, match="does not fit"):
+        encrypt_matrix(ctx, np.ones((5000, 1)) * 0.1, slot_offset=0, tile_width=5000)
+    # A header whose tile does not fit is refused on read.
+    data = bytearray(matrix.to_bytes())
+    pos = data.index((896).to_bytes(4, "little"), 60)
+    data[pos : pos + 4] = (4000).to_bytes(4, "little")
+    with pytest.raises(HEError, match="does not fit"):
+        EncryptedMatrix.from_bytes(ctx, bytes(data), d_out=128, rank=2)

@@ -88,6 +88,11 @@ def test_round_trip(
     assert not np.allclose(entry.lora_a, a, atol=1e-3)  # mixed: the host does not see A
     # ... only its row space (tolerance: A' is stored as float32).
     assert np.linalg.matrix_rank(np.vstack([a, entry.lora_a]), tol=1e-4) == 8
+    # q and v of a layer share one tile (vLLM computes them in one QKV layer).
+    v0 = Q0.replace("q_proj", "v_proj")
+    tiles = {n: (pkg.modules[n].encrypted_b.slot_offset, pkg.modules[n].encrypted_b.tile_width)
+             for n in (Q0, v0)}  # fmt: skip
+    assert tiles == {Q0: (0, 128 + pkg.modules[v0].d_out), v0: (128, 128 + pkg.modules[v0].d_out)}
     _check_deltas(pkg, adapter_dir, he_keys.secret_path, 2.0)
 
 
@@ -102,6 +107,18 @@ def test_round_trip_rslora_all_linear(
     assert pkg.name == "all-linear.rs" and pkg.use_rslora and pkg.scaling == pytest.approx(4.0)
     assert len(pkg.modules) == 14 and len(pkg.target_modules) == 7
     assert pkg.modules["model.layers.1.mlp.down_proj"].lora_a.shape == (4, 256)
+    layer = "model.layers.1."
+    tiles = {
+        leaf: (pkg.modules[layer + leaf].encrypted_b.slot_offset,
+               pkg.modules[layer + leaf].encrypted_b.tile_width)
+        for leaf in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    }  # fmt: skip
+    d = {leaf: pkg.modules[layer + leaf].d_out for leaf in tiles}
+    qkv = d["self_attn.q_proj"] + d["self_attn.k_proj"] + d["self_attn.v_proj"]
+    assert tiles["self_attn.k_proj"] == (d["self_attn.q_proj"], qkv)
+    assert tiles["mlp.up_proj"] == (d["mlp.gate_proj"], d["mlp.gate_proj"] + d["mlp.up_proj"])
+    assert tiles["self_attn.o_proj"] == (0, d["self_attn.o_proj"])  # alone in its layer
     _check_deltas(pkg, adapter_all_dir, he_keys.secret_path, 4.0)
 
 

@@ -3,21 +3,25 @@
 For each module the host has U = X A'^T (T x r, plaintext) and the encrypted columns of B'.
 Per group of k tokens and per row chunk it forms
 
-    Enc(delta_group) = sum_j encode(U[group, j] each repeated chunk_rows) * Enc(B'_j)
+    Enc(delta_group) = sum_j encode(U[group, j] each repeated tile_width) * Enc(B'_j)
 
 (r plaintext-ciphertext products, r - 1 additions, no rotation, no relinearisation, no rescale:
-the product scale 2^(b_scale_bits + u_scale_bits) fits the data modulus). It adds a fresh
-uniform mask M in [-2^mask_bits, 2^mask_bits] to every slot, sends every ciphertext of the call
-to the key holder in ONE decrypt call, and subtracts M from what comes back.
+the product scale 2^(b_scale_bits + u_scale_bits) fits the data modulus). Modules packed into
+one tile (q, k, v; gate, up: packing.fused_layouts) occupy disjoint slots, so their product
+ciphertexts are added into one: a single ciphertext per token group for the whole layer. It
+adds a fresh uniform mask M in [-2^mask_bits, 2^mask_bits] to every slot, sends every
+ciphertext of the call to the key holder in ONE decrypt call, and subtracts M from what comes
+back.
 
 Bounded-norm invariant: the key holder sizes its flooding for per-token ||U_t||_2 up to
-2^u_norm_bits. A group with a larger norm is divided by f = max_t ||U_t||_2 / 2^u_norm_bits
-before encoding and its delta multiplied by f afterwards (the error grows by f, correctness
-does not change).
+2^u_norm_bits, U_t being the concatenation over the modules of one ciphertext. A group with a
+larger norm is divided by f = max_t ||U_t||_2 / 2^u_norm_bits before encoding and its delta
+multiplied by f afterwards (the error grows by f, correctness does not change).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -31,7 +35,9 @@ from vllm_tensafe.errors import ForeignCiphertextError, HEError, KeyHolderError
 from vllm_tensafe.he.flooding import uniform_mask
 from vllm_tensafe.he.keyholder import KeyHolder, LocalKeyHolder
 from vllm_tensafe.he.keys import PublicContext
+from vllm_tensafe.he.lincomb import MAX_RANK, LinearCombiner, fits
 from vllm_tensafe.he.packing import EncryptedMatrix, ciphertext_to_bytes
+from vllm_tensafe.he.residues import LayoutError
 
 
 @dataclass
@@ -43,6 +49,7 @@ class DeltaStats:
     ciphertexts_sent: int = 0
     tokens: int = 0
     products: int = 0
+    gemm_products: int = 0  # of ``products``, those computed as integer GEMMs
     seconds_products: float = 0.0  # encode, multiply, mask, serialise (host HE work)
     seconds_key_holder: float = 0.0  # the decrypt call, including the network for remote
     seconds_unmask: float = 0.0
@@ -51,15 +58,57 @@ class DeltaStats:
         return asdict(self)
 
 
+logger = logging.getLogger("vllm_tensafe.he")
+
+GEMM_MIN_RANK = 8
+
+
 @dataclass
-class _Job:
+class _Part:
+    """Where one item's rows sit in a product ciphertext."""
+
     item: int
-    row0: int
-    tokens: int
+    slot_offset: int
+    tile_width: int
     col0: int
     rows: int
     factor: float
+
+
+@dataclass
+class _Job:
+    row0: int
+    tokens: int
     mask: np.ndarray
+    parts: list[_Part]
+
+
+def fusion_sets(items: Sequence[tuple[np.ndarray, EncryptedMatrix]]) -> list[list[int]]:
+    """Item indices whose product ciphertexts can be added into one: same tile, same tokens,
+    disjoint slot ranges (modules packed with ``fused_layouts``). Chunked modules stay alone."""
+    sets: list[list[int]] = []
+    for i, (u, mat) in enumerate(items):
+        placed = False
+        if mat.n_chunks == 1:
+            lo, hi = mat.slot_offset, mat.slot_offset + mat.d_out
+            for members in sets:
+                first_u, first = items[members[0]]
+                if (
+                    first.n_chunks == 1
+                    and first.tile_width == mat.tile_width
+                    and len(first_u) == len(u)
+                    and all(
+                        hi <= items[m][1].slot_offset
+                        or items[m][1].slot_offset + items[m][1].d_out <= lo
+                        for m in members
+                    )
+                ):
+                    members.append(i)
+                    placed = True
+                    break
+        if not placed:
+            sets.append([i])
+    return sets
 
 
 class DeltaEngine:
@@ -78,6 +127,15 @@ class DeltaEngine:
         self._lock = threading.Lock()
         self._plain = seal.Plaintext()
         self._mask_plain = seal.Plaintext()
+        self._linear: LinearCombiner | None = None
+        self._gemm_refused = False
+        self._selectors: dict[tuple[int, int], Any] = {}
+        # Scalar products go through the integer GEMM from this total rank on (below it
+        # SEAL's call per product is as fast: benchmarks/he_bench.py measures both).
+        self.gemm_min_rank = GEMM_MIN_RANK
+        # Tiled groups (several tokens per ciphertext) as GEMM plus selector products, when
+        # the profile has the scale budget and there are no more tokens than columns.
+        self.gemm_tiled = True
         self._tmp = seal.Ciphertext(ctx.context)
 
     def compute(
@@ -125,7 +183,6 @@ class DeltaEngine:
         self, adapter_id: str, items: Sequence[tuple[np.ndarray, EncryptedMatrix]]
     ) -> list[np.ndarray]:
         us = self._check_items(items)
-        profile = self.ctx.profile
         outputs = [
             np.zeros((u.shape[0], mat.d_out), dtype=np.float32)
             for u, (_, mat) in zip(us, items, strict=True)
@@ -134,19 +191,15 @@ class DeltaEngine:
         started = time.perf_counter()
         jobs: list[_Job] = []
         cts: list[Any] = []
-        for i, (u, (_, mat)) in enumerate(zip(us, items, strict=True)):
+        for u in us:
             self.stats.tokens += u.shape[0]
-            k = mat.tokens_per_ciphertext
-            for row0 in range(0, u.shape[0], k):
-                group = u[row0 : row0 + k]
-                norm = float(np.sqrt((group * group).sum(axis=1)).max())
-                factor = max(1.0, norm / profile.u_norm_bound)
-                self._group(
-                    i, row0, group / factor if factor > 1.0 else group, factor, mat, jobs, cts
-                )
+        for members in fusion_sets([(u, mat) for u, (_, mat) in zip(us, items, strict=True)]):
+            self._fused(members, us, [items[i][1] for i in members], jobs, cts)
         if not cts:
             self.stats.seconds_products += time.perf_counter() - started
             return outputs
+        for job, ct in zip(jobs, cts, strict=True):
+            job.mask = self._mask(ct)
         if not self._local:
             payload: list[Any] = [ciphertext_to_bytes(ct) for ct in cts]
         self.stats.seconds_products += time.perf_counter() - started
@@ -170,32 +223,184 @@ class DeltaEngine:
                 "check that key holder and host use the same profile and version",
             )
         for job, vals in zip(jobs, values, strict=True):
-            used = job.tokens * job.rows
-            delta = (np.asarray(vals[:used], dtype=np.float64) - job.mask[:used]).reshape(
-                job.tokens, job.rows
-            )
-            if job.factor != 1.0:
-                delta *= job.factor
-            outputs[job.item][job.row0 : job.row0 + job.tokens, job.col0 : job.col0 + job.rows] = (
-                delta
-            )
+            clear = np.asarray(vals, dtype=np.float64) - job.mask
+            tiles = np.arange(job.tokens)[:, None]
+            for part in job.parts:
+                index = tiles * part.tile_width + (part.slot_offset + np.arange(part.rows))
+                delta = clear[index]
+                if part.factor != 1.0:
+                    delta *= part.factor
+                rows = slice(job.row0, job.row0 + job.tokens)
+                outputs[part.item][rows, part.col0 : part.col0 + part.rows] = delta
         self.stats.seconds_unmask += time.perf_counter() - started
         return outputs
 
-    def _group(
+    def _fused(
         self,
-        item: int,
-        row0: int,
-        group: np.ndarray,
-        factor: float,
-        mat: EncryptedMatrix,
+        members: list[int],
+        us: list[np.ndarray],
+        mats: list[EncryptedMatrix],
         jobs: list[_Job],
         cts: list[Any],
     ) -> None:
+        """Products for every token group of a fusion set: one masked ciphertext per group and
+        chunk, holding the rows of every member."""
+        profile = self.ctx.profile
+        first = mats[0]
+        k = first.tokens_per_ciphertext
+        total = us[members[0]].shape[0]
+        for row0 in range(0, total, k):
+            tokens = min(k, total - row0)
+            groups = [us[i][row0 : row0 + k] for i in members]
+            # The members' products add into one ciphertext, whose noise is that of the
+            # concatenated U: the norm bound the key holder floods for applies to it.
+            norm = float(np.sqrt(sum((g * g).sum(axis=1) for g in groups)).max())
+            factor = max(1.0, norm / profile.u_norm_bound)
+            if factor > 1.0:
+                groups = [g / factor for g in groups]
+            # Members whose U is zero for the whole group contribute an exact zero delta.
+            live = [n for n, g in enumerate(groups) if np.abs(g).max() > 0.5 / profile.u_scale]
+            if not live:
+                continue
+            accs = self._group_products([groups[n] for n in live], [mats[n] for n in live])
+            col0s = [0] * len(live)
+            for c in range(first.n_chunks):
+                parts = []
+                for slot, n in enumerate(live):
+                    mat = mats[n]
+                    rows = mat.chunk_rows[c]
+                    offset = mat.slot_offset if mat.n_chunks == 1 else 0
+                    parts.append(
+                        _Part(members[n], offset, mat.tile_width, col0s[slot], rows, factor)
+                    )
+                    col0s[slot] += rows
+                if accs[c] is not None:  # masked once all products of the call are done
+                    jobs.append(_Job(row0, tokens, np.empty(0), parts))
+                    cts.append(accs[c])
+
+    def _group_products(self, groups: list[np.ndarray], mats: list[EncryptedMatrix]) -> list[Any]:
+        """One product ciphertext per chunk for a token group of a fusion set (None: zero).
+
+        Three exact formulations, picked by cost (see docs/he-scheme.md, "Products"):
+        SEAL's plaintext-ciphertext products (one encode + product per column), the integer
+        GEMM over residues for one token per ciphertext, and for tiled groups the GEMM per
+        token followed by one product with that token's tile selector.
+        """
         ctx = self.ctx
         profile = ctx.profile
+        tokens = groups[0].shape[0]
+        rank = sum(m.rank for m in mats)
+        if tokens == 1 and self._gemm_ready():
+            weights = [np.rint(g * profile.u_scale).astype(np.int64) for g in groups]
+            if rank >= self.gemm_min_rank and all(fits(w) for w in weights):
+                return self._gemm(weights, mats, profile.product_scale, None)
+        elif (
+            self.gemm_tiled
+            and self._gemm_ready()
+            and profile.tiled_product_scale_bits is not None
+            and tokens <= rank <= MAX_RANK
+        ):
+            scale = float(1 << profile.tile_u_scale_bits)  # type: ignore[operator]
+            weights = [np.rint(g * scale).astype(np.int64) for g in groups]
+            if all(fits(w) for w in weights):
+                return self._gemm(weights, mats, None, mats[0].tile_width)
+        accs: list[Any] = [None] * mats[0].n_chunks
+        for group, mat in zip(groups, mats, strict=True):
+            for c, product in enumerate(self._products(group, mat)):
+                if product is None:
+                    continue
+                if accs[c] is None:
+                    accs[c] = product
+                else:
+                    ctx.evaluator.add_inplace(accs[c], product)
+        return accs
+
+    def _gemm(
+        self,
+        weights: list[np.ndarray],
+        mats: list[EncryptedMatrix],
+        scale: float | None,
+        tile_width: int | None,
+    ) -> list[Any]:
+        """Integer-GEMM products; ``tile_width`` set: tiled (per-token selector products)."""
+        ctx = self.ctx
+        combiner = self._combiner()
+        tokens = weights[0].shape[0]
+        out: list[Any] = []
+        for c in range(mats[0].n_chunks):
+            digits = None
+            shape: tuple[int, ...] = ()
+            for w, mat in zip(weights, mats, strict=True):
+                columns = mat.residue_columns(c)
+                digits = combiner.digits(w, columns, digits)
+                shape = columns.shape
+            self.stats.products += tokens * sum(m.rank for m in mats)
+            self.stats.gemm_products += tokens * sum(m.rank for m in mats)
+            if tile_width is None:
+                out.append(combiner.combine(digits, shape, scale)[0])  # type: ignore[arg-type]
+                continue
+            profile = ctx.profile
+            per_token = combiner.combine(
+                digits,  # type: ignore[arg-type]
+                shape,
+                profile.b_scale * float(1 << profile.tile_u_scale_bits),  # type: ignore[operator]
+            )
+            acc = None
+            live = np.any(np.stack([w.any(axis=1) for w in weights]), axis=0)
+            for t, g in enumerate(per_token):
+                if not live[t]:
+                    continue  # an all-zero combination: SEAL refuses the (zero) product
+                selector = self._selector(tile_width, t)
+                if acc is None:
+                    acc = seal.Ciphertext(ctx.context)
+                    ctx.evaluator.multiply_plain(g, selector, acc)
+                else:
+                    ctx.evaluator.multiply_plain(g, selector, self._tmp)
+                    ctx.evaluator.add_inplace(acc, self._tmp)
+            out.append(acc)
+        return out
+
+    def _gemm_ready(self) -> bool:
+        """Whether the GEMM path can run here (it needs the residue views of residues.py)."""
+        if self._linear is None and not self._gemm_refused:
+            try:
+                self._linear = LinearCombiner(self.ctx)
+            except LayoutError as exc:
+                self._gemm_refused = True
+                logger.warning("integer-GEMM products unavailable, using SEAL's: %s", exc)
+        return self._linear is not None
+
+    def _combiner(self) -> LinearCombiner:
+        assert self._linear is not None
+        return self._linear
+
+    def _selector(self, tile_width: int, tile: int) -> Any:
+        """The plaintext that is 1 on tile ``tile`` of width ``tile_width`` and 0 elsewhere."""
+        key = (tile_width, tile)
+        plain = self._selectors.get(key)
+        if plain is None:
+            ctx = self.ctx
+            values = np.zeros(ctx.slot_count)
+            values[tile * tile_width : (tile + 1) * tile_width] = 1.0
+            plain = seal.Plaintext()
+            scale = float(1 << ctx.profile.tile_scale_bits)  # type: ignore[operator]
+            ctx.encoder.encode(values.tolist(), ctx.parms_id, scale, plain)
+            self._selectors[key] = plain
+        return plain
+
+    def _mask(self, ct: Any) -> np.ndarray:
+        """Add a fresh uniform mask to every slot of ``ct``; return it."""
+        ctx = self.ctx
+        mask = uniform_mask(ctx.slot_count, ctx.profile.mask_bound)
+        ctx.encoder.encode(mask.tolist(), ctx.parms_id, ct.scale, self._mask_plain)
+        ctx.evaluator.add_plain_inplace(ct, self._mask_plain)
+        return mask
+
+    def _products(self, group: np.ndarray, mat: EncryptedMatrix) -> list[Any]:
+        """sum_j encode(U[group, j] per tile) * Enc(B'_j), per chunk (None: all-zero U)."""
+        ctx = self.ctx
         tokens = group.shape[0]
-        u_scale = profile.u_scale
+        u_scale = ctx.profile.u_scale
         # A plaintext that encodes to the zero polynomial makes SEAL's product "transparent"
         # (and SEAL refuses it); such a column contributes nothing, so it is skipped.
         negligible = 0.5 / u_scale
@@ -207,11 +412,12 @@ class DeltaEngine:
             if tokens == 1:
                 # A constant polynomial: exact, and no FFT; it also serves every chunk.
                 ctx.encoder.encode(float(column[0]), ctx.parms_id, u_scale, self._plain)
-            for c, rows in enumerate(mat.chunk_rows):
-                if tokens > 1:
-                    ctx.encoder.encode(
-                        np.repeat(column, rows).tolist(), ctx.parms_id, u_scale, self._plain
-                    )
+            else:
+                # Token t's value over its whole tile; B' is zero outside the module's rows.
+                ctx.encoder.encode(
+                    np.repeat(column, mat.tile_width).tolist(), ctx.parms_id, u_scale, self._plain
+                )
+            for c in range(mat.n_chunks):
                 b_ct = mat.ciphertexts[j][c]
                 if accs[c] is None:
                     accs[c] = seal.Ciphertext(ctx.context)
@@ -220,14 +426,4 @@ class DeltaEngine:
                     ctx.evaluator.multiply_plain(b_ct, self._plain, self._tmp)
                     ctx.evaluator.add_inplace(accs[c], self._tmp)
                 self.stats.products += 1
-        col0 = 0
-        for c, rows in enumerate(mat.chunk_rows):
-            acc = accs[c]
-            if acc is not None:
-                mask = uniform_mask(ctx.slot_count, profile.mask_bound)
-                ctx.encoder.encode(mask.tolist(), ctx.parms_id, acc.scale, self._mask_plain)
-                ctx.evaluator.add_plain_inplace(acc, self._mask_plain)
-                jobs.append(_Job(item, row0, tokens, col0, rows, factor, mask))
-                cts.append(acc)
-            # else: U is zero for the whole group, delta is exactly zero; nothing to decrypt.
-            col0 += rows
+        return accs

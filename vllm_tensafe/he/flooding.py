@@ -7,19 +7,20 @@ product (profiles.HEProfile.flood_sigma), *before* decryption as an exact plaint
 leaves it is a deterministic function of (m + e + F) and statistically close to a function of
 (m + F). Derivation and limits: docs/he-scheme.md.
 
-All randomness comes from os.urandom: both the flood and the mask must be unpredictable to
-the other party, which sees many outputs.
+All randomness comes from a CSPRNG (csprng.py: AES-256-CTR keyed from os.urandom): both the
+flood and the mask must be unpredictable to the other party, which sees many outputs.
 """
 
 from __future__ import annotations
 
 import math
-import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tenseal.sealapi as seal
 
+from vllm_tensafe.he.csprng import random_words
 from vllm_tensafe.he.keys import PublicContext
 
 _TWO_PI = 2.0 * math.pi
@@ -28,8 +29,7 @@ _INV_2_53 = 1.0 / float(1 << 53)
 
 def uniform01(n: int) -> np.ndarray:
     """n doubles uniform in [0, 1) with 53 random bits each (CSPRNG)."""
-    words = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
-    return (words >> np.uint64(11)).astype(np.float64) * _INV_2_53
+    return (random_words(n) >> np.uint64(11)).astype(np.float64) * _INV_2_53
 
 
 def complex_normal(n: int) -> np.ndarray:
@@ -63,6 +63,9 @@ class Flooder:
         self.ctx = ctx
         self.sigma = ctx.profile.flood_sigma if sigma is None else sigma
         self._plain = seal.Plaintext()
+
+    def flooded_many(self, cts: Sequence[Any]) -> list[Any]:
+        return [self.flooded(ct) for ct in cts]
 
     def flooded(self, ct: Any) -> Any:
         """A new ciphertext decrypting to Dec(ct) + F (ct is left untouched)."""

@@ -230,7 +230,7 @@ class LocalKeyHolder(KeyHolder):
             load_ciphertext(
                 self.ctx,
                 blob,
-                self.profile.product_scale,
+                self.profile.accepted_scales,
                 f"ciphertext {i}",
                 ForeignCiphertextError,
             )
@@ -245,7 +245,11 @@ class LocalKeyHolder(KeyHolder):
         self._check_key(key_id)
         for i, ct in enumerate(ciphertexts):
             check_ciphertext(
-                ct, self.ctx, self.profile.product_scale, f"ciphertext {i}", ForeignCiphertextError
+                ct,
+                self.ctx,
+                self.profile.accepted_scales,
+                f"ciphertext {i}",
+                ForeignCiphertextError,
             )
         return self._decrypt_checked(ciphertexts)
 
@@ -253,13 +257,14 @@ class LocalKeyHolder(KeyHolder):
         profile = self.profile
         out = []
         with self._lock:
-            for i, ct in enumerate(ciphertexts):
-                src = self._flooder.flooded(ct) if self.flooding else ct
+            sources = self._flooder.flooded_many(ciphertexts) if self.flooding else ciphertexts
+            for i, src in enumerate(sources):
                 self._decryptor.decrypt(src, self._plain)
                 values = np.asarray(self.ctx.encoder.decode_double(self._plain), dtype=np.float64)
                 # Checked on the flooded value, so the refusal reveals nothing the reply
                 # would not. A foreign key decrypts to noise uniform mod q: far out of range.
-                if not np.all(np.isfinite(values)) or np.abs(values).max() > profile.value_bound:
+                bound = profile.value_bound_at(math.log2(src.scale))
+                if not np.all(np.isfinite(values)) or np.abs(values).max() > bound:
                     raise ForeignCiphertextError(
                         f"ciphertext {i} decrypts outside the protocol range: it was not made "
                         "under this key, is corrupted, or its delta overflowed",

@@ -1,14 +1,22 @@
 """Encrypted B' of one LoRA module: column-per-ciphertext, tiled, zero rotations.
 
 Column j of B' (d_out values) is one CKKS ciphertext per chunk of rows. When d_out fits in the
-N/2 slots the column is tiled k = floor(slots / d_out) times, so one product ciphertext carries
-the deltas of k tokens: slot t*d_out + i holds row i for token t of the group. When d_out is
-larger than the slots, the column is split into chunks of ``slots`` rows (k = 1).
+N/2 slots the column is tiled k = floor(slots / tile_width) times, so one product ciphertext
+carries the deltas of k tokens: slot t*tile_width + slot_offset + i holds row i for token t of
+the group, every other slot is zero. When d_out is larger than the slots, the column is split
+into chunks of ``slots`` rows (k = 1, offset 0).
+
+``tile_width`` is d_out for a module on its own. Modules that vLLM computes in one layer (q, k,
+v of a merged QKV projection; gate and up) can share a tile: each gets its own slot range
+inside a tile as wide as their sum, and the delta engine adds their product ciphertexts into
+one before masking, so the key holder decrypts one ciphertext per token group for all of them
+(``fused_layouts``).
 
 Binary layout of ``EncryptedMatrix.to_bytes`` (little-endian, no pickle)::
 
-    b"TSHEMAT\\0" | u16 version=1 | 32-byte key id (SHA-256 of the public context)
+    b"TSHEMAT\\0" | u16 version=2 | 32-byte key id (SHA-256 of the public context)
     | u32 d_out | u32 rank | u32 slot_count | u32 tokens_per_ciphertext | u32 n_chunks
+    | u32 slot_offset | u32 tile_width
     | rank * n_chunks times: u32 length | SEAL ciphertext
     ciphertext order: column-major, index = j * n_chunks + c
 
@@ -29,10 +37,11 @@ from vllm_tensafe.he.keys import SEAL_FILES, PublicContext, check_seal_blob
 from vllm_tensafe.he.profiles import HEProfile, get_profile
 
 MATRIX_MAGIC = b"TSHEMAT\x00"
-MATRIX_VERSION = 1
+MATRIX_VERSION = 2
 _HEADER = struct.Struct("<8sH32sIIIII")
+_TILE = struct.Struct("<II")
 _LEN = struct.Struct("<I")
-LAYOUT_SCHEME = "ckks-column-tiled-v1"
+LAYOUT_SCHEME = "ckks-column-tiled-v2"
 
 _FIX_PACKAGE = "re-pack the adapter with this vllm-tensafe version and the matching public key"
 
@@ -45,8 +54,50 @@ def chunk_rows(d_out: int, slots: int) -> list[int]:
     return [slots] * full + ([rest] if rest else [])
 
 
-def tokens_per_ciphertext(d_out: int, slots: int) -> int:
-    return slots // d_out if d_out <= slots else 1
+def tokens_per_ciphertext(d_out: int, slots: int, tile_width: int | None = None) -> int:
+    if d_out > slots:
+        return 1
+    return slots // (d_out if tile_width is None else tile_width)
+
+
+def check_tile(d_out: int, slots: int, slot_offset: int, tile_width: int) -> None:
+    """A module's slot range must lie inside its tile, and the tile inside the slots."""
+    if d_out > slots:
+        ok = (slot_offset, tile_width) == (0, slots)
+    else:
+        ok = 0 <= slot_offset and slot_offset + d_out <= tile_width <= slots
+    if not ok:
+        raise HEError(
+            f"slot range [{slot_offset}, {slot_offset + d_out}) in tiles of {tile_width} does "
+            f"not fit {slots} slots",
+            "use fused_layouts() to place modules, or leave the defaults",
+        )
+
+
+def default_tile(d_out: int, slots: int) -> tuple[int, int]:
+    """(slot_offset, tile_width) of a module on its own."""
+    return 0, (slots if d_out > slots else d_out)
+
+
+def fused_layouts(groups: list[list[tuple[str, int]]], slots: int) -> dict[str, tuple[int, int]]:
+    """(slot_offset, tile_width) per module name for groups of modules computed together.
+
+    ``groups`` lists (name, d_out) in the order the layer concatenates its outputs. A group
+    shares one tile when the sum of its d_out fits in the slots; otherwise (and for a group of
+    one) every module keeps its own tile.
+    """
+    out: dict[str, tuple[int, int]] = {}
+    for group in groups:
+        width = sum(d for _, d in group)
+        if len(group) > 1 and width <= slots:
+            offset = 0
+            for name, d_out in group:
+                out[name] = (offset, width)
+                offset += d_out
+        else:
+            for name, d_out in group:
+                out[name] = default_tile(d_out, slots)
+    return out
 
 
 def _profile_of(ctx_or_profile: PublicContext | HEProfile | str) -> HEProfile:
@@ -79,7 +130,7 @@ def _check_shape(d_out: int, rank: int) -> None:
 def check_ciphertext(
     ct: Any,
     ctx: PublicContext,
-    scale: float,
+    scale: float | tuple[float, ...],
     what: str,
     error: type[HEError] = HEError,
 ) -> None:
@@ -96,8 +147,10 @@ def check_ciphertext(
         problems.append("wrong parameters or modulus level")
     if not ct.is_ntt_form():
         problems.append("not in NTT form")
-    if ct.scale != scale:
-        problems.append(f"scale {ct.scale!r} instead of 2^{np.log2(scale):g}")
+    scales = scale if isinstance(scale, tuple) else (scale,)
+    if ct.scale not in scales:
+        wanted = " or ".join(f"2^{np.log2(x):g}" for x in scales)
+        problems.append(f"scale {ct.scale!r} instead of {wanted}")
     if problems:
         raise error(
             f"{what} is not a protocol ciphertext for key {ctx.key_id[:16]}: "
@@ -109,7 +162,7 @@ def check_ciphertext(
 def load_ciphertext(
     ctx: PublicContext,
     blob: bytes | memoryview,
-    scale: float,
+    scale: float | tuple[float, ...],
     what: str,
     error: type[HEError] = HEError,
 ) -> Any:
@@ -141,19 +194,49 @@ class EncryptedMatrix:
     tokens_per_ciphertext: int
     n_chunks: int
 
-    def __init__(self, ctx: PublicContext, d_out: int, rank: int, ciphertexts: list[list[Any]]):
+    slot_offset: int
+    tile_width: int
+
+    def __init__(
+        self,
+        ctx: PublicContext,
+        d_out: int,
+        rank: int,
+        ciphertexts: list[list[Any]],
+        *,
+        slot_offset: int = 0,
+        tile_width: int | None = None,
+    ):
         _check_shape(d_out, rank)
+        slots = ctx.slot_count
+        if tile_width is None:
+            tile_width = default_tile(d_out, slots)[1]
+        check_tile(d_out, slots, slot_offset, tile_width)
         self.ctx = ctx
         self.d_out = d_out
         self.rank = rank
-        self.chunk_rows = chunk_rows(d_out, ctx.slot_count)
+        self.slot_offset = slot_offset
+        self.tile_width = tile_width
+        self.chunk_rows = chunk_rows(d_out, slots)
         self.n_chunks = len(self.chunk_rows)
-        self.tokens_per_ciphertext = tokens_per_ciphertext(d_out, ctx.slot_count)
+        self.tokens_per_ciphertext = tokens_per_ciphertext(d_out, slots, tile_width)
         if len(ciphertexts) != rank or any(len(col) != self.n_chunks for col in ciphertexts):
             raise HEError(
                 f"expected {rank} columns of {self.n_chunks} ciphertexts", "report this as a bug"
             )
         self.ciphertexts = ciphertexts
+        self._residue_columns: dict[int, Any] = {}
+
+    def residue_columns(self, chunk: int) -> Any:
+        """Chunk ``chunk``'s column ciphertexts as GEMM limbs (built on first use, then kept:
+        three times the ciphertexts' own memory)."""
+        columns = self._residue_columns.get(chunk)
+        if columns is None:
+            from vllm_tensafe.he.lincomb import ResidueColumns
+
+            columns = ResidueColumns([column[chunk] for column in self.ciphertexts])
+            self._residue_columns[chunk] = columns
+        return columns
 
     @property
     def key_id(self) -> str:
@@ -173,6 +256,8 @@ class EncryptedMatrix:
             "rank": self.rank,
             "slot_count": profile.slot_count,
             "tokens_per_ciphertext": self.tokens_per_ciphertext,
+            "slot_offset": self.slot_offset,
+            "tile_width": self.tile_width,
             "n_chunks": self.n_chunks,
             "chunk_rows": list(self.chunk_rows),
             "ciphertexts": self.ciphertext_count,
@@ -192,7 +277,8 @@ class EncryptedMatrix:
                 slots,
                 self.tokens_per_ciphertext,
                 self.n_chunks,
-            )
+            ),
+            _TILE.pack(self.slot_offset, self.tile_width),
         ]
         for column in self.ciphertexts:
             for ct in column:
@@ -232,7 +318,12 @@ class EncryptedMatrix:
                 "load the public context (PREFIX.public) the adapter was packed with",
             )
         slots = ctx.slot_count
-        expected = (d_out, rank, slots, tokens_per_ciphertext(d_out, slots))
+        pos = _HEADER.size
+        if len(view) < pos + _TILE.size:
+            raise HEError(f"encrypted matrix is truncated ({len(view)} bytes)", _FIX_PACKAGE)
+        slot_offset, tile_width = _TILE.unpack_from(view, pos)
+        pos += _TILE.size
+        expected = (d_out, rank, slots, tokens_per_ciphertext(d_out, slots, max(tile_width, 1)))
         found = (f_d_out, f_rank, f_slots, f_k)
         n_chunks = len(chunk_rows(d_out, slots))
         if found != expected or f_chunks != n_chunks:
@@ -241,7 +332,7 @@ class EncryptedMatrix:
                 f"{(*found, f_chunks)} does not match the expected {(*expected, n_chunks)}",
                 "the manifest and the ciphertext member disagree; re-pack the adapter",
             )
-        pos = _HEADER.size
+        check_tile(d_out, slots, slot_offset, tile_width)
         columns: list[list[Any]] = []
         for j in range(rank):
             column = []
@@ -260,12 +351,13 @@ class EncryptedMatrix:
             columns.append(column)
         if pos != len(view):
             raise HEError(f"encrypted matrix has {len(view) - pos} trailing bytes", _FIX_PACKAGE)
-        return cls(ctx, d_out, rank, columns)
+        return cls(ctx, d_out, rank, columns, slot_offset=slot_offset, tile_width=tile_width)
 
     def __repr__(self) -> str:
         return (
             f"EncryptedMatrix(d_out={self.d_out}, rank={self.rank}, "
-            f"k={self.tokens_per_ciphertext}, chunks={self.n_chunks})"
+            f"k={self.tokens_per_ciphertext}, chunks={self.n_chunks}, "
+            f"slots [{self.slot_offset}, {self.slot_offset + self.d_out}) of {self.tile_width})"
         )
 
 
@@ -273,8 +365,14 @@ def encrypt_matrix(
     ctx: PublicContext,
     b: np.ndarray,
     progress: Callable[[int], None] | None = None,
+    *,
+    slot_offset: int = 0,
+    tile_width: int | None = None,
 ) -> EncryptedMatrix:
-    """Encrypt B' (d_out x rank). ``progress(1)`` after each ciphertext (tqdm.update style)."""
+    """Encrypt B' (d_out x rank). ``progress(1)`` after each ciphertext (tqdm.update style).
+
+    ``slot_offset``/``tile_width`` place the module inside a shared tile (``fused_layouts``).
+    """
     arr = np.asarray(b)
     if arr.ndim != 2 or arr.dtype.kind not in "fiu":
         raise HEError(
@@ -288,7 +386,8 @@ def encrypt_matrix(
         raise HEError("B' contains NaN or infinite values", "fix the adapter weights")
     profile = ctx.profile
     # |delta| = |<u, b'_row>| <= ||u|| * ||b'_row|| must stay below the modulus headroom.
-    limit = profile.value_bound / profile.u_norm_bound / 16
+    limit = min(profile.value_bound_at(np.log2(x)) for x in profile.accepted_scales)
+    limit /= profile.u_norm_bound * 16
     peak = float(np.abs(arr).max(initial=0.0))
     if peak > limit:
         raise HEError(
@@ -296,8 +395,12 @@ def encrypt_matrix(
             f"{limit:.3g}",
             "check the adapter's scaling (alpha/r) or use the 'precise'/'default' profile",
         )
-    rows = chunk_rows(d_out, ctx.slot_count)
-    k = tokens_per_ciphertext(d_out, ctx.slot_count)
+    slots = ctx.slot_count
+    if tile_width is None:
+        tile_width = default_tile(d_out, slots)[1]
+    check_tile(d_out, slots, slot_offset, tile_width)
+    rows = chunk_rows(d_out, slots)
+    k = tokens_per_ciphertext(d_out, slots, tile_width)
     plain = seal.Plaintext()
     columns: list[list[Any]] = []
     for j in range(rank):
@@ -305,8 +408,10 @@ def encrypt_matrix(
         start = 0
         for length in rows:
             values = arr[start : start + length, j]
-            if k > 1:
-                values = np.tile(values, k)
+            if len(rows) == 1 and (k > 1 or slot_offset or tile_width != d_out):
+                tile = np.zeros(tile_width)
+                tile[slot_offset : slot_offset + d_out] = values
+                values = np.tile(tile, k)
             ctx.encoder.encode(values.tolist(), ctx.parms_id, profile.b_scale, plain)
             ct = seal.Ciphertext(ctx.context)
             ctx.encryptor.encrypt(plain, ct)
@@ -315,4 +420,6 @@ def encrypt_matrix(
             if progress is not None:
                 progress(1)
         columns.append(column)
-    return EncryptedMatrix(ctx, d_out, rank, columns)
+    return EncryptedMatrix(
+        ctx, d_out, rank, columns, slot_offset=slot_offset, tile_width=tile_width
+    )

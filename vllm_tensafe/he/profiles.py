@@ -49,6 +49,11 @@ class HEProfile:
     # Max absolute delta error this profile is documented and tested for (|delta| <= 8,
     # per-token ||U||_2 <= 2**u_norm_bits, ||B' row||_2 <= 1); see docs/he-scheme.md.
     tolerance: float = 1e-5
+    # Tiled products as GEMMs (delta.py): per-token combinations with weights at
+    # 2**tile_u_scale_bits, each multiplied by its tile's 0/1 selector encoded at
+    # 2**tile_scale_bits. None: this profile has no room for it (the SEAL path is used).
+    tile_u_scale_bits: int | None = None
+    tile_scale_bits: int | None = None
 
     def __post_init__(self) -> None:
         n = self.poly_modulus_degree
@@ -78,6 +83,14 @@ class HEProfile:
                 "flooding must exceed the noise bound by at least 2^40 (IND-CPA-D)",
             )
         # Room for the mask plus a delta up to 3x the mask before decryption wraps.
+        if self.tiled_product_scale_bits is not None and (
+            self.value_bound_at(self.tiled_product_scale_bits) < 4.0 * self.mask_bound
+        ):
+            raise HEError(
+                f"profile {self.name!r}: tiled scale 2^{self.tiled_product_scale_bits} plus "
+                f"mask 2^{self.mask_bits} do not fit {self.data_modulus_bits} data-modulus bits",
+                "lower tile_u_scale_bits/tile_scale_bits",
+            )
         if self.value_bound < 4.0 * self.mask_bound:
             raise HEError(
                 f"profile {self.name!r}: scale 2^{self.product_scale_bits} plus mask "
@@ -121,8 +134,20 @@ class HEProfile:
 
     @property
     def product_scale(self) -> float:
-        """Scale of every ciphertext the key holder accepts (exact power of two)."""
+        """Scale of a product with scalar (one token per ciphertext) weights."""
         return 2.0**self.product_scale_bits
+
+    @property
+    def tiled_product_scale_bits(self) -> int | None:
+        if self.tile_u_scale_bits is None or self.tile_scale_bits is None:
+            return None
+        return self.b_scale_bits + self.tile_u_scale_bits + self.tile_scale_bits
+
+    @property
+    def accepted_scales(self) -> tuple[float, ...]:
+        """Every scale a protocol ciphertext can have (exact powers of two)."""
+        tiled = self.tiled_product_scale_bits
+        return (self.product_scale,) if tiled is None else (self.product_scale, 2.0**tiled)
 
     @property
     def mask_bound(self) -> float:
@@ -144,7 +169,11 @@ class HEProfile:
         A decryption beyond it means a foreign or malformed ciphertext (or a delta so large that
         the result is meaningless); the key holder refuses it.
         """
-        return 2.0 ** (self.data_modulus_bits - 2 - self.product_scale_bits)
+        return self.value_bound_at(self.product_scale_bits)
+
+    def value_bound_at(self, scale_bits: float) -> float:
+        """``value_bound`` for a ciphertext of scale 2**scale_bits."""
+        return 2.0 ** (self.data_modulus_bits - 2 - scale_bits)
 
     # --- noise and flooding (value space, i.e. after dividing by the product scale) ------
 
@@ -195,6 +224,7 @@ class HEProfile:
             "b_scale_bits": self.b_scale_bits,
             "u_scale_bits": self.u_scale_bits,
             "product_scale_bits": self.product_scale_bits,
+            "tiled_product_scale_bits": self.tiled_product_scale_bits,
             "mask_bits": self.mask_bits,
             "flood_bits": self.flood_bits,
             "u_norm_bits": self.u_norm_bits,
@@ -222,6 +252,10 @@ PROFILES: dict[str, HEProfile] = {
             u_norm_bits=9,
             grid_bits=21,
             tolerance=1e-5,
+            # 90 + 29 + 27 = 146 bits: the mask still fits (value bound 2^32 = 4 * 2^30); the
+            # selectors' rounding adds < 6e-7 relative error, u's < 2^-30 absolute.
+            tile_u_scale_bits=29,
+            tile_scale_bits=27,
         ),
         # Two data primes instead of three: every product, encode and decryption is about a
         # third cheaper. The 120-bit data modulus forces smaller scales and a narrower mask:

@@ -52,6 +52,33 @@ def _json_value(value: Any) -> Any:
     return json.loads(canonical_json(value))
 
 
+# Sub-modules vLLM computes in one layer, in the order the layer concatenates their outputs
+# (vLLM's packed_modules_mapping for Llama-family models: qkv_proj, gate_up_proj). Packing
+# them into one tile lets the host decrypt one ciphertext per token group for the whole layer;
+# a model that computes them separately still gets correct (just unfused) deltas.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def layer_groups(d_outs: dict[str, int]) -> list[list[tuple[str, int]]]:
+    """Module names grouped by the vLLM layer that computes them, in slice order."""
+    groups: dict[tuple[str, int], list[tuple[str, int]]] = {}
+    singles: list[list[tuple[str, int]]] = []
+    order = {leaf: (family, index) for family, names in enumerate(FUSED_SIBLINGS)
+             for index, leaf in enumerate(names)}  # fmt: skip
+    for name, d_out in d_outs.items():
+        parent, _, leaf = name.rpartition(".")
+        if leaf in order:
+            family, _index = order[leaf]
+            groups.setdefault((parent, family), []).append((name, d_out))
+        else:
+            singles.append([(name, d_out)])
+    fused = [
+        sorted(members, key=lambda m: order[m[0].rpartition(".")[2]][1])
+        for members in groups.values()
+    ]
+    return fused + singles
+
+
 def default_name(out_path: Path) -> str:
     return out_path.name.removesuffix(".tssp")
 
@@ -76,6 +103,7 @@ def pack_adapter(
     from tqdm import tqdm
 
     from vllm_tensafe.he import ciphertext_count, encrypt_matrix
+    from vllm_tensafe.he.packing import fused_layouts
 
     out = Path(out_path)
     adapter_name = name if name is not None else default_name(out)
@@ -98,6 +126,9 @@ def pack_adapter(
             "make HE keys with `vllm-tensafe keygen he` (it leaves out Galois keys)",
         )
     rng = new_generator() if mix else None
+    tiles = fused_layouts(
+        layer_groups({name: m.d_out for name, m in adapter.modules.items()}), ctx.slot_count
+    )
     total = sum(ciphertext_count(ctx, m.d_out, adapter.rank) for m in adapter.modules.values())
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +145,10 @@ def pack_adapter(
         ) as bar:
             for module_name, module in adapter.modules.items():  # sorted by read_adapter
                 a_prime, b_prime = mix_factors(module.a, module.b, adapter.scaling, rng)
-                encrypted = encrypt_matrix(ctx, b_prime, progress=bar.update)
+                offset, width = tiles[module_name]
+                encrypted = encrypt_matrix(
+                    ctx, b_prime, progress=bar.update, slot_offset=offset, tile_width=width
+                )
                 blob = encrypted.to_bytes()
                 spool.add(module_name, blob)
                 a_mixed[module_name] = a_prime

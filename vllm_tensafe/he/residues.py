@@ -1,0 +1,152 @@
+"""The RNS residues inside SEAL ciphertexts, as numpy views.
+
+TenSEAL's ``sealapi`` binds SEAL's objects but hands their polynomials out only one element at
+a time (``dyn_array().at(i)``, ~35 ms per ciphertext) or through zstd-compressed files. The
+integer-GEMM products (lincomb.py) read every residue of B' and write every residue of their
+results, so they work on them in place: ``ciphertext_residues`` is a numpy view over the
+ciphertext's own buffer.
+
+The view relies on SEAL 4.x's member layout behind pybind11's simple holder (Ciphertext:
+parms_id, is_ntt_form, size, N, L, scale, correction factor, DynArray). ``check_layout``
+compares every field it reads with the public accessors, and a write through the pointer with
+what SEAL reads back, on a throwaway object before the first view is made; a TenSEAL build
+that lays them out differently gets ``LayoutError``, never a read on a guess.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import Any
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from vllm_tensafe.errors import HEError
+
+_U64 = ctypes.c_uint64
+# pybind11 instance: PyObject_HEAD (refcount, type), then the value pointer.
+_VALUE_POINTER_OFFSET = 16
+# SEAL 4.x Ciphertext members (bytes from the object's start).
+_CT_NTT = 32
+_CT_SIZE = 40
+_CT_DEGREE = 48
+_CT_PRIMES = 56
+_CT_SCALE = 64
+_CT_DATA_SIZE = 104
+_CT_DATA_PTR = 112
+
+_FIX_LAYOUT = "install the tenseal version vllm-tensafe pins (pip install 'tenseal>=0.3.14,<0.4')"
+
+
+class LayoutError(HEError):
+    """This TenSEAL build does not lay out SEAL objects the way the residue views expect."""
+
+
+def _u64(address: int) -> int:
+    return int(_U64.from_address(address).value)
+
+
+def _object(obj: Any) -> int:
+    return _u64(id(obj) + _VALUE_POINTER_OFFSET)
+
+
+def _view(owner: Any, pointer: int, count: int) -> np.ndarray:
+    buffer = (_U64 * count).from_address(pointer)
+    buffer._owner = owner  # type: ignore[attr-defined]  # the SEAL object outlives the view
+    return np.frombuffer(buffer, dtype=np.uint64)
+
+
+def ciphertext_residues(ct: Any) -> np.ndarray:
+    """(size, primes, N) uint64 view over a ciphertext's polynomials (read and write).
+
+    Valid until the ciphertext is resized or reassigned by SEAL; take a new view after any SEAL
+    call that writes ``ct`` as a destination of another size or level.
+    """
+    if type(ct) is not seal.Ciphertext:  # the offsets are those of this one class
+        raise TypeError(f"expected a SEAL Ciphertext, got {type(ct).__name__}")
+    _require_layout()
+    base = _object(ct)
+    count = _u64(base + _CT_DATA_SIZE)
+    size, primes, degree = ct.size(), ct.coeff_modulus_size(), ct.poly_modulus_degree()
+    if count != size * primes * degree or count == 0:
+        raise LayoutError(
+            f"ciphertext buffer holds {count} residues, expected {size}x{primes}x{degree}",
+            _FIX_LAYOUT,
+        )
+    return _view(ct, _u64(base + _CT_DATA_PTR), count).reshape(size, primes, degree)
+
+
+def set_ntt_form(ct: Any, ntt_form: bool) -> None:
+    """Mark a ciphertext whose residues were written through a view as (not) in NTT form."""
+    if type(ct) is not seal.Ciphertext:
+        raise TypeError(f"expected a SEAL Ciphertext, got {type(ct).__name__}")
+    _require_layout()
+    ctypes.c_bool.from_address(_object(ct) + _CT_NTT).value = bool(ntt_form)
+
+
+_layout_checked = False
+_layout_lock = threading.Lock()
+
+
+def _require_layout() -> None:
+    if not _layout_checked:
+        check_layout()
+
+
+def check_layout() -> None:
+    """Verify the member offsets on real SEAL objects (a small throwaway context); idempotent.
+
+    Raises LayoutError when they differ; nothing reads through a pointer before this passed.
+    """
+    global _layout_checked
+    with _layout_lock:
+        if _layout_checked:
+            return
+        try:
+            parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+            parms.set_poly_modulus_degree(4096)
+            parms.set_coeff_modulus(seal.CoeffModulus.Create(4096, [40, 40]))
+            context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.NONE)
+            parms_id = context.first_parms_id()
+            ct = seal.Ciphertext(context)
+            ct.resize(context, parms_id, 2)
+            ct.scale = 2.0**30
+            _check_ciphertext(ct)
+        except LayoutError:
+            raise
+        except Exception as exc:  # pragma: no cover - only on an unexpected build
+            raise LayoutError(f"SEAL object layout probe failed: {exc}", _FIX_LAYOUT) from None
+        _layout_checked = True
+
+
+def _check_ciphertext(ct: Any) -> None:
+    base = _object(ct)
+    fields_ok = (
+        [_u64(base + 8 * i) for i in range(4)] == list(ct.parms_id())
+        and _u64(base + _CT_SIZE) == ct.size() == 2
+        and _u64(base + _CT_DEGREE) == ct.poly_modulus_degree()
+        and _u64(base + _CT_PRIMES) == ct.coeff_modulus_size()
+        and ctypes.c_double.from_address(base + _CT_SCALE).value == ct.scale
+        and ctypes.c_bool.from_address(base + _CT_NTT).value == ct.is_ntt_form()
+        and _u64(base + _CT_DATA_SIZE) == ct.dyn_array().size()
+    )
+    if not fields_ok:
+        raise LayoutError("SEAL Ciphertext layout differs from SEAL 4.x", _FIX_LAYOUT)
+    # Write through the (unchecked) pointer and read back through SEAL.
+    data = _u64(base + _CT_DATA_PTR)
+    count = _u64(base + _CT_DATA_SIZE)
+    for i, value in ((0, 12345), (count - 1, 67890)):
+        _U64.from_address(data + 8 * i).value = value
+    array = ct.dyn_array()
+    flag = ct.is_ntt_form()
+    ctypes.c_bool.from_address(base + _CT_NTT).value = not flag
+    flipped = ct.is_ntt_form()
+    ctypes.c_bool.from_address(base + _CT_NTT).value = flag
+    if array.at(0) != 12345 or array.at(count - 1) != 67890 or flipped == flag:
+        raise LayoutError("SEAL Ciphertext data pointer differs from SEAL 4.x", _FIX_LAYOUT)
+
+
+def data_moduli(context: Any, parms_id: Any) -> list[int]:
+    """The RNS primes of ciphertexts at ``parms_id``."""
+    return [m.value() for m in context.get_context_data(parms_id).parms().coeff_modulus()]
