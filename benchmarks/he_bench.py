@@ -6,7 +6,11 @@ Prints one JSON document. For each (d_out, r) and T it times DeltaEngine.compute
 local key holder and through a remote one on loopback (`key-holder serve` in its own process,
 as deployed: in-process it would share the GIL with the host), and the primitive floor
 measured in the same run: per result ciphertext, r plaintext-ciphertext products, r - 1
-additions and one decryption (decrypt + decode), divided by T.
+additions and one decryption (decrypt + decode), divided by T. Every local point is timed
+twice: with the engine's choice of product formulation (integer GEMM over RNS residues where
+it is faster) and with SEAL's call-per-product loop only. ``layers`` does the same for a
+Qwen2.5-0.5B attention layer (q 896 + v 128, r 8), with q and v packed into one tile (as
+`vllm-tensafe pack` does) and each in its own (as before fusion).
 """
 
 from __future__ import annotations
@@ -153,6 +157,32 @@ def primitives(ctx: Any, secret: Any, repeats: int) -> dict[str, float]:
     }
 
 
+def layer_cases(ctx: Any, engine: Any, seal_loop: Any, repeats: int) -> list[dict[str, Any]]:
+    """ms per token for one q+v layer of the 0.5B shape: fused tile vs separate tiles."""
+    from vllm_tensafe.he.packing import fused_layouts
+
+    rng = np.random.default_rng(3)
+    b = {"q": rng.normal(size=(896, 8)) * 0.05, "v": rng.normal(size=(128, 8)) * 0.05}
+    tiles = fused_layouts([[("q", 896), ("v", 128)]], ctx.slot_count)
+    layouts = {
+        "fused": {
+            n: encrypt_matrix(ctx, b[n], slot_offset=tiles[n][0], tile_width=tiles[n][1]) for n in b
+        },
+        "separate": {n: encrypt_matrix(ctx, b[n]) for n in b},
+    }
+    out = []
+    for tokens in (1, 4, 16, 64):
+        u = {n: rng.normal(size=(tokens, 8)) for n in b}
+        row: dict[str, Any] = {"T": tokens}
+        for layout, mats in layouts.items():
+            items = [(u[n], mats[n]) for n in b]
+            for name, eng in (("engine", engine), ("seal_loop", seal_loop)):
+                seconds = timed(lambda items=items, eng=eng: eng.compute("l", items), repeats)
+                row[f"{layout}_{name}_ms_per_token"] = round(seconds * 1e3 / tokens, 3)
+        out.append(row)
+    return out
+
+
 def precision(repeats: int) -> dict[str, dict[str, float]]:
     """Max |delta error| per profile: |U| entries up to 64, |delta| <= 8, after flooding."""
     out = {}
@@ -191,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     secret, ctx = generate_keys(args.profile)
     prim = primitives(ctx, secret, args.repeats)
     local = DeltaEngine(ctx, LocalKeyHolder(secret))
+    seal_loop = DeltaEngine(ctx, LocalKeyHolder(secret))
+    seal_loop.gemm_min_rank, seal_loop.gemm_tiled = 1 << 30, False
     workdir = tempfile.TemporaryDirectory()
     service, url = start_service(secret, Path(workdir.name))
     remote_holder = RemoteKeyHolder(url, TOKEN, timeout=60)
@@ -207,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 t_local = timed(lambda items=items: local.compute("bench", items), args.repeats)
                 after = local.stats.as_dict()
                 t_remote = timed(lambda items=items: remote.compute("bench", items), args.repeats)
+                t_seal = timed(lambda items=items: seal_loop.compute("bench", items), args.repeats)
                 k = matrix.tokens_per_ciphertext
                 cts = -(-tokens // k) * matrix.n_chunks
                 floor = (
@@ -230,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                         "tokens_per_ciphertext": k,
                         "ciphertexts": cts,
                         "local_ms_per_token": round(t_local * 1e3 / tokens, 3),
+                        "local_seal_loop_ms_per_token": round(t_seal * 1e3 / tokens, 3),
                         "remote_ms_per_token": round(t_remote * 1e3 / tokens, 3),
                         "floor_ms_per_token": round(floor, 3),
                         "remote_overhead_ms_per_token": round(
@@ -239,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                         "local_key_holder_ms_per_token": round(holder * 1e3 / tokens, 3),
                     }
                 )
+        layers = layer_cases(ctx, local, seal_loop, args.repeats)
     finally:
         remote_holder.close()
         service.send_signal(signal.SIGTERM)
@@ -248,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "python benchmarks/he_bench.py " + " ".join(argv or sys.argv[1:]),
         "profile": ctx.profile.describe(),
+        "layers": layers,
         "machine": {
             "python": platform.python_version(),
             "tenseal": tenseal.__version__,

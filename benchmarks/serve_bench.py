@@ -161,7 +161,19 @@ def server_for(variant: str, paths: dict[str, Path], rank: int, kh_port: int | N
             args += ["--tensafe-key-holder", "remote",
                      "--tensafe-key-holder-url", f"http://127.0.0.1:{kh_port}",
                      "--tensafe-key-holder-token-file", str(token)]  # fmt: skip
-    return VllmServer(paths["model"], args, startup_timeout=900)
+    # VLLM_PLUGINS=tensafe also enables the adapter status route, read for the HE op time.
+    env = {"VLLM_PLUGINS": "tensafe"} if variant.startswith("he-") else None
+    return VllmServer(paths["model"], args, env=env, startup_timeout=900)
+
+
+def he_counters(base_url: str) -> dict[str, float]:
+    """Summed HE counters of the server's encrypted adapters (GET /v1/tensafe/adapters)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base_url}/v1/tensafe/adapters", timeout=30) as reply:
+        adapters = json.loads(reply.read())["adapters"]
+    keys = ("he_seconds", "key_holder_seconds", "he_calls", "ciphertexts_sent")
+    return {k: float(sum(a["usage"].get(k, 0) for a in adapters)) for k in keys}
 
 
 def main() -> int:
@@ -213,12 +225,25 @@ def main() -> int:
                 startup = time.perf_counter() - t0
                 client = OpenAI(base_url=f"{server.base_url}/v1", api_key="x", timeout=3600)
                 model = "base" if variant == "base" else "bench"
-                report["variants"][variant] = {
-                    "startup_s": round(startup, 1),
-                    "levels": [
-                        run_load(client, model, c, args.requests, args.max_tokens) for c in levels
-                    ],
-                }
+                results = []
+                for c in levels:
+                    he = variant.startswith("he-")
+                    before = he_counters(server.base_url) if he else {}
+                    level = run_load(client, model, c, args.requests, args.max_tokens)
+                    if he:
+                        after = he_counters(server.base_url)
+                        # Includes run_load's short warm-up request; wall is the timed part.
+                        spent = after["he_seconds"] - before["he_seconds"]
+                        level["he_op_seconds"] = round(spent, 3)
+                        level["key_holder_seconds"] = round(
+                            after["key_holder_seconds"] - before["key_holder_seconds"], 3
+                        )
+                        level["he_calls"] = int(after["he_calls"] - before["he_calls"])
+                        level["ciphertexts"] = int(
+                            after["ciphertexts_sent"] - before["ciphertexts_sent"]
+                        )
+                    results.append(level)
+                report["variants"][variant] = {"startup_s": round(startup, 1), "levels": results}
             print(f"[bench] {variant} done", file=sys.stderr)
     finally:
         if service is not None:

@@ -94,6 +94,12 @@ def main() -> int:
         default="both",
         help="both: one child process per variant (each needs its own vLLM process)",
     )
+    parser.add_argument(
+        "--cprofile",
+        action="store_true",
+        help="also profile the request with cProfile and list the top functions (its overhead "
+        "changes the timings: compare timings from a run without it)",
+    )
     parser.add_argument("--top", type=int, default=25, help="functions listed per variant")
     parser.add_argument("--workdir", type=Path, default=Path("bench-work"))
     parser.add_argument("--out", type=Path, default=None)
@@ -144,10 +150,12 @@ def main() -> int:
         prefill_again, _ = _run(llm, request, 1)
         prefill_he = {k: v - before[k] for k, v in _he_counters(adapters).items()}
         before = _he_counters(adapters)
-        profile = cProfile.Profile()
-        profile.enable()
+        profile = cProfile.Profile() if args.cprofile else None
+        if profile:
+            profile.enable()
         seconds, tokens = _run(llm, request, args.max_tokens)
-        profile.disable()
+        if profile:
+            profile.disable()
         whole_he = {k: v - before[k] for k, v in _he_counters(adapters).items()}
         prefill = min(prefill_seconds, prefill_again)
         steps = max(tokens - 1, 1)
@@ -155,7 +163,7 @@ def main() -> int:
             "tokens": tokens,
             "prefill_ms": round(1000 * prefill, 1),
             "decode_ms_per_token": round(1000 * (seconds - prefill) / steps, 2),
-            "profiled": "the whole request runs under cProfile (adds overhead to both variants)",
+            "cprofile": bool(profile),
         }
         if adapters:
             decode_he = {k: whole_he[k] - prefill_he[k] for k in whole_he}
@@ -171,7 +179,8 @@ def main() -> int:
                 "key_holder_calls_per_token": round(decode_he["decrypt_calls"] / steps, 2),
             }
             entry["prefill_he_op_ms"] = round(1000 * prefill_he["he_seconds"], 1)
-        entry["top"] = _top(profile, args.top)
+        if profile:
+            entry["top"] = _top(profile, args.top)
         report["variants"][variant] = entry
         print(f"{variant}: {json.dumps({k: v for k, v in entry.items() if k != 'top'})}",
               file=sys.stderr)  # fmt: skip

@@ -110,3 +110,17 @@ def test_engine_paths_agree(
     ):
         for delta in (seal_delta, gemm_delta):
             assert np.abs(delta - lo.delta(x)).max() <= ctx.profile.tolerance
+
+
+def test_tiled_gemm_precision_at_the_stated_range(
+    ctx: PublicContext, secret: SecretKeySet, rng: np.random.Generator
+) -> None:
+    """The tile selectors' rounding is relative to |delta|: at |delta| ~ 8 the tiled GEMM path
+    still stays well inside the profile's tolerance (a coarser selector scale would not)."""
+    engine = DeltaEngine(ctx, LocalKeyHolder(secret))
+    b = rng.normal(size=(896, 8))
+    u = rng.uniform(-64, 64, size=(16, 8))
+    b *= 7.9 / np.abs(u @ b.T).max()
+    (delta,) = engine.compute("a", [(u, encrypt_matrix(ctx, b))])
+    assert engine.stats.gemm_products > 0
+    assert np.abs(delta - u @ b.T).max() <= ctx.profile.tolerance / 2

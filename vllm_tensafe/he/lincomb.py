@@ -46,7 +46,7 @@ def fits(weights: np.ndarray) -> bool:
 
 
 class ResidueColumns:
-    """The residues of one chunk's column ciphertexts, as float64 limbs (3, rank, residues).
+    """The residues of one chunk's column ciphertexts, as float64 limbs (rank, 3 * residues).
 
     Costs 24 bytes per residue (three times SEAL's own 8); built once per loaded adapter.
     """
@@ -55,11 +55,15 @@ class ResidueColumns:
         residues = np.stack([ciphertext_residues(ct).reshape(-1) for ct in ciphertexts])
         self.shape = ciphertext_residues(ciphertexts[0]).shape
         self.rank = len(ciphertexts)
-        self.limbs = np.stack(
+        self.size = residues.shape[1]
+        # Column j's row holds its limb 0, limb 1, limb 2 one after the other: one GEMM of
+        # the weight limbs against it gives every (weight limb, residue limb) product.
+        self.limbs = np.concatenate(
             [
                 ((residues >> np.uint64(LIMB_BITS * i)) & np.uint64(_LIMB_MASK)).astype(np.float64)
                 for i in range(LIMBS)
-            ]
+            ],
+            axis=1,
         )
 
 
@@ -86,28 +90,23 @@ class LinearCombiner:
         self.q = np.array(moduli, dtype=np.uint64)[:, None]  # (primes, 1)
         # 2^(20 s) / q per digit and prime, for the quotient estimate.
         self.inverse_places = np.stack(
-            [float(1 << (LIMB_BITS * s)) / self.q.astype(np.float64) for s in range(DIGITS)]
+            [float(1 << (LIMB_BITS * d)) / self.q.astype(np.float64) for d in range(DIGITS)]
         )  # (DIGITS, primes, 1)
 
     def digits(
         self, weights: np.ndarray, columns: ResidueColumns, out: np.ndarray | None = None
     ) -> np.ndarray:
         """Add the digit sums C_s of (T, r) int64 weights to ``out`` (DIGITS, T, residues)."""
-        w = weight_limbs(weights)  # (limbs, T, r)
-        tokens, rank = weights.shape
-        # One GEMM: digit s = sum over a + k = s of (weight limb a) @ (residue limb k).
-        toeplitz = np.zeros((DIGITS, tokens, LIMBS, rank))
-        for a in range(w.shape[0]):
-            for k in range(LIMBS):
-                toeplitz[a + k, :, k, :] = w[a]
-        used = w.shape[0] + LIMBS - 1  # the digits above are zero
-        product = toeplitz[:used].reshape(used * tokens, LIMBS * rank) @ columns.limbs.reshape(
-            LIMBS * rank, -1
+        w = weight_limbs(weights)  # (A, T, r), A = 2 or 3 weight limbs
+        count, tokens, rank = w.shape
+        product = (w.reshape(count * tokens, rank) @ columns.limbs).reshape(
+            count, tokens, LIMBS, columns.size
         )
-        product = product.reshape(used, tokens, -1)
         if out is None:
-            out = np.zeros((DIGITS, tokens, product.shape[-1]))
-        out[:used] += product
+            out = np.zeros((DIGITS, tokens, columns.size))
+        for a in range(count):
+            for k in range(LIMBS):
+                out[a + k] += product[a, :, k]
         return out
 
     def combine(self, digits: np.ndarray, shape: tuple[int, ...], scale: float) -> list[Any]:

@@ -252,10 +252,11 @@ PROFILES: dict[str, HEProfile] = {
             u_norm_bits=9,
             grid_bits=21,
             tolerance=1e-5,
-            # 90 + 29 + 27 = 146 bits: the mask still fits (value bound 2^32 = 4 * 2^30); the
-            # selectors' rounding adds < 6e-7 relative error, u's < 2^-30 absolute.
-            tile_u_scale_bits=29,
-            tile_scale_bits=27,
+            # 90 + 26 + 30 = 146 bits: the mask still fits (value bound 2^32 = 4 * 2^30). The
+            # selectors' rounding adds ~sqrt(N/12) / 2^30 = 2.4e-8 relative error per slot
+            # (std), u's quantisation 2^-27 absolute.
+            tile_u_scale_bits=26,
+            tile_scale_bits=30,
         ),
         # Two data primes instead of three: every product, encode and decryption is about a
         # third cheaper. The 120-bit data modulus forces smaller scales and a narrower mask:
