@@ -42,7 +42,7 @@ class KeyHolderHarness:
         from vllm_tensafe.he import KeyHolderService
 
         self.service = KeyHolderService(
-            self.secret, {TOKEN}, port=self.port, budgets={"e-budget": 20}
+            self.secret, {TOKEN}, port=self.port, budgets={"e-budget": 10}
         )
         assert self.service.start() == self.port
 
@@ -153,7 +153,15 @@ def _fails(client: Any, model: str) -> Any:
     from openai import APIStatusError
 
     with pytest.raises(APIStatusError) as info:
-        client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=10, temperature=0)
+        # ignore_eos: 10 steps whatever the text, so the e-budget request needs > 10 ciphertexts
+        # (one per layer per step once q and v share a tile, plus the prefill's).
+        client.completions.create(
+            model=model,
+            prompt=PROMPTS[0],
+            max_tokens=10,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
     return info.value
 
 
