@@ -35,6 +35,11 @@ _CT_PRIMES = 56
 _CT_SCALE = 64
 _CT_DATA_SIZE = 104
 _CT_DATA_PTR = 112
+# SEAL 4.x Plaintext members.
+_PT_COEFF_COUNT = 32
+_PT_SCALE = 40
+_PT_DATA_SIZE = 72
+_PT_DATA_PTR = 80
 
 _FIX_LAYOUT = "install the tenseal version vllm-tensafe pins (pip install 'tenseal>=0.3.14,<0.4')"
 
@@ -77,6 +82,21 @@ def ciphertext_residues(ct: Any) -> np.ndarray:
     return _view(ct, _u64(base + _CT_DATA_PTR), count).reshape(size, primes, degree)
 
 
+def plaintext_residues(pt: Any, primes: int) -> np.ndarray:
+    """(primes, N) uint64 view over an NTT-form CKKS plaintext's residues (read and write)."""
+    if type(pt) is not seal.Plaintext:
+        raise TypeError(f"expected a SEAL Plaintext, got {type(pt).__name__}")
+    _require_layout()
+    base = _object(pt)
+    count = _u64(base + _PT_DATA_SIZE)
+    if count != pt.coeff_count() or count == 0 or count % primes:
+        raise LayoutError(
+            f"plaintext buffer holds {count} residues, not a multiple of {primes} primes",
+            _FIX_LAYOUT,
+        )
+    return _view(pt, _u64(base + _PT_DATA_PTR), count).reshape(primes, count // primes)
+
+
 def set_ntt_form(ct: Any, ntt_form: bool) -> None:
     """Mark a ciphertext whose residues were written through a view as (not) in NTT form."""
     if type(ct) is not seal.Ciphertext:
@@ -109,6 +129,9 @@ def check_layout() -> None:
             parms.set_coeff_modulus(seal.CoeffModulus.Create(4096, [40, 40]))
             context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.NONE)
             parms_id = context.first_parms_id()
+            plain = seal.Plaintext()
+            seal.CKKSEncoder(context).encode([0.5, -1.25, 3.0], parms_id, 2.0**30, plain)
+            _check_plaintext(plain)
             ct = seal.Ciphertext(context)
             ct.resize(context, parms_id, 2)
             ct.scale = 2.0**30
@@ -118,6 +141,22 @@ def check_layout() -> None:
         except Exception as exc:  # pragma: no cover - only on an unexpected build
             raise LayoutError(f"SEAL object layout probe failed: {exc}", _FIX_LAYOUT) from None
         _layout_checked = True
+
+
+def _check_plaintext(plain: Any) -> None:
+    base = _object(plain)
+    count = _u64(base + _PT_COEFF_COUNT)
+    array = plain.dyn_array()
+    ok = (
+        [_u64(base + 8 * i) for i in range(4)] == list(plain.parms_id())
+        and count == plain.coeff_count() == _u64(base + _PT_DATA_SIZE) == array.size()
+        and ctypes.c_double.from_address(base + _PT_SCALE).value == plain.scale
+    )
+    if ok:
+        data = _u64(base + _PT_DATA_PTR)
+        ok = all(_u64(data + 8 * i) == array.at(i) for i in (0, 1, count // 2, count - 1))
+    if not ok:
+        raise LayoutError("SEAL Plaintext layout differs from SEAL 4.x", _FIX_LAYOUT)
 
 
 def _check_ciphertext(ct: Any) -> None:
@@ -145,6 +184,26 @@ def _check_ciphertext(ct: Any) -> None:
     ctypes.c_bool.from_address(base + _CT_NTT).value = flag
     if array.at(0) != 12345 or array.at(count - 1) != 67890 or flipped == flag:
         raise LayoutError("SEAL Ciphertext data pointer differs from SEAL 4.x", _FIX_LAYOUT)
+
+
+def mul_pow2(x: np.ndarray, shift: int, q: np.ndarray) -> np.ndarray:
+    """x * 2**shift mod q, in place, for residues x < q < 2^61 (broadcast q over x).
+
+    Steps of at most 48 bits: the float64 quotient of x * 2^48 / q is then off by at most
+    one, and the wrapping uint64 difference plus one conditional correction is exact.
+    """
+    qf = q.astype(np.float64)
+    qs = q.astype(np.int64)
+    while shift > 0:
+        step = min(shift, 48)
+        quotient = np.floor(x.astype(np.float64) * float(1 << step) / qf).astype(np.uint64)
+        x <<= np.uint64(step)
+        x -= quotient * q
+        signed = x.view(np.int64)
+        signed += np.where(signed < 0, qs, 0)
+        signed -= np.where(signed >= qs, qs, 0)
+        shift -= step
+    return x
 
 
 def data_moduli(context: Any, parms_id: Any) -> list[int]:
