@@ -124,3 +124,24 @@ def test_tiled_gemm_precision_at_the_stated_range(
     (delta,) = engine.compute("a", [(u, encrypt_matrix(ctx, b))])
     assert engine.stats.gemm_products > 0
     assert np.abs(delta - u @ b.T).max() <= ctx.profile.tolerance / 2
+
+
+def test_limbs_replace_the_seal_objects(
+    ctx: PublicContext, secret: SecretKeySet, rng: np.random.Generator
+) -> None:
+    """Once the GEMM limbs exist the SEAL ciphertexts are dropped (memory 3x, not 4x); the
+    SEAL path and serialisation rebuild them bit for bit."""
+    b = rng.normal(size=(896, 8)) * 0.1
+    matrix = encrypt_matrix(ctx, b)
+    before = matrix.to_bytes()
+    u = rng.normal(size=(1, 8))
+    gemm = DeltaEngine(ctx, LocalKeyHolder(secret))
+    (first,) = gemm.compute("a", [(u, matrix)])
+    assert gemm.stats.gemm_products == 8
+    assert all(column[0] is None for column in matrix.ciphertexts)
+    assert matrix.to_bytes() == before
+    seal_only = DeltaEngine(ctx, LocalKeyHolder(secret))
+    seal_only.gemm_min_rank, seal_only.gemm_tiled = 1 << 30, False
+    (second,) = seal_only.compute("a", [(u, matrix)])
+    for delta in (first, second):
+        assert np.abs(delta - u @ b.T).max() <= ctx.profile.tolerance

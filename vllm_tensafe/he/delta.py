@@ -453,7 +453,7 @@ class DeltaEngine:
                     np.repeat(column, mat.tile_width).tolist(), ctx.parms_id, u_scale, self._plain
                 )
             for c in range(mat.n_chunks):
-                b_ct = mat.ciphertexts[j][c]
+                b_ct = mat.column_ciphertext(j, c)
                 if accs[c] is None:
                     accs[c] = seal.Ciphertext(ctx.context)
                     ctx.evaluator.multiply_plain(b_ct, self._plain, accs[c])

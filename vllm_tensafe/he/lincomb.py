@@ -48,7 +48,8 @@ def fits(weights: np.ndarray) -> bool:
 class ResidueColumns:
     """The residues of one chunk's column ciphertexts, as float64 limbs (rank, 3 * residues).
 
-    Costs 24 bytes per residue (three times SEAL's own 8); built once per loaded adapter.
+    24 bytes per residue, three times SEAL's own 8: built on first use, they replace the
+    matrix's SEAL objects (EncryptedMatrix.residue_columns).
     """
 
     def __init__(self, ciphertexts: list[Any]) -> None:
@@ -56,6 +57,8 @@ class ResidueColumns:
         self.shape = ciphertext_residues(ciphertexts[0]).shape
         self.rank = len(ciphertexts)
         self.size = residues.shape[1]
+        self.scale = ciphertexts[0].scale
+        self.parms_id = ciphertexts[0].parms_id()
         # Column j's row holds its limb 0, limb 1, limb 2 one after the other: one GEMM of
         # the weight limbs against it gives every (weight limb, residue limb) product.
         self.limbs = np.concatenate(
@@ -65,6 +68,17 @@ class ResidueColumns:
             ],
             axis=1,
         )
+
+    def ciphertext(self, j: int, ctx: Any) -> Any:
+        """Column j as a SEAL ciphertext again (exact: the limbs hold every residue bit)."""
+        row = self.limbs[j].reshape(LIMBS, self.size).astype(np.uint64)
+        residues = row[0] | (row[1] << np.uint64(LIMB_BITS)) | (row[2] << np.uint64(2 * LIMB_BITS))
+        ct = seal.Ciphertext(ctx.context)
+        ct.resize(ctx.context, self.parms_id, self.shape[0])
+        ciphertext_residues(ct)[...] = residues.reshape(self.shape)
+        set_ntt_form(ct, True)
+        ct.scale = self.scale
+        return ct
 
 
 def weight_limbs(weights: np.ndarray) -> np.ndarray:

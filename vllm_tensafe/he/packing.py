@@ -269,15 +269,25 @@ class EncryptedMatrix:
         self._residue_columns: dict[int, Any] = {}
 
     def residue_columns(self, chunk: int) -> Any:
-        """Chunk ``chunk``'s column ciphertexts as GEMM limbs (built on first use, then kept:
-        three times the ciphertexts' own memory)."""
+        """Chunk ``chunk``'s column ciphertexts as GEMM limbs, built on first use and kept
+        instead of the SEAL objects (three times their memory; ``column_ciphertext`` rebuilds
+        a SEAL object from them when the SEAL path needs one)."""
         columns = self._residue_columns.get(chunk)
         if columns is None:
             from vllm_tensafe.he.lincomb import ResidueColumns
 
-            columns = ResidueColumns([column[chunk] for column in self.ciphertexts])
+            columns = ResidueColumns([self.column_ciphertext(j, chunk) for j in range(self.rank)])
             self._residue_columns[chunk] = columns
+            for column in self.ciphertexts:
+                column[chunk] = None
         return columns
+
+    def column_ciphertext(self, j: int, chunk: int) -> Any:
+        """Enc(B'_j) for one chunk, as a SEAL ciphertext."""
+        ct = self.ciphertexts[j][chunk]
+        if ct is None:
+            ct = self._residue_columns[chunk].ciphertext(j, self.ctx)
+        return ct
 
     @property
     def key_id(self) -> str:
@@ -321,9 +331,9 @@ class EncryptedMatrix:
             ),
             _TILE.pack(self.slot_offset, self.tile_width),
         ]
-        for column in self.ciphertexts:
-            for ct in column:
-                blob = ciphertext_to_bytes(ct)
+        for j in range(self.rank):
+            for c in range(self.n_chunks):
+                blob = ciphertext_to_bytes(self.column_ciphertext(j, c))
                 parts.append(_LEN.pack(len(blob)))
                 parts.append(blob)
         return b"".join(parts)
