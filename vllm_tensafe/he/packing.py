@@ -269,17 +269,23 @@ class EncryptedMatrix:
         self._residue_columns: dict[int, Any] = {}
 
     def residue_columns(self, chunk: int) -> Any:
-        """Chunk ``chunk``'s column ciphertexts as GEMM limbs, built on first use and kept
-        instead of the SEAL objects (three times their memory; ``column_ciphertext`` rebuilds
-        a SEAL object from them when the SEAL path needs one)."""
+        """Chunk ``chunk``'s column ciphertexts as GEMM limbs, built on first use (three times
+        the ciphertexts' memory).
+
+        When every group of this tile can take a GEMM path (2k <= rank: see DeltaEngine) the
+        limbs replace the SEAL objects and ``column_ciphertext`` rebuilds one on the rare
+        SEAL-path use; otherwise (many tokens per ciphertext, where SEAL's products win for
+        big groups) both are kept, so the SEAL path pays no rebuilds.
+        """
         columns = self._residue_columns.get(chunk)
         if columns is None:
             from vllm_tensafe.he.lincomb import ResidueColumns
 
             columns = ResidueColumns([self.column_ciphertext(j, chunk) for j in range(self.rank)])
             self._residue_columns[chunk] = columns
-            for column in self.ciphertexts:
-                column[chunk] = None
+            if 2 * self.tokens_per_ciphertext <= self.rank:
+                for column in self.ciphertexts:
+                    column[chunk] = None
         return columns
 
     def column_ciphertext(self, j: int, chunk: int) -> Any:
