@@ -138,7 +138,9 @@ def test_limbs_replace_the_seal_objects(
     gemm = DeltaEngine(ctx, LocalKeyHolder(secret))
     (first,) = gemm.compute("a", [(u, matrix)])
     assert gemm.stats.gemm_products == 8
-    assert all(column[0] is None for column in matrix.ciphertexts)
+    assert all(column[0] is None for column in matrix._ciphertexts)  # released
+    rebuilt = matrix.ciphertexts  # the public view rebuilds them
+    assert rebuilt[3][0].scale == ctx.profile.b_scale
     assert matrix.to_bytes() == before
     seal_only = DeltaEngine(ctx, LocalKeyHolder(secret))
     seal_only.gemm_min_rank, seal_only.gemm_tiled = 1 << 30, False

@@ -265,8 +265,16 @@ class EncryptedMatrix:
             raise HEError(
                 f"expected {rank} columns of {self.n_chunks} ciphertexts", "report this as a bug"
             )
-        self.ciphertexts = ciphertexts
+        self._ciphertexts: list[list[Any]] = ciphertexts  # None where limbs replaced one
         self._residue_columns: dict[int, Any] = {}
+
+    @property
+    def ciphertexts(self) -> list[list[Any]]:
+        """Every Enc(B'_j) chunk as SEAL ciphertexts, ``[j][c]`` (rebuilt where the GEMM limbs
+        replaced them: use ``column_ciphertext`` for one)."""
+        return [
+            [self.column_ciphertext(j, c) for c in range(self.n_chunks)] for j in range(self.rank)
+        ]
 
     def residue_columns(self, chunk: int) -> Any:
         """Chunk ``chunk``'s column ciphertexts as GEMM limbs, built on first use (three times
@@ -284,13 +292,13 @@ class EncryptedMatrix:
             columns = ResidueColumns([self.column_ciphertext(j, chunk) for j in range(self.rank)])
             self._residue_columns[chunk] = columns
             if 2 * self.tokens_per_ciphertext <= self.rank:
-                for column in self.ciphertexts:
+                for column in self._ciphertexts:
                     column[chunk] = None
         return columns
 
     def column_ciphertext(self, j: int, chunk: int) -> Any:
         """Enc(B'_j) for one chunk, as a SEAL ciphertext."""
-        ct = self.ciphertexts[j][chunk]
+        ct = self._ciphertexts[j][chunk]
         if ct is None:
             ct = self._residue_columns[chunk].ciphertext(j, self.ctx)
         return ct
