@@ -355,8 +355,9 @@ class DeltaEngine:
                 columns = mat.residue_columns(c)
                 digits = combiner.digits(w, columns, digits)
                 shape = columns.shape
-            self.stats.products += tokens * sum(m.rank for m in mats)
-            self.stats.gemm_products += tokens * sum(m.rank for m in mats)
+            products = tokens * sum(m.rank for m in mats)
+            self.stats.products += products
+            self.stats.gemm_products += products
             if tile_width is None:
                 out.append(combiner.combine(digits, shape, scale)[0])  # type: ignore[arg-type]
                 continue

@@ -23,10 +23,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import tenseal.sealapi as seal
 
 from vllm_tensafe.errors import HEError
-from vllm_tensafe.he.residues import ciphertext_residues, data_moduli, set_ntt_form
+from vllm_tensafe.he.residues import (
+    ciphertext_from_residues,
+    ciphertext_residues,
+    data_moduli,
+    reduce_once,
+)
 
 LIMB_BITS = 20
 LIMBS = 3
@@ -73,12 +77,9 @@ class ResidueColumns:
         """Column j as a SEAL ciphertext again (exact: the limbs hold every residue bit)."""
         row = self.limbs[j].reshape(LIMBS, self.size).astype(np.uint64)
         residues = row[0] | (row[1] << np.uint64(LIMB_BITS)) | (row[2] << np.uint64(2 * LIMB_BITS))
-        ct = seal.Ciphertext(ctx.context)
-        ct.resize(ctx.context, self.parms_id, self.shape[0])
-        ciphertext_residues(ct)[...] = residues.reshape(self.shape)
-        set_ntt_form(ct, True)
-        ct.scale = self.scale
-        return ct
+        return ciphertext_from_residues(
+            ctx.context, self.parms_id, residues.reshape(self.shape), self.scale
+        )
 
 
 def weight_limbs(weights: np.ndarray) -> np.ndarray:
@@ -133,16 +134,6 @@ class LinearCombiner:
             if LIMB_BITS * s < 64:
                 total += d[s].astype(np.int64).view(np.uint64) << np.uint64(LIMB_BITS * s)
         total -= quotient.astype(np.int64).view(np.uint64) * self.q
-        signed = total.view(np.int64)
-        q = self.q.astype(np.int64)
-        signed += np.where(signed < 0, q, 0)
-        signed -= np.where(signed >= q, q, 0)
-        out = []
-        for t in range(tokens):
-            ct = seal.Ciphertext(self.ctx.context)
-            ct.resize(self.ctx.context, self.ctx.parms_id, shape[0])
-            ciphertext_residues(ct)[...] = total[t]
-            set_ntt_form(ct, True)
-            ct.scale = scale
-            out.append(ct)
-        return out
+        reduce_once(total, self.q.astype(np.int64))
+        context, parms_id = self.ctx.context, self.ctx.parms_id
+        return [ciphertext_from_residues(context, parms_id, total[t], scale) for t in range(tokens)]

@@ -199,11 +199,29 @@ def mul_pow2(x: np.ndarray, shift: int, q: np.ndarray) -> np.ndarray:
         quotient = np.floor(x.astype(np.float64) * float(1 << step) / qf).astype(np.uint64)
         x <<= np.uint64(step)
         x -= quotient * q
-        signed = x.view(np.int64)
-        signed += np.where(signed < 0, qs, 0)
-        signed -= np.where(signed >= qs, qs, 0)
+        reduce_once(x, qs)
         shift -= step
     return x
+
+
+def reduce_once(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """In place: uint64 x holding r + m*q (two's complement), m in {-1, 0, 1} -> r in [0, q)."""
+    signed = x.view(np.int64)
+    signed += np.where(signed < 0, q, 0)
+    signed -= np.where(signed >= q, q, 0)
+    return x
+
+
+def ciphertext_from_residues(
+    context: Any, parms_id: Any, residues: np.ndarray, scale: float
+) -> Any:
+    """A new NTT-form ciphertext holding ``residues`` (size, primes, N) at ``scale``."""
+    ct = seal.Ciphertext(context)
+    ct.resize(context, parms_id, residues.shape[0])
+    ciphertext_residues(ct)[...] = residues
+    set_ntt_form(ct, True)
+    ct.scale = scale
+    return ct
 
 
 def data_moduli(context: Any, parms_id: Any) -> list[int]:
