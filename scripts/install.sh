@@ -17,6 +17,24 @@ if [[ -z "${VLLM_TARGET:-}" ]]; then
   fi
 fi
 
+# The attestation tests run a software TPM (docs/attestation.md): Debian's swtpm and
+# tpm2-tools. Installed only where they are missing and apt-get can; otherwise those tests skip.
+TPM_PACKAGES=(swtpm swtpm-tools tpm2-tools)
+if ! command -v swtpm >/dev/null 2>&1 || ! command -v tpm2_quote >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+    echo "[install] installing ${TPM_PACKAGES[*]} (software TPM for the attestation tests)"
+    apt_install() {
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "${TPM_PACKAGES[@]}" >/dev/null
+    }
+    apt_install || { apt-get update -q >/dev/null && apt_install; } \
+      || echo "[install] could not install ${TPM_PACKAGES[*]}: attestation tests will skip" >&2
+  else
+    echo "[install] ${TPM_PACKAGES[*]} missing (apt-get install ${TPM_PACKAGES[*]} as root):" \
+      "attestation tests will skip" >&2
+  fi
+fi
+
 VENV=.venv
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "[install] creating $VENV with $PYTHON"

@@ -84,3 +84,58 @@ class BudgetExhaustedError(KeyHolderError):
 
 class ForeignCiphertextError(KeyHolderError):
     """The ciphertexts were not made under the key holder's key or parameters."""
+
+
+# --- host attestation errors ---------------------------------------------------------------
+
+
+class AttestationError(TenSafeError):
+    """A host's TPM attestation could not be made or was refused: no decryption for it."""
+
+
+class TpmError(AttestationError):
+    """Host side: no TPM, tpm2-tools missing, or a TPM command failed."""
+
+
+class MalformedQuoteError(AttestationError):
+    """The quote bundle, TPMS_ATTEST or TPMT_SIGNATURE does not parse strictly."""
+
+
+class UnknownHostError(AttestationError):
+    """The key holder's attestation policy has no entry for this host (or this token)."""
+
+
+class UnknownAttestationKeyError(AttestationError):
+    """The quote names an attestation key the host's policy does not accept."""
+
+
+class QuoteSignatureError(AttestationError):
+    """The quote's signature is not valid for its message under the named attestation key."""
+
+
+class NonceError(AttestationError):
+    """The quote's nonce was not issued by this key holder (or it forgot it on a restart)."""
+
+
+class StaleNonceError(NonceError):
+    """The nonce expired, or a newer nonce was issued to the host since."""
+
+
+class ReplayedQuoteError(NonceError):
+    """The nonce was already used: a quote is accepted once."""
+
+
+class ForeignNonceError(NonceError):
+    """The nonce was issued to another host or on another connection."""
+
+
+class QuoteTooOldError(AttestationError):
+    """The quote is older than the host policy's maximum quote age."""
+
+
+class PcrMismatchError(AttestationError):
+    """The quoted PCRs are not the policy's selection, or a value differs from the policy."""
+
+
+class AttestationRequiredError(AttestationError):
+    """The host has no valid attestation session (none, expired, or another channel)."""
