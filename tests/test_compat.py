@@ -74,12 +74,16 @@ def test_guide_defaults() -> None:
     assert config.adapter_name == "he-lora" and config.key_holder == "local"
 
 
-def test_attestation_is_refused_not_pretended() -> None:
+def test_attestation_without_tpm_and_remote_key_holder_is_refused_not_pretended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for var in ("TENSAFE_KEY_HOLDER_URL", "TENSAFE_KEY_HOLDER_TOKEN_FILE", "TENSAFE_TPM_AK"):
+        monkeypatch.delenv(var, raising=False)
     with pytest.raises(ConfigError) as info:
         TenSafeVLLMConfig(model="m", require_attestation=True)
     message = str(info.value)
-    assert "attestation is not implemented" in message
-    assert "TEE" in message and "require_attestation=False" in message
+    assert "key_holder='remote', key_holder_url, key_holder_token_file, tpm_ak" in message
+    assert "are not configured" in message and "require_attestation=False" in message
     assert ATTESTATION_REFUSAL.split(";")[0] in message
 
 

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vllm_tensafe.he import service as key_holder_service
 
     key_holder_service.add_commands(subparsers)
+    from vllm_tensafe.attestation import commands as attestation_commands
+
+    attestation_commands.add_commands(subparsers)
     from vllm_tensafe import demo
 
     demo.add_commands(subparsers)

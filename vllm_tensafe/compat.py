@@ -9,8 +9,9 @@
 There is no second engine and no second server: the encrypted adapter is an ordinary vLLM
 LoRA whose path ends in ``.tssp``, handled by the plugin's hooks. Configuration reaches vLLM's
 engine and worker processes the way it does for ``vllm serve``: through ``TENSAFE_*``
-variables (``apply_environment``). Where the guide promised something that does not exist
-(attestation), the config refuses with a ``ConfigError`` instead of pretending.
+variables (``apply_environment``). ``require_attestation=True`` is TPM attestation to the
+remote key holder (docs/attestation.md); without a TPM key and a remote key holder configured
+the config refuses with a ``ConfigError`` instead of pretending.
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ __all__ = [
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 ATTESTATION_REFUSAL = (
-    "require_attestation=True: attestation is not implemented; vllm-tensafe cannot prove the "
-    "host runs in a TEE, and HE-LoRA in a plaintext forward pass does not stop the host from "
-    "extracting the adapter's function (docs/threat-model.md). Set require_attestation=False, "
-    "or use a TEE-based deployment (confidential computing with remote attestation) if the "
-    "host itself must not learn the adapter"
+    "require_attestation=True: this host proves its boot state with a TPM 2.0 quote to the "
+    "remote key holder, which checks it against its attestation policy; {missing} not "
+    "configured (docs/attestation.md). Set key_holder='remote', key_holder_url, "
+    "key_holder_token_file and tpm_ak (the key `vllm-tensafe attestation enrol` persisted), "
+    "or require_attestation=False"
 )
 
 # Fields of AsyncEngineArgs that the config sets itself; engine_kwargs may not override them.
@@ -129,6 +130,8 @@ class TenSafeVLLMConfig(BaseModel):
     key_holder: Literal["local", "remote"] = "local"
     key_holder_url: str | None = None
     key_holder_token_file: str | None = None
+    tpm_tcti: str | None = None
+    tpm_ak: str | None = None
     dtype: str = "auto"
     adapter_name: str = Field("he-lora", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     # Anything else AsyncEngineArgs takes (enforce_eager, max_loras, ...), passed unchanged.
@@ -141,13 +144,6 @@ class TenSafeVLLMConfig(BaseModel):
             super().__init__(**data)
         except ValidationError as exc:
             raise _config_error(exc) from None
-
-    @field_validator("require_attestation")
-    @classmethod
-    def _no_attestation(cls, value: bool) -> bool:
-        if value:
-            raise ValueError(ATTESTATION_REFUSAL)
-        return value
 
     @field_validator("he_lora_adapter_path")
     @classmethod
@@ -171,6 +167,33 @@ class TenSafeVLLMConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _attestation_configured(self) -> TenSafeVLLMConfig:
+        # Whether the TPM answers and the key holder accepts its quote is checked at start-up
+        # (vllm_tensafe.attestation.client.startup_gate); here, that both are configured.
+        if not self.require_attestation:
+            return self
+        missing = [
+            what
+            for what, present in (
+                ("key_holder='remote'", self.key_holder == "remote"),
+                ("key_holder_url", self.key_holder_url or os.environ.get("TENSAFE_KEY_HOLDER_URL")),
+                (
+                    "key_holder_token_file",
+                    self.key_holder_token_file or os.environ.get("TENSAFE_KEY_HOLDER_TOKEN_FILE"),
+                ),
+                (
+                    "tpm_ak (the host's TPM attestation key)",
+                    self.tpm_ak or os.environ.get("TENSAFE_TPM_AK"),
+                ),
+            )
+            if not present
+        ]
+        if missing:
+            verb = "is" if len(missing) == 1 else "are"
+            raise ValueError(ATTESTATION_REFUSAL.format(missing=f"{', '.join(missing)} {verb}"))
+        return self
+
+    @model_validator(mode="after")
     def _coherent(self) -> TenSafeVLLMConfig:
         if self.he_lora_adapter_path and not self.enable_he_lora:
             raise ValueError(
@@ -188,11 +211,16 @@ class TenSafeVLLMConfig(BaseModel):
             env_name("verify_signature"): "true" if self.verify_tssp_signature else "false",
             env_name("key_holder"): self.key_holder,
         }
+        if self.require_attestation:
+            # Only ever switched on here: a default False never overrides the environment's true.
+            env[env_name("require_attestation")] = "true"
         optional = {
             "trusted_keys": ",".join(self.trusted_keys) if self.trusted_keys else None,
             "he_secret": self.he_secret,
             "key_holder_url": self.key_holder_url,
             "key_holder_token_file": self.key_holder_token_file,
+            "tpm_tcti": self.tpm_tcti,
+            "tpm_ak": self.tpm_ak,
         }
         env.update({env_name(k): v for k, v in optional.items() if v is not None})
         return env

@@ -160,6 +160,7 @@ def add_tensafe_args(parser: argparse.ArgumentParser) -> None:
             continue
         metavar = {
             "verify_signature": "{true,false}",
+            "require_attestation": "{true,false}",
             "key_holder": "{local,remote}",
             "profile": "{default,fast,precise}",
             "trusted_keys": "PUB[,PUB...]",
@@ -198,6 +199,9 @@ def apply_cli_args(args: argparse.Namespace) -> TenSafeSettings | None:
         args.enable_lora = True
     activate()
     check_static_packages(args)
+    from vllm_tensafe.attestation.client import startup_gate
+
+    startup_gate(settings)  # require_attestation: no TPM or a refused quote stops start-up
     return settings
 
 
@@ -277,9 +281,13 @@ def _install_cli_hooks() -> None:
         # The Python API (vllm.LLM, AsyncLLM) never parses flags: settings come from TENSAFE_*.
         if _any_tensafe_env():
             try:
-                enabled = load_settings().enabled
+                settings = load_settings()
+                enabled = settings.enabled
                 if enabled:
                     activate()
+                    from vllm_tensafe.attestation.client import startup_gate
+
+                    startup_gate(settings)
             except ConfigError as exc:
                 logger.error("%s", exc)
                 raise

@@ -81,6 +81,23 @@ class TenSafeSettings(BaseSettings):
         le=10,
         description="Retries after a connection failure before the request fails.",
     )
+    require_attestation: bool = Field(
+        False,
+        description="Prove this host's boot state to the remote key holder with a TPM 2.0 "
+        "quote before its first decryption and on renewal; start-up fails when there is no "
+        "TPM or the key holder refuses the quote (docs/attestation.md).",
+    )
+    tpm_tcti: str = Field(
+        "device:/dev/tpmrm0",
+        min_length=1,
+        description="TPM the quotes come from, as a tpm2-tools TCTI (the kernel's resource "
+        "manager by default).",
+    )
+    tpm_ak: str | None = Field(
+        None,
+        description="The host's attestation key: a persistent handle (0x81...) or a context "
+        "file, made by `vllm-tensafe attestation enrol`.",
+    )
     adapter_dir: Path | None = Field(
         None,
         description="Folder of NAME.tssp packages that requests for model NAME load on demand.",
@@ -163,6 +180,17 @@ class TenSafeSettings(BaseSettings):
             raise ValueError(
                 "key_holder is 'remote' but no key_holder_token_file is set "
                 "(--tensafe-key-holder-token-file / TENSAFE_KEY_HOLDER_TOKEN_FILE)"
+            )
+        if self.require_attestation and self.key_holder != "remote":
+            raise ValueError(
+                "require_attestation needs the remote key holder (--tensafe-key-holder remote): "
+                "attestation proves the host to the key holder, and a local key holder is the "
+                "host itself"
+            )
+        if self.require_attestation and not self.tpm_ak:
+            raise ValueError(
+                "require_attestation is on but no attestation key is set (--tensafe-tpm-ak / "
+                "TENSAFE_TPM_AK); enrol the host with `vllm-tensafe attestation enrol`"
             )
         if self.key_holder == "local" and self.he_secret is None:
             raise ValueError(
