@@ -9,11 +9,13 @@ the enrolled (software) AK, so the fuzzed bytes reach the parser behind the sign
 from __future__ import annotations
 
 import base64
+import json
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_tensafe.attestation import AttestationPolicy, AttestationVerifier, QuoteBundle
+from vllm_tensafe.attestation.routes import AttestationRoutes, Caller
 from vllm_tensafe.attestation.tpms import marshal_attest, parse_attest, parse_signature
 from vllm_tensafe.errors import AttestationError, MalformedQuoteError
 
@@ -138,3 +140,15 @@ def test_verifier_on_resigned_mutations(ops: list[tuple[int, int, int]], resign:
     # Accepted only if the mutation left the quote's meaning intact.
     attest = parse_attest(message)
     assert attest.extra_data == nonce and attest.pcr_digest == parse_attest(VALID).pcr_digest
+
+
+@FUZZ
+@given(st.binary(max_size=2048) | JSON.map(lambda v: json.dumps(v).encode()))
+def test_quote_route_answers_every_body_with_a_refusal(body: bytes) -> None:
+    policy = AttestationPolicy.from_mapping(
+        {"hosts": {"h": {"attestation_keys": [AK.key.pem()], "pcrs": {"0": "00" * 32}}}}
+    )
+    routes = AttestationRoutes(AttestationVerifier(policy, clock=FakeClock()))
+    reply = routes.handle("POST", "/v1/attestation/quote", Caller("h"), body)
+    assert reply is not None and reply.status in (400, 403)
+    assert reply.body["error"].startswith("attestation_") and reply.body["cause"]

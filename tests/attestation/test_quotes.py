@@ -348,3 +348,16 @@ def test_each_refusal_has_its_own_type_and_message() -> None:
     # Siblings: catching one never catches another.
     for cls in refusals:
         assert [other for other in refusals if issubclass(other, cls)] == [cls]
+
+
+def test_policy_that_no_longer_accepts_the_pcrs_ends_the_session(
+    verifier: AttestationVerifier, host_a: Host
+) -> None:
+    verifier.verify_and_bind("host-a", _quote(verifier, host_a))
+    pcrs = {str(i): v.hex() for i, v in expected_pcrs(GOOD_BOOT).items()}
+    pcrs["4"] = "00" * 32  # the owner withdraws the kernel this host booted
+    verifier.replace_policy(
+        AttestationPolicy.from_mapping({"hosts": {"host-a": host_policy(host_a, pcrs=pcrs)}})
+    )
+    with pytest.raises(AttestationRequiredError, match=r"no longer accepts the PCR values"):
+        verifier.require("host-a")

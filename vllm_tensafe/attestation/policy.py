@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import (
@@ -65,7 +66,7 @@ class AttestationKey:
         data = pem.encode("ascii", "replace") if isinstance(pem, str) else pem
         try:
             key = serialization.load_pem_public_key(data)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             raise MalformedQuoteError(
                 f"attestation key from {source} is not a PEM public key",
                 "export it with tpm2_readpublic -c AK -f pem (or tpm2_createak -f pem)",

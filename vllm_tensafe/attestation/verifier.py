@@ -100,6 +100,8 @@ class Session:
     expires_at: float
     clock_info: ClockInfo
     pcr_digest: bytes
+    pcr_bank: str = "sha256"
+    pcr_values: tuple[tuple[int, bytes], ...] = ()
 
     def expires_in(self, now: float) -> float:
         return self.expires_at - now
@@ -234,7 +236,7 @@ class AttestationVerifier:
         return self._policy
 
     def replace_policy(self, policy: AttestationPolicy) -> None:
-        """Swap the policy; a session whose host or AK it no longer accepts ends."""
+        """Swap the policy; a session whose host, AK or PCRs it no longer accepts ends."""
         with self._lock:
             self._policy = policy
 
@@ -372,6 +374,8 @@ class AttestationVerifier:
             expires_at=now + policy.session_lifetime,
             clock_info=attest.clock_info,
             pcr_digest=attest.pcr_digest,
+            pcr_bank=policy.pcr_bank,
+            pcr_values=tuple(sorted(bundle.pcr_values().items())),
         )
         with self._lock:
             self._store_session(session, now)
@@ -412,8 +416,8 @@ class AttestationVerifier:
         with self._lock:
             session = self._sessions.get((host, channel))
             policy = self._policy.host(host)
-        if session is None:
             other = any(slot[0] == host for slot in self._sessions)
+        if session is None:
             where = " on this connection" if other and channel is not None else ""
             raise AttestationRequiredError(
                 f"host {host!r} has no attestation session{where}: decryptions need a good "
@@ -432,6 +436,12 @@ class AttestationVerifier:
                 f"key {session.ak_fingerprint[:16]}",
                 "enrol the host again in the policy, then attest",
             )
+        if not _still_accepted(policy, session):
+            raise AttestationRequiredError(
+                f"the key holder's policy no longer accepts the PCR values host {host!r} "
+                "attested with",
+                "attest again; the host must boot a state the current policy accepts",
+            )
         if session.token_fingerprint is not None and token_fingerprint != session.token_fingerprint:
             raise AttestationRequiredError(
                 f"host {host!r} attested with token {session.token_fingerprint}, not "
@@ -439,3 +449,13 @@ class AttestationVerifier:
                 "attest with the token that requests the decryptions",
             )
         return session
+
+
+def _still_accepted(policy: HostPolicy, session: Session) -> bool:
+    """The session's attested PCRs still satisfy the (possibly reloaded) policy."""
+    values = dict(session.pcr_values)
+    return (
+        session.pcr_bank == policy.pcr_bank
+        and tuple(sorted(values)) == policy.selection
+        and all(values[i] in policy.accepted_values(i) for i in policy.selection)
+    )
