@@ -73,16 +73,24 @@ class _CoverMaker:
 
     def make(self) -> _Cover:
         ring = self.ring
+        pad = ring.uniform(1)  # R in coefficient form
+        (c0, c1), pad_ntt = self.encryption_of_zero(pad)
+        ring.add(c0, pad_ntt)
+        return _Cover(c0, c1, {m: ring.switch(pad[0], m) for m in self.exponents})
+
+    def encryption_of_zero(self, extra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pk0 v, pk1 v + e1) in NTT form (2, L, N), and ``extra`` (1, L, N) transformed in
+        the same SEAL call (one NTT of three polynomials)."""
+        ring = self.ring
         fresh = np.concatenate(
-            [ring.residues_of(ring.ternary(1)), ring.residues_of(ring.errors(1)), ring.uniform(1)]
-        )  # (3, L, N): v, e1, R in coefficient form
-        v, e1, pad = ring.transform(fresh, to_ntt=True)
+            [ring.residues_of(ring.ternary(1)), ring.residues_of(ring.errors(1)), extra]
+        )
+        v, e1, extra_ntt = ring.transform(fresh, to_ntt=True)
         plaintext_residues(self.v, ring.primes)[...] = v
         self.ctx.evaluator.multiply_plain(self.public_key, self.v, self.zero)
-        zero = ciphertext_residues(self.zero)  # (pk0 v, pk1 v)
-        c0 = ring.add(zero[0].copy(), pad)
-        c1 = ring.add(zero[1].copy(), e1)
-        return _Cover(c0, c1, {m: ring.switch(fresh[2], m) for m in self.exponents})
+        zero = ciphertext_residues(self.zero).copy()  # (pk0 v, pk1 v)
+        ring.add(zero[1], e1)
+        return zero, extra_ntt
 
 
 class Concealer:
