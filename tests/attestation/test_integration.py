@@ -129,6 +129,7 @@ def test_guide_config_default_never_turns_attestation_off(
     assert "TENSAFE_REQUIRE_ATTESTATION" not in env  # the environment's true stays in charge
 
 
+@pytest.mark.vllm  # imports vLLM and calls AsyncLLM.from_engine_args (refused before it starts)
 def test_guide_engine_refuses_to_start_without_a_tpm(tmp_path: Path, token_file: Path) -> None:
     # A child process: initialize() installs the plugin's hooks in the process that runs it.
     pub = tmp_path / "signer.pub"
