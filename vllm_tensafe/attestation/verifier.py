@@ -171,7 +171,9 @@ def verify_signature(key: AttestationKey, signature: Signature, message: bytes, 
         ) from None
 
 
-def check_pcrs(host: str, policy: HostPolicy, attest: Attest, bundle: QuoteBundle, hash_name: str):
+def check_pcrs(
+    host: str, policy: HostPolicy, attest: Attest, bundle: QuoteBundle, hash_name: str
+) -> None:
     """The quote covers the policy's PCRs, the reported values are the signed ones, and they
     are values the policy accepts."""
     wanted = PcrSelection(policy.pcr_bank, policy.selection)
