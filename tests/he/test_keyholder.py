@@ -25,8 +25,13 @@ from vllm_tensafe.he import (
     encrypt_matrix,
     generate_keys,
 )
+from vllm_tensafe.he.keyholder import UNBOUND_DIGEST, AdapterRef
 from vllm_tensafe.he.keys import check_seal_blob
 from vllm_tensafe.he.packing import ciphertext_to_bytes
+
+
+def _ref(name: str, key_id: str) -> AdapterRef:
+    return AdapterRef(name, key_id, UNBOUND_DIGEST)
 
 
 def product_ciphertext(ctx: PublicContext, value: float = 1.0) -> seal.Ciphertext:
@@ -41,7 +46,7 @@ def product_ciphertext(ctx: PublicContext, value: float = 1.0) -> seal.Ciphertex
 
 def test_decrypts_protocol_ciphertexts(local_holder: LocalKeyHolder, ctx: PublicContext) -> None:
     (values,) = local_holder.decrypt(
-        "a", ctx.key_id, [ciphertext_to_bytes(product_ciphertext(ctx))]
+        _ref("a", ctx.key_id), [ciphertext_to_bytes(product_ciphertext(ctx))]
     )
     assert values.shape == (ctx.slot_count,)
     assert np.abs(values - 0.25).max() < 1e-6
@@ -68,7 +73,7 @@ def test_flooding_is_fresh_and_on_by_default(secret: SecretKeySet, ctx: PublicCo
 def test_refuses_wrong_key_id(local_holder: LocalKeyHolder, ctx: PublicContext) -> None:
     blob = ciphertext_to_bytes(product_ciphertext(ctx))
     with pytest.raises(ForeignCiphertextError, match="declare key"):
-        local_holder.decrypt("a", "ab" * 32, [blob])
+        local_holder.decrypt(_ref("a", "ab" * 32), [blob])
 
 
 def test_refuses_ciphertext_of_another_key(
@@ -79,9 +84,9 @@ def test_refuses_ciphertext_of_another_key(
     foreign = ciphertext_to_bytes(product_ciphertext(other_keys[1]))
     # Declared honestly: refused by key id. Declared as ours: decrypts to noise mod q, refused.
     with pytest.raises(ForeignCiphertextError):
-        local_holder.decrypt("a", other_keys[1].key_id, [foreign])
+        local_holder.decrypt(_ref("a", other_keys[1].key_id), [foreign])
     with pytest.raises(ForeignCiphertextError, match="outside the protocol range"):
-        local_holder.decrypt("a", ctx.key_id, [foreign])
+        local_holder.decrypt(_ref("a", ctx.key_id), [foreign])
 
 
 def test_refuses_non_protocol_shapes(local_holder: LocalKeyHolder, ctx: PublicContext) -> None:
@@ -104,17 +109,17 @@ def test_refuses_non_protocol_shapes(local_holder: LocalKeyHolder, ctx: PublicCo
     }
     for reason, ct in cases.items():
         with pytest.raises(ForeignCiphertextError):
-            local_holder.decrypt("a", ctx.key_id, [ciphertext_to_bytes(ct)])
+            local_holder.decrypt(_ref("a", ctx.key_id), [ciphertext_to_bytes(ct)])
         with pytest.raises(ForeignCiphertextError, match=reason):  # the in-process path too
-            local_holder._decrypt_ciphertexts("a", ctx.key_id, [ct])
+            local_holder._decrypt_ciphertexts(_ref("a", ctx.key_id), [ct])
     with pytest.raises(ForeignCiphertextError):
-        local_holder.decrypt("a", ctx.key_id, [ciphertext_to_bytes(wide)])
+        local_holder.decrypt(_ref("a", ctx.key_id), [ciphertext_to_bytes(wide)])
     with pytest.raises(ForeignCiphertextError):
-        local_holder.decrypt("a", ctx.key_id, [os.urandom(5000)])
+        local_holder.decrypt(_ref("a", ctx.key_id), [os.urandom(5000)])
     # Nothing is returned when any ciphertext of the batch is refused.
     good = ciphertext_to_bytes(product)
     with pytest.raises(ForeignCiphertextError):
-        local_holder.decrypt("a", ctx.key_id, [good, ciphertext_to_bytes(fresh)])
+        local_holder.decrypt(_ref("a", ctx.key_id), [good, ciphertext_to_bytes(fresh)])
 
 
 def test_zstd_bomb_is_refused_before_seal_sees_it(ctx: PublicContext) -> None:
@@ -144,7 +149,7 @@ def _crafted_queries(ctx: PublicContext, multiplier: int) -> list[bytes]:
 
 
 def _attack(holder: LocalKeyHolder, ctx: PublicContext, multiplier: int) -> np.ndarray:
-    first, second = holder.decrypt("attack", ctx.key_id, _crafted_queries(ctx, multiplier))
+    first, second = holder.decrypt(_ref("attack", ctx.key_id), _crafted_queries(ctx, multiplier))
     unit = ctx.profile.product_scale / multiplier
     return recover_secret(ctx.profile.poly_modulus_degree, first, second, unit)
 

@@ -16,7 +16,7 @@ _EXPORTS = {
     "DeltaStats": "delta",
     "KeyHolder": "keyholder",
     "LocalKeyHolder": "keyholder",
-    "RemoteKeyHolder": "keyholder",
+    "RemoteKeyHolder": "remote",
     "key_holder_from_settings": "keyholder",
     "PublicContext": "keys",
     "SecretKeySet": "keys",
@@ -55,15 +55,11 @@ __all__ = [
 
 if TYPE_CHECKING:
     from vllm_tensafe.he.delta import DeltaEngine, DeltaStats
-    from vllm_tensafe.he.keyholder import (
-        KeyHolder,
-        LocalKeyHolder,
-        RemoteKeyHolder,
-        key_holder_from_settings,
-    )
+    from vllm_tensafe.he.keyholder import KeyHolder, LocalKeyHolder, key_holder_from_settings
     from vllm_tensafe.he.keys import PublicContext, SecretKeySet, generate_keys, write_keypair
     from vllm_tensafe.he.packing import EncryptedMatrix, ciphertext_count, encrypt_matrix
     from vllm_tensafe.he.profiles import DEFAULT_PROFILE, PROFILES, HEProfile, get_profile
+    from vllm_tensafe.he.remote import RemoteKeyHolder
     from vllm_tensafe.he.service import KeyHolderService
 
 

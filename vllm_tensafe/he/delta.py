@@ -34,7 +34,7 @@ import tenseal.sealapi as seal
 
 from vllm_tensafe.errors import ForeignCiphertextError, HEError, KeyHolderError
 from vllm_tensafe.he.flooding import uniform_mask
-from vllm_tensafe.he.keyholder import KeyHolder, LocalKeyHolder
+from vllm_tensafe.he.keyholder import UNBOUND_DIGEST, AdapterRef, KeyHolder, LocalKeyHolder
 from vllm_tensafe.he.keys import PublicContext
 from vllm_tensafe.he.lincomb import MAX_RANK, LinearCombiner, fits
 from vllm_tensafe.he.packing import EncryptedMatrix, ciphertext_to_bytes
@@ -160,10 +160,23 @@ class DeltaEngine:
         self._tmp = seal.Ciphertext(ctx.context)
 
     def compute(
-        self, adapter_id: str, items: Sequence[tuple[np.ndarray, EncryptedMatrix]]
+        self, adapter: AdapterRef | str, items: Sequence[tuple[np.ndarray, EncryptedMatrix]]
     ) -> list[np.ndarray]:
+        """``adapter``: the package's AdapterRef (a bare name serves no package: only a local
+        key holder accepts it)."""
+        ref = (
+            adapter
+            if isinstance(adapter, AdapterRef)
+            else AdapterRef(adapter, self.ctx.key_id, UNBOUND_DIGEST)
+        )
+        if ref.key_id != self.ctx.key_id:
+            raise ForeignCiphertextError(
+                f"adapter {ref.name!r} names key {ref.key_id[:16]}, the engine uses "
+                f"{self.ctx.key_id[:16]}",
+                "use one DeltaEngine per public context",
+            )
         with self._lock:
-            return self._compute(adapter_id, items)
+            return self._compute(ref, items)
 
     # ------------------------------------------------------------------------------------
 
@@ -201,7 +214,7 @@ class DeltaEngine:
         return us
 
     def _compute(
-        self, adapter_id: str, items: Sequence[tuple[np.ndarray, EncryptedMatrix]]
+        self, ref: AdapterRef, items: Sequence[tuple[np.ndarray, EncryptedMatrix]]
     ) -> list[np.ndarray]:
         us = self._check_items(items)
         outputs = [
@@ -230,9 +243,9 @@ class DeltaEngine:
         self.stats.ciphertexts_sent += len(cts)
         if self._local:
             assert isinstance(self.key_holder, LocalKeyHolder)
-            values = self.key_holder._decrypt_ciphertexts(adapter_id, self.ctx.key_id, cts)
+            values = self.key_holder._decrypt_ciphertexts(ref, cts)
         else:
-            values = self.key_holder.decrypt(adapter_id, self.ctx.key_id, payload)
+            values = self.key_holder.decrypt(ref, payload)
         self.stats.seconds_key_holder += time.perf_counter() - started
 
         started = time.perf_counter()

@@ -1,131 +1,149 @@
 """Key holders: whoever holds the CKKS secret key and decrypts the host's masked delta batches.
 
 ``LocalKeyHolder`` runs in the host process (the key is in host memory: adapters are protected at
-rest and in transit only). ``RemoteKeyHolder`` talks to ``vllm-tensafe key-holder serve``: the
-host never holds the key; every decryption is authenticated, metered, audited and revocable.
+rest and in transit only). ``RemoteKeyHolder`` (remote.py) talks to ``vllm-tensafe key-holder
+serve`` (service/): the host never holds the key; every decryption is authenticated, checked
+against the key holder's adapter policy, metered, audited and revocable.
 
 Both refuse anything that is not a protocol ciphertext under their key, flood every decryption
 (flooding.py) and round what they return to the profile's grid. A key holder never returns a
 partial, zero or stale result: it returns all values or raises a KeyHolderError.
 
-Wire format of ``POST /v1/decrypt`` (little-endian)::
+Wire format of ``POST /v1/decrypt`` (little-endian), protocol version 2::
 
-    request  (application/vnd.tensafe.decrypt-v1):
-      b"TSKHREQ1" | u16 n | adapter id (n bytes utf-8) | 32-byte key id | u32 count
-      | count times: u32 length | SEAL ciphertext
-    response (application/vnd.tensafe.values-v1):
-      b"TSKHRES1" | u32 count | u32 slots | count * slots float64
-    errors: JSON {"error": code, "cause": ..., "fix": ...}; codes unauthorized (401),
-      adapter_revoked (410), budget_exhausted (429), foreign_ciphertext (422),
-      bad_request (400), too_large (413), unavailable (503), internal (500)
+    request  (application/vnd.tensafe.decrypt-v2):
+      b"TSKHREQ2" | u8 n | adapter name (n bytes ASCII) | 32-byte key id
+      | 32-byte manifest digest | u32 count | count times: u32 length | SEAL ciphertext
+    response (application/vnd.tensafe.reply-v2):
+      b"TSKHRES2" | u32 count | u32 slots | count * slots float64
+    errors: JSON {"error": code, "cause": ..., "fix": ...} (docs/key-holder.md lists them)
+
+A version-1 request (``b"TSKHREQ1"``) is refused with a ProtocolVersionError naming both.
 """
 
 from __future__ import annotations
 
 import abc
 import hmac
-import http.client
-import json
 import logging
 import math
-import socket
-import ssl
+import re
 import struct
 import threading
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlparse
 
 import numpy as np
 import tenseal.sealapi as seal
 
 from vllm_tensafe.errors import (
-    AdapterRevokedError,
-    BudgetExhaustedError,
     ConfigError,
     ForeignCiphertextError,
     HEError,
-    KeyHolderAuthError,
     KeyHolderError,
-    KeyHolderUnavailableError,
+    ProtocolVersionError,
 )
 from vllm_tensafe.he.flooding import Flooder, round_to_grid
 from vllm_tensafe.he.keys import SecretKeySet
 from vllm_tensafe.he.packing import check_ciphertext, load_ciphertext
-from vllm_tensafe.he.service import REQUEST_CONTENT_TYPE, RESPONSE_CONTENT_TYPE
+from vllm_tensafe.tssp.manifest import NAME_RULE, is_adapter_name
 
 if TYPE_CHECKING:
     from vllm_tensafe.settings import TenSafeSettings
 
 log = logging.getLogger(__name__)
 
-REQUEST_MAGIC = b"TSKHREQ1"
-RESPONSE_MAGIC = b"TSKHRES1"
+PROTOCOL_VERSION = 2
+REQUEST_CONTENT_TYPE = "application/vnd.tensafe.decrypt-v2"
+RESPONSE_CONTENT_TYPE = "application/vnd.tensafe.reply-v2"
+REQUEST_MAGIC = b"TSKHREQ2"
+RESPONSE_MAGIC = b"TSKHRES2"
+_V1_REQUEST_MAGIC = b"TSKHREQ1"
+# The manifest digest of an engine that serves no package (tests, benchmarks): no key
+# holder's policy accepts it, so it works with a local key holder only.
+UNBOUND_DIGEST = "0" * 64
 
-MAX_ADAPTER_ID = 256
-
-_U16 = struct.Struct("<H")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_U8 = struct.Struct("<B")
 _U32 = struct.Struct("<I")
 _RESPONSE_HEAD = struct.Struct("<8sII")
 
 
-def check_adapter_id(adapter_id: object) -> str:
-    if (
-        not isinstance(adapter_id, str)
-        or not adapter_id
-        or len(adapter_id.encode("utf-8")) > MAX_ADAPTER_ID
-        or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in adapter_id)
-        or adapter_id != adapter_id.strip()
-    ):
-        raise HEError(
-            f"invalid adapter id {adapter_id!r}",
-            f"use a non-empty printable id of at most {MAX_ADAPTER_ID} bytes without "
-            "surrounding whitespace",
-        )
-    return adapter_id
+@dataclass(frozen=True)
+class AdapterRef:
+    """Who asks for what: the request header carries all three.
+
+    ``name`` is the package's signed adapter name (manifest ``name``), which is what "adapter
+    id" means everywhere; ``key_id`` the CKKS key id of the package's public context;
+    ``manifest_digest`` the SHA-256 of the package's signed manifest bytes.
+    """
+
+    name: str
+    key_id: str
+    manifest_digest: str
+
+    def __post_init__(self) -> None:
+        if not is_adapter_name(self.name):
+            raise HEError(f"invalid adapter name {str(self.name)[:140]!r}", f"use {NAME_RULE}")
+        for field_name in ("key_id", "manifest_digest"):
+            value = getattr(self, field_name)
+            if not isinstance(value, str) or not _HEX64.fullmatch(value):
+                raise HEError(
+                    f"invalid {field_name} {str(value)[:80]!r}", "pass 64 lowercase hex digits"
+                )
 
 
 def check_key_id(key_id: object) -> str:
-    if not isinstance(key_id, str) or len(key_id) != 64:
+    if not isinstance(key_id, str) or not _HEX64.fullmatch(key_id.lower()):
         raise HEError(f"invalid key id {key_id!r}", "pass PublicContext.key_id (64 hex digits)")
-    try:
-        bytes.fromhex(key_id)
-    except ValueError:
-        raise HEError(
-            f"invalid key id {key_id!r}", "pass PublicContext.key_id (64 hex digits)"
-        ) from None
     return key_id.lower()
 
 
-def encode_request(adapter_id: str, key_id: str, ciphertexts: Sequence[bytes]) -> bytes:
-    aid = check_adapter_id(adapter_id).encode("utf-8")
-    parts = [REQUEST_MAGIC, _U16.pack(len(aid)), aid, bytes.fromhex(check_key_id(key_id))]
-    parts.append(_U32.pack(len(ciphertexts)))
+def encode_request(ref: AdapterRef, ciphertexts: Sequence[bytes]) -> bytes:
+    name = ref.name.encode("ascii")
+    parts = [
+        REQUEST_MAGIC,
+        _U8.pack(len(name)),
+        name,
+        bytes.fromhex(ref.key_id),
+        bytes.fromhex(ref.manifest_digest),
+        _U32.pack(len(ciphertexts)),
+    ]
     for blob in ciphertexts:
         parts.append(_U32.pack(len(blob)))
         parts.append(bytes(blob))
     return b"".join(parts)
 
 
-def decode_request(body: bytes, max_count: int) -> tuple[str, str, list[memoryview]]:
-    """Inverse of encode_request; HEError on anything malformed."""
-    fix = "send requests made by vllm_tensafe.he.keyholder.RemoteKeyHolder"
+def decode_request(body: bytes, max_count: int) -> tuple[AdapterRef, list[memoryview]]:
+    """Inverse of encode_request; HEError on anything malformed, ProtocolVersionError for v1."""
+    fix = "send requests made by vllm_tensafe.he.remote.RemoteKeyHolder"
     view = memoryview(body)
-    if len(view) < len(REQUEST_MAGIC) + 2 or bytes(view[:8]) != REQUEST_MAGIC:
+    magic = bytes(view[: len(REQUEST_MAGIC)])
+    if magic == _V1_REQUEST_MAGIC:
+        raise ProtocolVersionError(
+            "the host speaks key-holder protocol version 1; this key holder speaks version "
+            f"{PROTOCOL_VERSION}",
+            "upgrade vllm-tensafe on the host to the key holder's version",
+        )
+    if len(view) < len(REQUEST_MAGIC) + 1 or magic != REQUEST_MAGIC:
         raise HEError("not a decrypt request (bad magic)", fix)
     pos = len(REQUEST_MAGIC)
-    (n,) = _U16.unpack_from(view, pos)
-    pos += 2
-    if n == 0 or n > MAX_ADAPTER_ID or pos + n + 32 + 4 > len(view):
-        raise HEError("decrypt request has a malformed adapter id", fix)
+    (n,) = _U8.unpack_from(view, pos)
+    pos += 1
+    if n == 0 or pos + n + 32 + 32 + 4 > len(view):
+        raise HEError("decrypt request has a malformed header", fix)
     try:
-        adapter_id = check_adapter_id(bytes(view[pos : pos + n]).decode("utf-8"))
+        name = bytes(view[pos : pos + n]).decode("ascii")
     except UnicodeDecodeError:
-        raise HEError("adapter id is not valid UTF-8", fix) from None
+        raise HEError("adapter name is not ASCII", f"use {NAME_RULE}") from None
     pos += n
     key_id = bytes(view[pos : pos + 32]).hex()
     pos += 32
+    digest = bytes(view[pos : pos + 32]).hex()
+    pos += 32
+    ref = AdapterRef(name, key_id, digest)
     (count,) = _U32.unpack_from(view, pos)
     pos += 4
     if count == 0 or count > max_count:
@@ -142,13 +160,13 @@ def decode_request(body: bytes, max_count: int) -> tuple[str, str, list[memoryvi
         pos += length
     if pos != len(view):
         raise HEError("decrypt request has trailing bytes", fix)
-    return adapter_id, key_id, blobs
+    return ref, blobs
 
 
-def encode_response(values: Sequence[np.ndarray]) -> bytes:
-    if not values:
+def encode_response(replies: Sequence[np.ndarray]) -> bytes:
+    if not replies:
         return _RESPONSE_HEAD.pack(RESPONSE_MAGIC, 0, 0)
-    arr = np.stack([np.asarray(v, dtype="<f8") for v in values])
+    arr = np.stack([np.asarray(v, dtype="<f8") for v in replies])
     return _RESPONSE_HEAD.pack(RESPONSE_MAGIC, arr.shape[0], arr.shape[1]) + arr.tobytes()
 
 
@@ -180,7 +198,7 @@ class KeyHolder(abc.ABC):
     kind: str
 
     @abc.abstractmethod
-    def decrypt(self, adapter_id: str, key_id: str, ciphertexts: list[bytes]) -> list[np.ndarray]:
+    def decrypt(self, ref: AdapterRef, ciphertexts: Sequence[bytes]) -> list[np.ndarray]:
         """Flooded, rounded slot values (one float64 array of slot_count per ciphertext)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
@@ -224,8 +242,8 @@ class LocalKeyHolder(KeyHolder):
                 "route the adapter to the key holder of the key it was packed with",
             )
 
-    def decrypt(self, adapter_id: str, key_id: str, ciphertexts: list[bytes]) -> list[np.ndarray]:
-        self._check_key(key_id)
+    def decrypt(self, ref: AdapterRef, ciphertexts: Sequence[bytes]) -> list[np.ndarray]:
+        self._check_key(ref.key_id)
         loaded = [
             load_ciphertext(
                 self.ctx,
@@ -238,11 +256,9 @@ class LocalKeyHolder(KeyHolder):
         ]
         return self._decrypt_checked(loaded)
 
-    def _decrypt_ciphertexts(
-        self, adapter_id: str, key_id: str, ciphertexts: Sequence[Any]
-    ) -> list[np.ndarray]:
+    def _decrypt_ciphertexts(self, ref: AdapterRef, ciphertexts: Sequence[Any]) -> list[np.ndarray]:
         """In-process fast path: SEAL ciphertext objects, no serialisation."""
-        self._check_key(key_id)
+        self._check_key(ref.key_id)
         for i, ct in enumerate(ciphertexts):
             check_ciphertext(
                 ct,
@@ -279,210 +295,6 @@ class LocalKeyHolder(KeyHolder):
 
     def __repr__(self) -> str:
         return f"LocalKeyHolder(key_id={self.key_id[:16]}..., flooding={self.flooding})"
-
-
-class RemoteKeyHolder(KeyHolder):
-    """Client of ``vllm-tensafe key-holder serve`` (stdlib http.client, keep-alive)."""
-
-    kind = "remote"
-    # Stay well below the service's request limit; one compute() may span several requests.
-    max_request_bytes = 48 << 20
-
-    def __init__(
-        self,
-        url: str,
-        token: str,
-        *,
-        timeout: float = 10.0,
-        retries: int = 2,
-        ca_file: str | None = None,
-    ) -> None:
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ConfigError(
-                f"key holder URL {url!r} is not an http(s) URL with a host",
-                "use e.g. https://keyholder.example:8443",
-            )
-        if not token or any(ch.isspace() for ch in token):
-            raise ConfigError(
-                "key holder token is empty or contains whitespace",
-                "put the bearer token alone in the token file",
-            )
-        if not (timeout > 0 and math.isfinite(timeout)):
-            raise ConfigError(f"key holder timeout {timeout!r} must be > 0", "use e.g. 10")
-        if retries < 0:
-            raise ConfigError(f"key holder retries {retries!r} must be >= 0", "use e.g. 2")
-        self.url = url.rstrip("/")
-        self._host = parsed.hostname
-        self._port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        self._base = parsed.path.rstrip("/")
-        self._https = parsed.scheme == "https"
-        self._token = token
-        self.timeout = float(timeout)
-        self.retries = int(retries)
-        self._ssl: ssl.SSLContext | None = None
-        if self._https:
-            self._ssl = ssl.create_default_context(cafile=ca_file)
-        elif ca_file:
-            log.warning("key holder CA file %s is ignored for a plain http:// URL", ca_file)
-        self._conn: http.client.HTTPConnection | None = None
-        self._lock = threading.Lock()
-
-    # --- transport -------------------------------------------------------------------------
-
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            conn: http.client.HTTPConnection
-            if self._https:
-                conn = http.client.HTTPSConnection(
-                    self._host, self._port, timeout=self.timeout, context=self._ssl
-                )
-            else:
-                conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
-            conn.connect()
-            # One small request per layer per step: Nagle + delayed ACK would add ~40 ms each.
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._conn = conn
-        return self._conn
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            finally:
-                self._conn = None
-
-    def _request(
-        self, method: str, path: str, body: bytes | None = None, content_type: str | None = None
-    ) -> tuple[int, str, bytes]:
-        headers = {"Authorization": f"Bearer {self._token}", "Connection": "keep-alive"}
-        if content_type:
-            headers["Content-Type"] = content_type
-        deadline_note = f"{self.timeout:g}s"
-        last: BaseException | None = None
-        with self._lock:
-            for attempt in range(self.retries + 1):
-                try:
-                    conn = self._connection()
-                    conn.request(method, self._base + path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                    if resp.will_close:
-                        self._drop()
-                    return resp.status, resp.getheader("Content-Type", ""), data
-                except TimeoutError:
-                    # Not retried: a retry could double the wait beyond the caller's timeout.
-                    self._drop()
-                    raise KeyHolderUnavailableError(
-                        f"key holder {self.url} did not answer within {deadline_note}",
-                        "check the key holder's health and load, or raise "
-                        "TENSAFE_KEY_HOLDER_TIMEOUT",
-                    ) from None
-                except ssl.SSLError as exc:
-                    self._drop()
-                    raise KeyHolderUnavailableError(
-                        f"TLS with key holder {self.url} failed: {exc}",
-                        "check TENSAFE_KEY_HOLDER_CA and the key holder's certificate",
-                    ) from None
-                except (OSError, http.client.HTTPException) as exc:
-                    # Refused, reset, or a stale keep-alive connection: reconnect and retry.
-                    self._drop()
-                    last = exc
-                    if attempt < self.retries:
-                        time.sleep(min(0.05 * (2**attempt), 0.5))
-        raise KeyHolderUnavailableError(
-            f"key holder {self.url} is unreachable after {self.retries + 1} attempts: "
-            f"{type(last).__name__}: {last}",
-            "start the key holder (vllm-tensafe key-holder serve) or fix TENSAFE_KEY_HOLDER_URL",
-        )
-
-    @staticmethod
-    def _error(status: int, data: bytes, url: str) -> KeyHolderError:
-        try:
-            payload = json.loads(data.decode("utf-8"))
-            code = str(payload.get("error", ""))
-            cause = str(payload.get("cause", "")) or f"HTTP {status}"
-            fix = payload.get("fix")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            code, cause, fix = "", f"HTTP {status} from key holder {url}", None
-        if status in (401, 403) or code == "unauthorized":
-            return KeyHolderAuthError(
-                f"key holder {url} refused the host's token: {cause}",
-                fix or "put a token the key holder accepts in TENSAFE_KEY_HOLDER_TOKEN_FILE",
-            )
-        if code == "adapter_revoked":
-            return AdapterRevokedError(cause, fix or "ask the adapter owner")
-        if code == "budget_exhausted":
-            return BudgetExhaustedError(cause, fix or "ask the adapter owner for more budget")
-        if code == "foreign_ciphertext":
-            return ForeignCiphertextError(cause, fix)
-        if status >= 500:
-            return KeyHolderUnavailableError(
-                f"key holder {url} failed: {cause}", fix or "check the key holder's log"
-            )
-        return KeyHolderError(f"key holder {url} refused the request: {cause}", fix)
-
-    # --- API -------------------------------------------------------------------------------
-
-    def decrypt(self, adapter_id: str, key_id: str, ciphertexts: list[bytes]) -> list[np.ndarray]:
-        check_adapter_id(adapter_id)
-        check_key_id(key_id)
-        out: list[np.ndarray] = []
-        batch: list[bytes] = []
-        size = 0
-        for blob in ciphertexts:
-            if batch and size + len(blob) > self.max_request_bytes:
-                out.extend(self._decrypt_batch(adapter_id, key_id, batch))
-                batch, size = [], 0
-            batch.append(blob)
-            size += len(blob) + 4
-        if batch:
-            out.extend(self._decrypt_batch(adapter_id, key_id, batch))
-        return out
-
-    def _decrypt_batch(self, adapter_id: str, key_id: str, batch: list[bytes]) -> list[np.ndarray]:
-        body = encode_request(adapter_id, key_id, batch)
-        status, ctype, data = self._request("POST", "/v1/decrypt", body, REQUEST_CONTENT_TYPE)
-        if status != 200:
-            raise self._error(status, data, self.url)
-        if not ctype.startswith(RESPONSE_CONTENT_TYPE):
-            raise KeyHolderError(
-                f"key holder {self.url} answered with content type {ctype!r}",
-                "check that the URL points at a vllm-tensafe key holder",
-            )
-        return decode_response(data, len(batch))
-
-    def _json(self, method: str, path: str) -> dict[str, Any]:
-        status, _, data = self._request(method, path)
-        if status != 200:
-            raise self._error(status, data, self.url)
-        try:
-            payload = json.loads(data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            raise KeyHolderError(
-                f"key holder {self.url} sent a malformed JSON reply", "check the key holder"
-            ) from None
-        if not isinstance(payload, dict):
-            raise KeyHolderError(f"key holder {self.url} sent unexpected JSON", "check it")
-        return payload
-
-    def health(self) -> dict[str, Any]:
-        return self._json("GET", "/health")
-
-    def adapter_status(self, adapter_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/adapters/{quote(check_adapter_id(adapter_id), safe='')}")
-
-    def revoke(self, adapter_id: str) -> dict[str, Any]:
-        return self._json(
-            "POST", f"/v1/adapters/{quote(check_adapter_id(adapter_id), safe='')}/revoke"
-        )
-
-    def close(self) -> None:
-        with self._lock:
-            self._drop()
-
-    def __repr__(self) -> str:
-        return f"RemoteKeyHolder(url={self.url!r})"
 
 
 def token_fingerprint(token: str) -> str:
@@ -531,11 +343,15 @@ def key_holder_from_settings(settings: TenSafeSettings) -> KeyHolder:
                 "key_holder is 'remote' but the URL or token file is missing",
                 "set TENSAFE_KEY_HOLDER_URL and TENSAFE_KEY_HOLDER_TOKEN_FILE",
             )
+        from vllm_tensafe.he.remote import RemoteKeyHolder
+
         return RemoteKeyHolder(
             settings.key_holder_url,
             read_token_file(settings.key_holder_token_file),
             timeout=settings.key_holder_timeout,
             retries=settings.key_holder_retries,
             ca_file=str(settings.key_holder_ca) if settings.key_holder_ca else None,
+            client_cert=settings.key_holder_client_cert,
+            client_key=settings.key_holder_client_key,
         )
     raise ConfigError(f"unknown key holder kind {settings.key_holder!r}", "use 'local' or 'remote'")

@@ -565,6 +565,21 @@ def read_signed_manifest(
     )
 
 
+def read_manifest_digest(path: str | os.PathLike[str]) -> tuple[str, str, str]:
+    """(adapter name, CKKS key id, manifest digest) of a package, NOT authenticated: what a host
+    puts in its decrypt requests (open_package authenticates the same bytes)."""
+    try:
+        with ContainerReader(path) as reader:
+            manifest_bytes = reader.read(MANIFEST)
+        manifest = validate_manifest(parse_canonical_json(manifest_bytes))
+    except TsspError:
+        raise
+    except (Exception, RecursionError) as exc:
+        raise _guard(path, exc) from exc
+    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    return manifest.name, manifest.he.public_key_id, digest
+
+
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of a package, structurally checked but NOT authenticated (for display)."""
     try:
