@@ -93,6 +93,10 @@ class RemoteKeyHolder(KeyHolder):
         client_key: str | os.PathLike[str] | None = None,
     ) -> None:
         parsed = urlparse(url)
+        try:
+            port = parsed.port
+        except ValueError:
+            port, parsed = None, parsed._replace(scheme="")
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ConfigError(
                 f"key holder URL {url!r} is not an http(s) URL with a host",
@@ -122,7 +126,7 @@ class RemoteKeyHolder(KeyHolder):
             )
         self.url = url.rstrip("/")
         self._host = parsed.hostname
-        self._port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        self._port = port or (443 if parsed.scheme == "https" else 80)
         self._base = parsed.path.rstrip("/")
         self._https = parsed.scheme == "https"
         self._token = token
@@ -175,9 +179,8 @@ class RemoteKeyHolder(KeyHolder):
         """The error for a TLS failure that retrying cannot fix, or None (a connection loss)."""
         if isinstance(exc, ssl.SSLCertVerificationError):
             reason = exc.verify_message or str(exc)
-            if (
-                exc.verify_code == 62 or "hostname" in reason.lower()
-            ):  # X509_V_ERR_HOSTNAME_MISMATCH
+            # X509_V_ERR_HOSTNAME_MISMATCH (62), _EMAIL_ (63), _IP_ADDRESS_MISMATCH (64)
+            if exc.verify_code in (62, 63, 64) or "mismatch" in reason.lower():
                 cause = (
                     f"the key holder's certificate does not name {self._host} in its "
                     f"subjectAltName ({reason})"
@@ -267,6 +270,8 @@ class RemoteKeyHolder(KeyHolder):
                 f"key holder {url} refused the host's token: {cause}",
                 "put a token the key holder accepts in TENSAFE_KEY_HOLDER_TOKEN_FILE",
             )
+        if code == "client_certificate_required":
+            return KeyHolderAuthError(f"key holder {url}: {cause}", fix)
         if code == "adapter_revoked":
             return AdapterRevokedError(cause, fix or "ask the adapter owner")
         if code == "budget_exhausted":

@@ -275,17 +275,26 @@ def install_api_error_hook() -> None:
     if getattr(original, "_tensafe", False):
         return
 
-    class EncryptedAdapterUnavailable(RetryableRequestError):
+    from http import HTTPStatus
+
+    from vllm.exceptions import GracefulHTTPError
+
+    # Both are also GracefulHTTPError, so vLLM's error response names the HTTP status they
+    # carry ("Forbidden", "Service Unavailable") instead of "InternalServerError".
+    class EncryptedAdapterUnavailable(RetryableRequestError, GracefulHTTPError):
         """The key holder could not be reached: retrying later may succeed (HTTP 503)."""
 
-    class EncryptedAdapterRefused(GenerationError):
-        """The key holder refused (revoked, budget, credentials): HTTP 403."""
+        def __init__(self, message: str) -> None:
+            RetryableRequestError.__init__(self, message)
+            self.message, self.http_status = message, HTTPStatus.SERVICE_UNAVAILABLE
+
+    class EncryptedAdapterRefused(GenerationError, GracefulHTTPError):
+        """The key holder refused (revoked, budget, credentials, policy): HTTP 403."""
 
         def __init__(self, message: str) -> None:
-            super().__init__(message)
-            from http import HTTPStatus
-
+            GenerationError.__init__(self, message)
             self.status_code = HTTPStatus.FORBIDDEN
+            self.message, self.http_status = message, HTTPStatus.FORBIDDEN
 
     def _raise_if_error(self: Any, finish_reason: str | None, request_id: str) -> None:
         if finish_reason == "error":
@@ -302,6 +311,19 @@ def install_api_error_hook() -> None:
 
     _raise_if_error._tensafe = True  # type: ignore[attr-defined]
     cls._raise_if_error = _raise_if_error
+
+    original_stream_error = cls._convert_generation_error_to_streaming_response
+
+    def _convert_generation_error_to_streaming_response(self: Any, e: Any) -> str:
+        # vLLM names every generation error "InternalServerError" in a stream; ours carry
+        # their own status, so the stream's error says "Forbidden" for a revoked adapter.
+        if isinstance(e, (EncryptedAdapterRefused, EncryptedAdapterUnavailable)):
+            return self.create_streaming_error_response(e)
+        return original_stream_error(self, e)
+
+    cls._convert_generation_error_to_streaming_response = (
+        _convert_generation_error_to_streaming_response
+    )
 
 
 def _find_raise_owner(module: Any) -> Any:

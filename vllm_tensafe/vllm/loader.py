@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -39,6 +40,13 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
             "start vLLM without --fully-sharded-loras",
         )
     model = manager._adapter_manager.model
+    started = time.perf_counter()
+    logger.info(
+        "Loading encrypted adapter %r for its first request in this worker: verifying the "
+        "package's signature and digests and reading its CKKS ciphertexts (once per worker; "
+        "later requests reuse them)",
+        lora_request.lora_name,
+    )
     package = runtime.open_package(lora_request.lora_path, text_config_dict(model.config))
 
     peft_helper = PEFTHelper.from_dict(
@@ -90,6 +98,9 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
         rank=package.rank,
         matrices={name: entry.encrypted_b for name, entry in package.modules.items()},
         engine=runtime.engine_for(package),
+        key_id=package.public_context.key_id,
+        manifest_digest=package.manifest_digest,
+        adapter_version=package.adapter_version,
         summary={
             "name": package.name,
             "signer_key_id": package.signer_key_id,
@@ -107,15 +118,18 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
         },
     )
     lora.tensafe_adapter = adapter  # read by the activation hook in layers.py
-    runtime.adapters[lora_request.lora_int_id] = adapter
+    runtime.register(adapter)
     logger.info(
-        "Loaded encrypted adapter %r (id %d, rank %d, %d modules, signer %s) from %s",
+        "Loaded encrypted adapter %r version %d (id %d, rank %d, %d modules, signer %s) from %s "
+        "in %.1fs",
         package.name,
+        package.adapter_version,
         lora_request.lora_int_id,
         package.rank,
         len(package.modules),
         package.signer_key_id or "NOT VERIFIED",
         lora_request.lora_path,
+        time.perf_counter() - started,
     )
     return lora
 

@@ -235,6 +235,17 @@ def build_app(
                 "retry once it is back; requests in flight were completed",
                 True,
             )
+        if service.client_certificates_required and not request.scope.get(
+            "tensafe.client_certificate"
+        ):
+            return error(
+                403,
+                "client_certificate_required",
+                "this key holder requires a client certificate (mTLS) and none was presented",
+                "set --tensafe-key-holder-client-cert/-key on the host to a certificate signed "
+                "by the key holder's --client-ca (vllm-tensafe key-holder cert --client NAME)",
+                True,
+            )
         try:
             return await call_next(request)
         except _Rejected as rejected:

@@ -36,14 +36,44 @@ log = logging.getLogger("vllm_tensafe.key_holder")
 DEFAULT_PORT = 8443
 
 
+# The ASGI scope key that says whether the peer presented a (CA-verified) client certificate.
+CLIENT_CERT_SCOPE_KEY = "tensafe.client_certificate"
+
+
+def quiet_loop() -> asyncio.AbstractEventLoop:
+    """uvicorn's event loop (uvloop when installed), logging expected network errors (a
+    plain-HTTP probe of the TLS port, a refused client certificate, a reset) as one line."""
+    try:
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    loop.set_exception_handler(_network_error_handler)
+    return loop
+
+
+def _network_error_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    exc = context.get("exception")
+    if isinstance(exc, (OSError, ssl.SSLError, EOFError)):
+        reason = getattr(exc, "reason", None) or exc.__class__.__name__
+        log.info("connection dropped: %s (%s)", context.get("message", "network error"), reason)
+        return
+    loop.default_exception_handler(context)
+
+
 def _protocol_class(limits: Limits) -> type[asyncio.Protocol]:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class _BoundedProtocol(HttpToolsProtocol):
         _header_deadline: asyncio.TimerHandle | None = None
+        _client_cert = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            # Set only by a verified handshake (the server context verifies it against
+            # --client-ca), so a present certificate is a valid one.
+            self._client_cert = bool(transport.get_extra_info("peercert"))
             if len(self.connections) > limits.max_connections:
                 log.warning("connection limit (%d) reached; closing one", limits.max_connections)
                 transport.close()
@@ -69,6 +99,7 @@ def _protocol_class(limits: Limits) -> type[asyncio.Protocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self.scope[CLIENT_CERT_SCOPE_KEY] = self._client_cert  # type: ignore[literal-required]
             self._arm_header_deadline()
 
         def on_headers_complete(self) -> None:
@@ -165,6 +196,10 @@ class KeyHolderService:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{host}:{self.port}"
 
+    @property
+    def client_certificates_required(self) -> bool:
+        return self.tls is not None and self.tls.client_ca is not None
+
     def health(self) -> dict[str, Any]:
         return {
             "status": "ok",
@@ -215,6 +250,7 @@ class KeyHolderService:
             app,
             http=_protocol_class(self.limits),
             lifespan="off",
+            loop="vllm_tensafe.he.service.server:quiet_loop",
             log_config=None,
             access_log=False,
             proxy_headers=False,
@@ -246,7 +282,7 @@ class KeyHolderService:
                 raise ConfigError(f"the key holder did not start on {self.url}", "see its log")
             time.sleep(0.01)
         log.info(
-            "key holder listening on %s: keys %s, adapters %s, audit chain head %s",
+            "key holder serving %s with keys %s, adapters %s; audit chain head %s",
             self.url,
             ", ".join(k[:16] for k in self.key_ids),
             self.policy.describe(),
