@@ -123,3 +123,53 @@ def service(make_service: Callable[..., Any]) -> Any:
 
 def u(rows: int) -> np.ndarray:
     return np.random.default_rng(rows).normal(size=(rows, 8))
+
+
+@dataclass(frozen=True)
+class Owner:
+    root: Path
+    signing: Path  # PREFIX (.key, .pub)
+    packages: Path  # folder: sql-adapter v2 and billing, each under its own key
+    # sql_v1: an older package of sql-adapter (not in the folder)
+    sql_v1: Path
+    sql_v2: Path
+    billing: Path
+
+
+def cli(*args: object) -> None:
+    from vllm_tensafe.cli import main
+
+    assert main([str(a) for a in args]) == 0
+
+
+@pytest.fixture(scope="session")
+def owner(tmp_path_factory: pytest.TempPathFactory) -> Owner:
+    from vllm_tensafe.testing import build_tiny_model, make_adapter
+
+    root = tmp_path_factory.mktemp("owner")
+    model = build_tiny_model(root / "model", "llama")
+    adapter = make_adapter(model, root / "peft")
+    cli("keygen", "signing", "--out", root / "owner")
+    cli("keygen", "he", "--out", root / "sql")
+    cli("keygen", "he", "--out", root / "billing")
+    packages = root / "packages"
+    packages.mkdir()
+    old = root / "old"
+    old.mkdir()
+    common = ["--base-model", model, "--signing-key", root / "owner.key", "-q"]
+    # Two versions of sql-adapter under its key; the records pick versions 1 and 2.
+    cli(
+        "pack", adapter, *common, "--he-public", root / "sql.public", "-o", old / "sql-adapter.tssp"
+    )
+    cli("pack", adapter, *common, "--he-public", root / "sql.public",
+         "-o", packages / "sql-adapter.tssp")  # fmt: skip
+    cli("pack", adapter, *common, "--he-public", root / "billing.public",
+         "-o", packages / "billing.tssp")  # fmt: skip
+    return Owner(
+        root,
+        root / "owner",
+        packages,
+        old / "sql-adapter.tssp",
+        packages / "sql-adapter.tssp",
+        packages / "billing.tssp",
+    )

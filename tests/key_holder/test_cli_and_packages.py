@@ -7,63 +7,16 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.key_holder.conftest import Owner, cli
 from vllm_tensafe.cli import main
 from vllm_tensafe.errors import ConfigError
 from vllm_tensafe.he.remote import RemoteKeyHolder
 
 BIN = Path(sys.executable).with_name("vllm-tensafe")
-
-
-@dataclass(frozen=True)
-class Owner:
-    root: Path
-    signing: Path  # PREFIX (.key, .pub)
-    packages: Path  # folder: sql-adapter v1 and v2 (one key), billing (its own key)
-    sql_v1: Path
-    sql_v2: Path
-    billing: Path
-
-
-def _cli(*args: object) -> None:
-    assert main([str(a) for a in args]) == 0
-
-
-@pytest.fixture(scope="module")
-def owner(tmp_path_factory: pytest.TempPathFactory) -> Owner:
-    from vllm_tensafe.testing import build_tiny_model, make_adapter
-
-    root = tmp_path_factory.mktemp("owner")
-    model = build_tiny_model(root / "model", "llama")
-    adapter = make_adapter(model, root / "peft")
-    _cli("keygen", "signing", "--out", root / "owner")
-    _cli("keygen", "he", "--out", root / "sql")
-    _cli("keygen", "he", "--out", root / "billing")
-    packages = root / "packages"
-    packages.mkdir()
-    old = root / "old"
-    old.mkdir()
-    common = ["--base-model", model, "--signing-key", root / "owner.key", "-q"]
-    # Two versions of sql-adapter under its key; the records pick versions 1 and 2.
-    _cli(
-        "pack", adapter, *common, "--he-public", root / "sql.public", "-o", old / "sql-adapter.tssp"
-    )
-    _cli("pack", adapter, *common, "--he-public", root / "sql.public",
-         "-o", packages / "sql-adapter.tssp")  # fmt: skip
-    _cli("pack", adapter, *common, "--he-public", root / "billing.public",
-         "-o", packages / "billing.tssp")  # fmt: skip
-    return Owner(
-        root,
-        root / "owner",
-        packages,
-        old / "sql-adapter.tssp",
-        packages / "sql-adapter.tssp",
-        packages / "billing.tssp",
-    )
 
 
 def test_pack_recorded_versions_and_keys(owner: Owner) -> None:
@@ -117,7 +70,7 @@ def test_one_key_for_two_adapters_is_refused_at_start(owner: Owner, tmp_path: Pa
               "--he-public", owner.root / "sql.public"]  # fmt: skip
     # pack refuses the shared key unless told otherwise...
     assert main(["pack", str(adapter), *map(str, common), "-o", str(folder / "x.tssp")]) == 1
-    _cli("pack", adapter, *common, "--allow-shared-key", "-o", folder / "sql-copy.tssp")
+    cli("pack", adapter, *common, "--allow-shared-key", "-o", folder / "sql-copy.tssp")
     (folder / "sql-adapter.tssp").symlink_to(owner.sql_v2)
     # ...and the key holder refuses to bind one key to two adapters.
     with pytest.raises(ConfigError, match="bound to adapters"):
@@ -149,10 +102,10 @@ def test_operator_workflow(
     """cert, token, serve (TLS), status/revoke/unrevoke, SIGTERM, audit verify."""
     kh = tmp_path / "kh"
     kh.mkdir()
-    _cli("key-holder", "cert", "--out", kh / "tls", "--host", "127.0.0.1")
-    _cli("key-holder", "token", "--token-file", kh / "tokens", "--out", kh / "host.token",
+    cli("key-holder", "cert", "--out", kh / "tls", "--host", "127.0.0.1")
+    cli("key-holder", "token", "--token-file", kh / "tokens", "--out", kh / "host.token",
          "--host", "gpu-1")  # fmt: skip
-    _cli("key-holder", "token", "--token-file", kh / "tokens", "--out", kh / "admin.token",
+    cli("key-holder", "token", "--token-file", kh / "tokens", "--out", kh / "admin.token",
          "--role", "admin")  # fmt: skip
     assert (kh / "tokens").stat().st_mode & 0o777 == 0o600
     (kh / "revoked.txt").write_text("")
@@ -180,13 +133,13 @@ def test_operator_workflow(
         admin = ["--url", url, "--token-file", str(kh / "admin.token"),
                  "--ca", str(kh / "tls" / "ca.pem")]  # fmt: skip
         capsys.readouterr()
-        _cli("key-holder", "revoke", "sql-adapter", *admin)
+        cli("key-holder", "revoke", "sql-adapter", *admin)
         assert json.loads(capsys.readouterr().out)["revoked"] is True
         assert "sql-adapter" in (kh / "revoked.txt").read_text().split()
-        _cli("key-holder", "status", *admin)
+        cli("key-holder", "status", *admin)
         listed = {a["adapter"]: a for a in json.loads(capsys.readouterr().out)["adapters"]}
         assert listed["sql-adapter"]["revoked"] and not listed["billing"]["revoked"]
-        _cli("key-holder", "unrevoke", "sql-adapter", *admin)
+        cli("key-holder", "unrevoke", "sql-adapter", *admin)
         assert json.loads(capsys.readouterr().out)["revoked"] is False
         # A decrypt token is not an admin token.
         assert main(["key-holder", "revoke", "billing", "--url", url, "--token-file",
@@ -201,7 +154,7 @@ def test_operator_workflow(
     assert proc.stderr is not None
     log = proc.stderr.read()
     assert host_token not in log and "Traceback" not in log
-    _cli("key-holder", "audit", "verify", kh / "audit.jsonl")
+    cli("key-holder", "audit", "verify", kh / "audit.jsonl")
 
 
 def test_serve_refuses_plain_http_beyond_loopback(owner: Owner, tmp_path: Path) -> None:
