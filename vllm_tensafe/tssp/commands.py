@@ -338,10 +338,11 @@ def size_note(manifest: dict[str, Any], profile: Any, size: int) -> str:
     ratio = size / plain if plain else float("inf")
     return (
         f"size: {_human(size)}, about {ratio:,.0f}x the adapter's {_human(plain)} of float32 "
-        f"weights. B' is encrypted: {cts} CKKS ciphertexts of {_human(profile.ciphertext_bytes)} "
-        f"each (ring degree {profile.poly_modulus_degree}, {profile.data_primes} primes, profile "
-        f"{profile.name}), each holding {profile.slot_count} slots whatever the rank; A' is "
-        "stored in plaintext. This is the cost of keeping B' encrypted, not a defect."
+        f"weights. B' is encrypted as {cts} CKKS ciphertexts of "
+        f"{_human(profile.ciphertext_bytes)} each (ring degree {profile.poly_modulus_degree}, "
+        f"{profile.data_primes} primes, profile {profile.name}); a ciphertext is that large "
+        f"whatever it holds (up to {profile.slot_count} values), so small adapters grow most. "
+        "A' is stored in plaintext. This is the cost of keeping B' encrypted, not a defect."
     )
 
 

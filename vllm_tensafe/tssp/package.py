@@ -39,6 +39,7 @@ from vllm_tensafe.errors import (
     MalformedPackageError,
     PackageExpiredError,
     SignatureError,
+    TenSafeError,
     TsspError,
     UntrustedSignerError,
 )
@@ -378,7 +379,7 @@ def open_package(
     """
     try:
         return _open(path, trust_store, verify_signature, base_model_config, versions)
-    except TsspError:
+    except TenSafeError:  # TsspError, or ConfigError from the version ledger
         raise
     except (Exception, RecursionError) as exc:
         raise _guard(path, exc) from exc
@@ -461,7 +462,7 @@ def verify_package(
     """
     try:
         return _verify(path, trust_store, base_model_config, versions)
-    except TsspError:
+    except TenSafeError:  # TsspError, or ConfigError from the version ledger
         raise
     except (Exception, RecursionError) as exc:
         raise _guard(path, exc) from exc
@@ -548,7 +549,7 @@ def read_signed_manifest(
     try:
         with ContainerReader(path) as reader:
             auth = _authenticate(reader, trust_store, True)
-    except TsspError:
+    except TenSafeError:  # TsspError, or ConfigError from the version ledger
         raise
     except (Exception, RecursionError) as exc:
         raise _guard(path, exc) from exc
@@ -572,7 +573,7 @@ def read_manifest_digest(path: str | os.PathLike[str]) -> tuple[str, str, str]:
         with ContainerReader(path) as reader:
             manifest_bytes = reader.read(MANIFEST)
         manifest = validate_manifest(parse_canonical_json(manifest_bytes))
-    except TsspError:
+    except TenSafeError:  # TsspError, or ConfigError from the version ledger
         raise
     except (Exception, RecursionError) as exc:
         raise _guard(path, exc) from exc
@@ -587,7 +588,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
             manifest_dict = parse_canonical_json(reader.read(MANIFEST))
         validate_manifest(manifest_dict)
         return manifest_dict
-    except TsspError:
+    except TenSafeError:  # TsspError, or ConfigError from the version ledger
         raise
     except (Exception, RecursionError) as exc:
         raise _guard(path, exc) from exc
@@ -604,7 +605,7 @@ def inspect_package(
     """
     try:
         return _inspect(path, trust_store)
-    except TsspError:
+    except TenSafeError:  # TsspError, or ConfigError from the version ledger
         raise
     except (Exception, RecursionError) as exc:
         raise _guard(path, exc) from exc
