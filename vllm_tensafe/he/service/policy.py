@@ -145,6 +145,15 @@ class AdapterPolicy:
             )
         return policy
 
+    @classmethod
+    def from_packages(
+        cls, paths: Iterable[str | os.PathLike[str]], trust_store: TrustStore
+    ) -> AdapterPolicy:
+        policy = cls()
+        for path in paths:
+            policy._add_package(Path(path), trust_store)
+        return policy
+
     def _add_package(self, path: Path, trust_store: TrustStore | None) -> None:
         from vllm_tensafe.tssp.package import read_signed_manifest
 
