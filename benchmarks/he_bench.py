@@ -42,11 +42,13 @@ from vllm_tensafe.he import (
     generate_keys,
 )
 from vllm_tensafe.he.flooding import complex_normal, uniform_mask
+from vllm_tensafe.he.keyholder import AdapterRef
 from vllm_tensafe.he.packing import ciphertext_to_bytes, load_ciphertext
 
 SHAPES = [(128, 8), (896, 8), (4096, 16)]
 TOKENS = [1, 16, 64]
 TOKEN = "bench-token-0123456789abcdef"
+BENCH_DIGEST = "be" * 32  # the key holder's policy accepts this "package" for adapter bench
 SERVE = """
 import argparse, sys
 from vllm_tensafe.he.service import add_commands
@@ -59,10 +61,20 @@ sys.exit(args.handler(args))
 
 def start_service(secret: Any, workdir: Path) -> tuple[subprocess.Popen[str], str]:
     """`key-holder serve` in a child process; returns it and its URL."""
+    import json
+
     secret_path, token_path = workdir / "bench.secret", workdir / "tokens"
     secret.save(secret_path)
     token_path.write_text(TOKEN + "\n")
     token_path.chmod(0o600)
+    # No package here: a policy file binds the benchmark's adapter name to its key.
+    policy = workdir / "adapters.json"
+    policy.write_text(
+        json.dumps(
+            {"adapters": [{"name": "bench", "key_id": secret.key_id,
+                           "manifests": [{"digest": BENCH_DIGEST}]}]}
+        )
+    )  # fmt: skip
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -76,6 +88,10 @@ def start_service(secret: Any, workdir: Path) -> tuple[subprocess.Popen[str], st
             "0",
             "--token-file",
             str(token_path),
+            "--adapters",
+            str(policy),
+            "--audit-log",
+            str(workdir / "audit.jsonl"),
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -227,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     service, url = start_service(secret, Path(workdir.name))
     remote_holder = RemoteKeyHolder(url, TOKEN, timeout=60)
     remote = DeltaEngine(ctx, remote_holder)
+    ref = AdapterRef("bench", ctx.key_id, BENCH_DIGEST)
     rng = np.random.default_rng(1)
     results = []
     try:
@@ -238,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 before = local.stats.as_dict()
                 t_local = timed(lambda items=items: local.compute("bench", items), args.repeats)
                 after = local.stats.as_dict()
-                t_remote = timed(lambda items=items: remote.compute("bench", items), args.repeats)
+                t_remote = timed(lambda items=items: remote.compute(ref, items), args.repeats)
                 t_seal = timed(lambda items=items: seal_loop.compute("bench", items), args.repeats)
                 k = matrix.tokens_per_ciphertext
                 cts = -(-tokens // k) * matrix.n_chunks
