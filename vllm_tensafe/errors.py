@@ -87,16 +87,16 @@ class KeyHolderForbiddenError(KeyHolderError):
     not bound to it, or a token without the scope (HTTP 403 at the key holder)."""
 
 
-class ProtocolVersionError(KeyHolderError):
-    """The other side speaks another version of the decrypt protocol."""
-
-
 class AdapterRevokedError(KeyHolderError):
     """The adapter owner revoked this adapter at the key holder."""
 
 
 class BudgetExhaustedError(KeyHolderError):
     """The adapter's decryption budget at the key holder is used up."""
+
+
+class ProtocolVersionError(KeyHolderError):
+    """Host and key holder speak different versions of the decrypt protocol."""
 
 
 class ForeignCiphertextError(KeyHolderError):

@@ -47,7 +47,7 @@ def _adapter(name: str, seed: int) -> Adapter:
     import tenseal.sealapi as seal
 
     from vllm_tensafe.he import generate_keys
-    from vllm_tensafe.he.packing import ciphertext_to_bytes
+    from vllm_tensafe.he.keyholder import encode_ciphertext
 
     secret, ctx = generate_keys("default")
     matrix = encrypt_matrix(ctx, np.random.default_rng(seed).normal(size=(128, 8)) * 0.05)
@@ -55,7 +55,7 @@ def _adapter(name: str, seed: int) -> Adapter:
     ctx.encoder.encode(0.5, ctx.parms_id, ctx.profile.u_scale, plain)
     product = seal.Ciphertext(ctx.context)
     ctx.evaluator.multiply_plain(matrix.ciphertexts[0][0], plain, product)
-    blob = ciphertext_to_bytes(product)
+    blob = encode_ciphertext(product)
     return Adapter(name, secret, ctx, digest_of(f"{name}-v1"), matrix, blob)
 
 

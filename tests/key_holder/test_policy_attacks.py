@@ -108,9 +108,9 @@ def test_crafted_ciphertexts_under_another_adapters_key_are_refused(
 ) -> None:
     """The host asks as billing, but with sql-adapter's key: it could decrypt only under the
     key the request names, and that key is not billing's. Nothing is decrypted."""
-    from tests.he.test_keyholder import _crafted_queries
+    from tests.he.test_keyholder import _crafted_query
 
-    crafted = _crafted_queries(sql.ctx, 1 << 100)
+    crafted = [_crafted_query(sql.ctx, 1 << 100)]
     seen = _count_decryptions(service, monkeypatch)
     holder = RemoteKeyHolder(service.url, DECRYPT_TOKEN)
     with pytest.raises(KeyHolderForbiddenError, match="not bound to key"):
@@ -228,7 +228,20 @@ def test_v1_host_gets_a_clear_protocol_error(service: Any, sql: Adapter) -> None
     resp = conn.getresponse()
     reply = json.loads(resp.read())
     assert resp.status == 400 and reply["error"] == "protocol_version"
-    assert "version 1" in reply["cause"] and "version 2" in reply["cause"]
+    assert "protocol v1" in reply["cause"] and "v2" in reply["cause"]
+    # A v1 host also says so in its content type: the same refusal, before the body is used.
+    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+    conn.request(
+        "POST",
+        "/v1/decrypt",
+        body=body,
+        headers={
+            "Authorization": f"Bearer {DECRYPT_TOKEN}",
+            "Content-Type": "application/vnd.tensafe.decrypt-v1",
+        },
+    )
+    resp = conn.getresponse()
+    assert resp.status == 400 and json.loads(resp.read())["error"] == "protocol_version"
     error = RemoteKeyHolder(service.url, DECRYPT_TOKEN)._error(
         resp.status, json.dumps(reply).encode()
     )

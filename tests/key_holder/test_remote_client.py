@@ -59,6 +59,51 @@ def _tls(certs: dict[str, Path], prefix: str = "", client_ca: bool = False) -> A
     )
 
 
+def test_remote_delta_is_correct(make_service: Callable[..., Any], sql: Adapter) -> None:
+    """Through HTTP, re-randomised and padded requests, the key holder's flooded replies: the
+    delta is U B'^T within the profile's tolerance, and large batches split over requests."""
+    import numpy as np
+
+    from tests.he.helpers import make_lora
+    from vllm_tensafe.he import DeltaEngine, encrypt_matrix
+
+    service = make_service()
+    rng = np.random.default_rng(3)
+    lora = make_lora(rng, 896, 8, rslora=True)
+    x = rng.normal(size=(9, 48))
+    remote = RemoteKeyHolder(service.url, DECRYPT_TOKEN)
+    engine = DeltaEngine(sql.ctx, remote)
+    items = [(lora.u(x), encrypt_matrix(sql.ctx, lora.b_mixed))]
+    (delta,) = engine.compute(sql.ref, items)
+    assert np.abs(delta - lora.delta(x)).max() <= sql.ctx.profile.tolerance
+    remote.max_request_bytes = 1  # one ciphertext per request
+    (split,) = engine.compute(sql.ref, items)
+    assert np.abs(split - lora.delta(x)).max() <= sql.ctx.profile.tolerance
+    assert service.status("sql-adapter")["decrypt_requests"] > 2
+
+
+def test_key_holder_from_settings(service: Any, tmp_path: Path) -> None:
+    from vllm_tensafe.he import key_holder_from_settings
+    from vllm_tensafe.settings import TenSafeSettings
+
+    token_file = tmp_path / "token"
+    token_file.write_text(DECRYPT_TOKEN + "\n")
+    remote = key_holder_from_settings(
+        TenSafeSettings(
+            key_holder="remote", key_holder_url=service.url, key_holder_token_file=token_file
+        )
+    )
+    assert isinstance(remote, RemoteKeyHolder) and remote.kind == "remote"
+    assert remote.health()["status"] == "ok"
+    token_file.write_text("")
+    with pytest.raises(ConfigError, match="holds 0 tokens"):
+        key_holder_from_settings(
+            TenSafeSettings(
+                key_holder="remote", key_holder_url=service.url, key_holder_token_file=token_file
+            )
+        )
+
+
 def test_plain_http_to_a_remote_host_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"plain HTTP to kh.example, which is not loopback"):
         RemoteKeyHolder("http://kh.example:8443", DECRYPT_TOKEN)

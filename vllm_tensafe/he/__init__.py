@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "DeltaEngine": "delta",
     "DeltaStats": "delta",
+    "AdapterRef": "keyholder",
     "KeyHolder": "keyholder",
     "LocalKeyHolder": "keyholder",
     "RemoteKeyHolder": "remote",
@@ -35,6 +36,7 @@ _EXPORTS = {
 __all__ = [
     "DEFAULT_PROFILE",
     "PROFILES",
+    "AdapterRef",
     "DeltaEngine",
     "DeltaStats",
     "EncryptedMatrix",
@@ -55,7 +57,12 @@ __all__ = [
 
 if TYPE_CHECKING:
     from vllm_tensafe.he.delta import DeltaEngine, DeltaStats
-    from vllm_tensafe.he.keyholder import KeyHolder, LocalKeyHolder, key_holder_from_settings
+    from vllm_tensafe.he.keyholder import (
+        AdapterRef,
+        KeyHolder,
+        LocalKeyHolder,
+        key_holder_from_settings,
+    )
     from vllm_tensafe.he.keys import PublicContext, SecretKeySet, generate_keys, write_keypair
     from vllm_tensafe.he.packing import EncryptedMatrix, ciphertext_count, encrypt_matrix
     from vllm_tensafe.he.profiles import DEFAULT_PROFILE, PROFILES, HEProfile, get_profile

@@ -280,6 +280,12 @@ class RemoteKeyHolder(KeyHolder):
             return ForeignCiphertextError(cause, fix)
         if code == "protocol_version":
             return ProtocolVersionError(f"key holder {url}: {cause}", fix)
+        if "vnd.tensafe.decrypt-v1" in f"{cause} {fix}":  # an old key holder's 415
+            return ProtocolVersionError(
+                f"key holder {url} speaks key-holder protocol v1; this host speaks "
+                f"v{PROTOCOL_VERSION}",
+                "run the same vllm-tensafe release on the host and the key holder",
+            )
         if status in (403, 404, 409):
             return KeyHolderForbiddenError(f"key holder {url} refused: {cause}", fix)
         if code == "shutting_down":
@@ -314,6 +320,12 @@ class RemoteKeyHolder(KeyHolder):
         if status != 200:
             raise self._error(status, data)
         if not ctype.startswith(RESPONSE_CONTENT_TYPE):
+            if ctype.startswith("application/vnd.tensafe.values-v1"):
+                raise ProtocolVersionError(
+                    f"key holder {self.url} speaks key-holder protocol v1; this host speaks "
+                    f"v{PROTOCOL_VERSION}",
+                    "run the same vllm-tensafe release on the host and the key holder",
+                )
             raise KeyHolderError(
                 f"key holder {self.url} answered with content type {ctype!r}",
                 "check that the URL points at a vllm-tensafe key holder of this version",

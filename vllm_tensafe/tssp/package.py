@@ -98,6 +98,7 @@ class TsspPackage:
     name: str
     signer_key_id: str | None  # None only when opened with verify_signature=False
     manifest: dict[str, Any]
+    manifest_digest: str  # SHA-256 (hex) of the signed manifest bytes: names this version
     rank: int
     alpha: float
     scaling: float
@@ -109,9 +110,6 @@ class TsspPackage:
     signature_verified: bool
     size_bytes: int
     mixed: bool = True
-    # SHA-256 of the signed manifest bytes: names this exact package (the key holder's policy
-    # lists the digests it accepts, and the decrypt request carries it).
-    manifest_digest: str = ""
     adapter_version: int = 1
     not_after: str | None = None
 
@@ -163,10 +161,10 @@ class PackageSummary:
 class _Authenticated:
     manifest: Manifest
     manifest_dict: dict[str, Any]
+    manifest_digest: str
     signer_key_id: str | None
     signer_key_source: str | None
     verified: bool
-    manifest_digest: str
 
 
 # --- steps -----------------------------------------------------------------------------------
@@ -243,7 +241,7 @@ def _authenticate(
     validate_binding(manifest.base_model.model_dump())
     source = trust_store.source(signer) if (trust_store is not None and signer) else None
     digest = hashlib.sha256(manifest_bytes).hexdigest()
-    return _Authenticated(manifest, manifest_dict, signer, source, signer is not None, digest)
+    return _Authenticated(manifest, manifest_dict, digest, signer, source, signer is not None)
 
 
 def _check_expiry(manifest: Manifest) -> None:
@@ -431,6 +429,7 @@ def _open(
         name=manifest.name,
         signer_key_id=auth.signer_key_id,
         manifest=auth.manifest_dict,
+        manifest_digest=auth.manifest_digest,
         rank=lora.rank,
         alpha=lora.alpha,
         scaling=lora.scaling,
@@ -442,7 +441,6 @@ def _open(
         signature_verified=auth.verified,
         size_bytes=size,
         mixed=lora.mixed,
-        manifest_digest=auth.manifest_digest,
         adapter_version=manifest.adapter_version,
         not_after=manifest.not_after,
     )

@@ -285,16 +285,18 @@ def install_api_error_hook() -> None:
         """The key holder could not be reached: retrying later may succeed (HTTP 503)."""
 
         def __init__(self, message: str) -> None:
-            RetryableRequestError.__init__(self, message)
-            self.message, self.http_status = message, HTTPStatus.SERVICE_UNAVAILABLE
+            # Exception's own init: the two bases' inits take different arguments.
+            Exception.__init__(self, message)
+            self.message = message
+            self.status_code = self.http_status = HTTPStatus.SERVICE_UNAVAILABLE
 
     class EncryptedAdapterRefused(GenerationError, GracefulHTTPError):
         """The key holder refused (revoked, budget, credentials, policy): HTTP 403."""
 
         def __init__(self, message: str) -> None:
-            GenerationError.__init__(self, message)
-            self.status_code = HTTPStatus.FORBIDDEN
-            self.message, self.http_status = message, HTTPStatus.FORBIDDEN
+            Exception.__init__(self, message)
+            self.message = message
+            self.status_code = self.http_status = HTTPStatus.FORBIDDEN
 
     def _raise_if_error(self: Any, finish_reason: str | None, request_id: str) -> None:
         if finish_reason == "error":

@@ -95,11 +95,10 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
         name=package.name,
         path=os.fspath(lora_request.lora_path),
         signer_key_id=package.signer_key_id,
+        manifest_digest=package.manifest_digest,
         rank=package.rank,
         matrices={name: entry.encrypted_b for name, entry in package.modules.items()},
         engine=runtime.engine_for(package),
-        key_id=package.public_context.key_id,
-        manifest_digest=package.manifest_digest,
         adapter_version=package.adapter_version,
         summary={
             "name": package.name,

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 from vllm_tensafe.settings import TenSafeSettings, load_settings
 
 if TYPE_CHECKING:
-    from vllm_tensafe.he import DeltaEngine, EncryptedMatrix, KeyHolder
-    from vllm_tensafe.he.keyholder import AdapterRef
+    from vllm_tensafe.he import AdapterRef, DeltaEngine, EncryptedMatrix, KeyHolder
     from vllm_tensafe.tssp import TrustStore, TsspPackage, VersionLedger
 
 logger = logging.getLogger("vllm_tensafe.runtime")
@@ -29,6 +28,7 @@ class EncryptedAdapter:
     name: str
     path: str
     signer_key_id: str | None
+    manifest_digest: str
     rank: int
     matrices: dict[str, EncryptedMatrix]
     engine: DeltaEngine
@@ -42,9 +42,6 @@ class EncryptedAdapter:
     he_seconds: float = 0.0
     key_holder_seconds: float = 0.0
     failures: int = 0
-    # What the key holder needs to find this package in its policy (AdapterRef).
-    key_id: str = ""
-    manifest_digest: str = ""
     adapter_version: int = 1
     # The last key-holder refusal, and whether it said "revoked" (cleared by a success).
     last_error: str | None = None
@@ -57,9 +54,10 @@ class EncryptedAdapter:
 
     @property
     def ref(self) -> AdapterRef:
+        """What the key holder is told on every decrypt: name, key id, manifest digest."""
         from vllm_tensafe.he.keyholder import AdapterRef
 
-        return AdapterRef(self.name, self.key_id, self.manifest_digest)
+        return AdapterRef(self.name, self.engine.ctx.key_id, self.manifest_digest)
 
     def record_failure(self, exc: BaseException) -> None:
         from vllm_tensafe.errors import AdapterRevokedError

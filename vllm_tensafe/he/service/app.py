@@ -361,6 +361,15 @@ def build_app(
             await drain(request)
             return await unauthorized(request, "decrypt")
         ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip() == "application/vnd.tensafe.decrypt-v1":
+            await drain(request)
+            raise _Rejected(
+                400,
+                "protocol_version",
+                f"the host speaks key-holder protocol v1, this key holder speaks "
+                f"v{PROTOCOL_VERSION}",
+                "run the same vllm-tensafe release on the host and the key holder",
+            )
         if ctype.split(";")[0].strip() != REQUEST_CONTENT_TYPE:
             await drain(request)
             raise _Rejected(

@@ -129,7 +129,6 @@ class KeyHolderService:
         revoked_file: str | Path | None = None,
         tls: TLSConfig | None = None,
         limits: Limits | None = None,
-        flooding: bool = True,
     ) -> None:
         from vllm_tensafe.he.keyholder import LocalKeyHolder
         from vllm_tensafe.he.keys import SecretKeySet
@@ -141,7 +140,7 @@ class KeyHolderService:
             not isinstance(default_budget, int) or default_budget < 0
         ):
             raise ConfigError("default budget must be an integer >= 0", "use e.g. --budget 100000")
-        self.holders = {s.key_id: LocalKeyHolder(s, flooding=flooding) for s in secret_list}
+        self.holders = {s.key_id: LocalKeyHolder(s) for s in secret_list}
         missing = sorted(policy.key_ids - set(self.holders))
         if missing:
             owner = policy.key_owner[missing[0]]
@@ -167,10 +166,12 @@ class KeyHolderService:
         self._ssl: ssl.SSLContext | None = tls.server_context() if tls is not None else None
         self.audit = audit_log if isinstance(audit_log, AuditLog) else AuditLog(audit_log)
         revocations = RevocationFile(revoked_file) if revoked_file is not None else None
-        profile = next(iter(self.holders.values())).profile
-        # The most ciphertexts that fit in one request (half a ciphertext's raw size: SEAL's
-        # smallest serialisation), so a request's count field cannot ask for more.
-        max_count = max(1, self.limits.max_request_bytes // (profile.ciphertext_bytes // 2))
+        from vllm_tensafe.he.keyholder import ciphertext_size
+
+        # The most ciphertexts that fit in one request, so a request's count field cannot ask
+        # for more (every v2 request ciphertext has its profile's fixed size).
+        smallest = min(ciphertext_size(h.profile) for h in self.holders.values())
+        max_count = max(1, self.limits.max_request_bytes // smallest)
         self.core = KeyHolderCore(
             self.holders,
             policy,
