@@ -121,9 +121,9 @@ def _add_serve(actions: Any) -> None:
         "--revoked-file",
         type=Path,
         metavar="F",
-        help="revocation list, one adapter name per line (or key:KEYID); re-read when it "
-        "changes, so a revocation takes effect on the next request. The revoke and unrevoke "
-        "routes update it.",
+        help="revocation list, one adapter name per line (the package's signed name, which is "
+        "the adapter id everywhere), or key:KEYID; re-read when it changes, so a revocation "
+        "takes effect on the next request. The revoke and unrevoke routes update it.",
     )
     serve.add_argument(
         "--host",
