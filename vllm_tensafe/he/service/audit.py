@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import threading
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -122,14 +123,20 @@ def verify_chain(path: str | os.PathLike[str]) -> ChainReport:
     return ChainReport(count, head)
 
 
+# Lines an in-memory log (path None: tests, benchmarks) keeps, newest last.
+MEMORY_LINES = 10_000
+
+
 class AuditLog:
-    """Appends chained lines to ``path`` (or keeps them in memory when ``path`` is None)."""
+    """Appends chained lines to ``path`` (or keeps the last ones in memory when ``path`` is
+    None, for in-process use; nothing then survives the process)."""
 
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self.path = Path(path) if path is not None else None
         self._lock = threading.Lock()
         self._fd: int | None = None
-        self.records: list[AuditRecord] = []  # replayed history (memory logs: everything)
+        # The history to replay at start (file logs), or the last lines (memory logs).
+        self.records: list[AuditRecord] | deque[AuditRecord] = deque(maxlen=MEMORY_LINES)
         self.seq, self.head = 0, GENESIS
         if self.path is not None:
             try:

@@ -121,11 +121,12 @@ class KeyHolderCore:
         self.revocation_file = revocation_file
         self.max_count = max_count
         self.state = UsageState()
-        self.state.replay(audit.records)
+        self.state.replay(list(audit.records))
         self.state.refusals = defaultdict(
             int, {n: c for n, c in self.state.refusals.items() if policy.binding(n)}
         )
-        audit.records = []  # replayed; not kept in memory
+        if audit.path is not None:
+            audit.records = []  # replayed; not kept in memory
         self._lock = threading.Lock()
 
     # --- decisions -------------------------------------------------------------------------
