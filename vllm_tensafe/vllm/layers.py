@@ -63,10 +63,14 @@ def _op_tags() -> tuple[Any, ...]:
     return (tag,) if tag is not None else ()
 
 
+def _under_stream_capture(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 @torch.library.custom_op("tensafe::he_lora_delta", mutates_args=("output",), tags=_op_tags())
 def he_lora_delta(x: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
     """Add the encrypted adapters' delta to ``output`` for their tokens of ``x``, in place."""
-    if output.is_cuda and torch.cuda.is_current_stream_capturing():
+    if _under_stream_capture(output):
         raise ConfigError(
             f"{OP_NAME} ran inside a CUDA graph capture (layer {layer_name}): a replay would "
             "skip it, and encrypted adapters would answer as the base model",
