@@ -275,7 +275,8 @@ def _full_refusal(requested: str, resolved: str) -> ConfigError:
         "would be recorded once and replayed without running: encrypted adapters would "
         "answer as the base model",
         f"{_EAGER_FIX}, {_PIECEWISE_FIX}; settings that force FULL graphs (empty "
-        "splitting_ops, -cc.pass_config.fuse_attn_quant=true) need changing too",
+        "splitting_ops, -cc.pass_config.fuse_attn_quant=true, sequence parallelism) need "
+        "changing too",
     )
 
 
