@@ -17,6 +17,7 @@ a replay would never call it, and the encrypted delta would silently be missing.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -57,17 +58,20 @@ def _slots(layer: Any) -> dict[int, EncryptedSlot]:
 # --- the custom op --------------------------------------------------------------------------
 
 
-def _op_tags() -> tuple[Any, ...]:
-    # cudagraph_unsafe: Inductor's graph partitioning leaves the op outside CUDA graphs.
+def _op_options() -> dict[str, Any]:
+    # cudagraph_unsafe: Inductor's graph partitioning leaves the op outside CUDA graphs. A
+    # torch without the tag (or without custom_op's tags) cannot partition safely;
+    # graph_safety.py then refuses use_inductor_graph_partition.
     tag = getattr(torch.Tag, "cudagraph_unsafe", None)
-    return (tag,) if tag is not None else ()
+    takes_tags = "tags" in inspect.signature(torch.library.custom_op).parameters
+    return {"tags": (tag,)} if tag is not None and takes_tags else {}
 
 
 def _under_stream_capture(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-@torch.library.custom_op("tensafe::he_lora_delta", mutates_args=("output",), tags=_op_tags())
+@torch.library.custom_op("tensafe::he_lora_delta", mutates_args=("output",), **_op_options())
 def he_lora_delta(x: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
     """Add the encrypted adapters' delta to ``output`` for their tokens of ``x``, in place."""
     if _under_stream_capture(output):
