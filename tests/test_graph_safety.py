@@ -390,6 +390,12 @@ ROUTES_SCRIPT = textwrap.dedent(
     results["compat_full"] = refused(lambda: TenSafeVLLMConfig(
         model=model, max_model_len=256, engine_kwargs={"compilation_config": full}
     ).to_engine_args().create_engine_config())
+    import asyncio
+    from vllm_tensafe.compat import TenSafeVLLMServer
+    server = TenSafeVLLMServer(TenSafeVLLMConfig(
+        model=model, max_model_len=256, dtype="float32",
+        engine_kwargs={"compilation_config": full}))
+    results["compat_server_full"] = refused(lambda: asyncio.run(server.build()))
     import os
     os.environ["VLLM_LORA_ENABLE_DUAL_STREAM"] = "1"
     results["dual_stream"] = refused(lambda: EngineArgs(**common).create_engine_config())
@@ -400,7 +406,8 @@ ROUTES_SCRIPT = textwrap.dedent(
 
 def test_every_route_builds_a_guarded_config(tiny_llama: Path, owner_keys: Keys) -> None:
     """vllm serve's EngineArgs path, vllm.LLM, AsyncLLM and the guide's API: each one's config
-    carries TenSafe's cache key, and a FULL-only mode is refused before any engine starts."""
+    carries TenSafe's cache key, and a FULL-only mode is refused before any engine starts
+    (vllm serve exits with one line; the Python routes raise the ConfigError)."""
     env = {
         key: value
         for key, value in os.environ.items()
@@ -430,7 +437,7 @@ def test_every_route_builds_a_guarded_config(tiny_llama: Path, owner_keys: Keys)
         assert results[route] == {"key": True, "lora": True}, route
     assert results["cli_full"] == 2  # vllm serve exits in its first second
     assert "vllm-tensafe: error: CUDA graph mode FULL" in out.stderr
-    for route in ("LLM_full", "AsyncLLM_full", "compat_full"):
+    for route in ("LLM_full", "AsyncLLM_full", "compat_full", "compat_server_full"):
         assert "CUDA graph mode FULL" in results[route], (route, results[route])
         assert "--enforce-eager" in results[route]
     assert "VLLM_LORA_ENABLE_DUAL_STREAM=1" in results["dual_stream"]

@@ -32,6 +32,8 @@ HOOKS = (
 )
 # Set on EngineArgs built from the command line: their refusals end the process with one line.
 _FROM_CLI = "_tensafe_from_cli"
+# Set on a Namespace built by the guide's API (entrypoints.serve_cli_args): raise, don't exit.
+PYTHON_API = "_tensafe_python_api"
 
 
 def install_cli_hooks() -> bool:
@@ -97,8 +99,11 @@ def _wrap_from_cli_args(original: Any) -> Any:
             if settings is not None:
                 precheck_engine_args(engine_args)
         except TenSafeError as exc:
+            if getattr(args, PYTHON_API, False):
+                raise
             _exit_with(exc)
-        setattr(engine_args, _FROM_CLI, True)
+        if not getattr(args, PYTHON_API, False):
+            setattr(engine_args, _FROM_CLI, True)
         return engine_args
 
     return from_cli_args

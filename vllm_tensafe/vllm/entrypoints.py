@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vllm_tensafe.vllm import patches
+from vllm_tensafe.vllm.cli_hooks import PYTHON_API
 
 
 def async_engine_args(**kwargs: Any) -> Any:
@@ -45,6 +46,8 @@ def serve_cli_args(argv: Sequence[str], engine_args: Any) -> Any:
     for item in dataclasses.fields(engine_args):
         setattr(args, item.name, getattr(engine_args, item.name))
     validate(args)
+    # TenSafe's refusals reach the caller as a ConfigError, not as vllm serve's exit.
+    setattr(args, PYTHON_API, True)
     return args
 
 
