@@ -1,6 +1,9 @@
-"""The torch ring arithmetic and the device engine, on CPU tensors: bit-identical to SEAL and to
+"""The torch ring arithmetic and the device engines, on CPU tensors: bit-identical to SEAL and to
 the big-integer definitions where it is integer arithmetic, within 1e-9 of SEAL's decoding, and
-the deltas within the profile's tolerance. tests/gpu/test_he_cuda.py runs the same on CUDA."""
+the deltas within the profile's tolerance.
+
+Every test takes its torch device from the ``device`` fixture: tests/gpu/test_he_cuda.py imports
+them and overrides it, so the same checks run on CUDA tensors there."""
 
 from __future__ import annotations
 
@@ -46,16 +49,27 @@ from vllm_tensafe.he.torch_ring import (
     uniform_residues,
 )
 
-DEVICE = torch.device("cpu")
-
 
 def as_u64(t: torch.Tensor) -> np.ndarray:
     return t.cpu().numpy().view(np.uint64)
 
 
+def on(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A numpy array (uint64 read as int64) as a tensor on ``device``."""
+    array = np.ascontiguousarray(array)
+    if array.dtype == np.uint64:
+        array = array.view(np.int64)
+    return torch.from_numpy(array).to(device)
+
+
 @pytest.fixture(scope="module")
-def ring(ctx: PublicContext) -> DeviceRing:
-    return DeviceRing(ctx, DEVICE)
+def device() -> torch.device:
+    return torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def ring(ctx: PublicContext, device: torch.device) -> DeviceRing:
+    return DeviceRing(ctx, device)
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +87,13 @@ def test_modular_steps_match_python(ring: DeviceRing, rng: np.random.Generator) 
     x[:, 0] = 0
     x[:, 1] = [q - 1 for q in qs]
     digits = [rng.integers(-(1 << 52), 1 << 52, size=(len(qs), 512)) for _ in range(3)]
-    got = ring.arith.reduce_digits([torch.from_numpy(d).double() for d in digits], 30)
+    got = ring.arith.reduce_digits([on(d, ring.device).double() for d in digits], 30)
     want = [
         [(int(d0) + int(d1) * 2**30 + int(d2) * 2**60) % q for d0, d1, d2 in zip(*row, strict=True)]
         for *row, q in zip(*digits, qs, strict=True)
     ]
     assert as_u64(got).tolist() == want
-    shifted = ring.arith.mul_pow2(torch.from_numpy(x.view(np.int64)), 107)
+    shifted = ring.arith.mul_pow2(on(x, ring.device), 107)
     assert as_u64(shifted).tolist() == [
         [int(v) * 2**107 % q for v in row] for row, q in zip(x, qs, strict=True)
     ]
@@ -117,7 +131,7 @@ def test_products_bit_identical_to_lincomb(
     assert split.digit_bound() < 2**53
     tables = ProductTables(ring.arith, split)
     device_cols = ring.upload(np.stack([coefficient_residues(ctx, c) for c in columns]))
-    got = tables.combine(torch.from_numpy(weights), tables.build(device_cols), (2, *ring.shape))
+    got = tables.combine(on(weights, ring.device), tables.build(device_cols), (2, *ring.shape))
     for t, ct in enumerate(expected):
         assert np.array_equal(as_u64(got[t]), coefficient_residues(ctx, ct)), t
 
@@ -126,9 +140,9 @@ def test_worst_case_columns_are_exact(ring: DeviceRing) -> None:
     """Every residue at q - 1 and every weight at the bound: the largest digit sums."""
     qs = ring.moduli.values
     rank = 32
-    residues = torch.tensor([[q - 1] * 8 for q in qs], dtype=torch.int64).expand(rank, -1, -1)
+    residues = torch.tensor([[q - 1] * 8 for q in qs], device=ring.device).expand(rank, -1, -1)
     tables = ProductTables(ring.arith, limb_plan(44, rank, 60))
-    weights = torch.tensor([[(1 << 44) - 1] * rank, [-(1 << 44)] * rank])
+    weights = torch.tensor([[(1 << 44) - 1] * rank, [-(1 << 44)] * rank], device=ring.device)
     got = tables.combine(weights, tables.build(residues.contiguous()), (len(qs), 8))
     for t, w in enumerate([(1 << 44) - 1, -(1 << 44)]):
         assert as_u64(got[t])[:, 0].tolist() == [rank * w * (q - 1) % q for q in qs]
@@ -142,8 +156,8 @@ def test_negacyclic_product_worst_case_is_exact(ring: DeviceRing) -> None:
     largest coefficients; (a b)_i = (q - 1) * (i + 1 - (N - 1 - i))."""
     n = ring.n
     qs = ring.moduli.values
-    a = torch.tensor([[q - 1] * n for q in qs], dtype=torch.int64)
-    spectrum = ring.fft.spectrum(torch.ones(n, dtype=torch.int64))
+    a = torch.tensor([[q - 1] * n for q in qs], dtype=torch.int64, device=ring.device)
+    spectrum = ring.fft.spectrum(torch.ones(n, dtype=torch.int64, device=ring.device))
     limb_product = ring.fft.limb_spectra(a) * spectrum
     assert ring.fft.max_rounding_distance(limb_product) < 1e-3
     got = as_u64(ring.fft.multiply(a, spectrum))
@@ -171,8 +185,9 @@ def _fast_moduli() -> list[int]:
 
 @pytest.mark.parametrize("primes,scale_bits", [("default", 124), ("default", 146), ("fast", 98)])
 def test_switch_is_the_v2_definition(
-    ctx: PublicContext, rng: np.random.Generator, primes: str, scale_bits: int
-) -> None:
+    ctx: PublicContext, device: torch.device, rng: np.random.Generator, primes: str,
+    scale_bits: int,
+) -> None:  # fmt: skip
     qs = moduli(ctx) if primes == "default" else _fast_moduli()
     data_bits = sum(q.bit_length() for q in qs)
     m = 32 + data_bits - scale_bits
@@ -180,8 +195,8 @@ def test_switch_is_the_v2_definition(
     x = np.stack([rng.integers(0, q, size=n, dtype=np.uint64) for q in qs])
     x[:, 0], x[:, 1] = 0, [q - 1 for q in qs]
     x[:, 2] = [q // 2 for q in qs]
-    switch = ModulusSwitch(Moduli(tuple(qs), n, DEVICE), m)
-    got = as_u64(switch(torch.from_numpy(x.view(np.int64))))
+    switch = ModulusSwitch(Moduli(tuple(qs), n, device), m)
+    got = as_u64(switch(on(x, device)))
     assert np.array_equal(got, switch_reference(x, qs, m))
     # And what it is for: within one of round(X 2^m / Q) mod M.
     big_q, mod = math.prod(qs), 1 << min(m, 64)
@@ -196,7 +211,7 @@ def test_flood_residues_exact(ring: DeviceRing, rng: np.random.Generator) -> Non
     assert params.k == max(0, math.floor(math.log2(params.sigma_c)) - 45)
     hi = rng.integers(-(1 << 49), 1 << 49, size=256)
     low = rng.integers(-(1 << (params.k - 1)), 1 << (params.k - 1), size=256)
-    got = as_u64(flood_residues(ring.arith, torch.from_numpy(hi), torch.from_numpy(low), params.k))
+    got = as_u64(flood_residues(ring.arith, on(hi, ring.device), on(low, ring.device), params.k))
     for row, q in zip(got, ring.moduli.values, strict=True):
         assert row.tolist() == [
             (int(h) * 2**params.k + int(u)) % q for h, u in zip(hi, low, strict=True)
@@ -207,7 +222,7 @@ def test_flood_noise_has_the_stated_spread(ring: DeviceRing) -> None:
     from vllm_tensafe.he.gpu_engine import KeystreamWords, PhiloxFlood
 
     params = FloodParameters.for_scale(ring.profile.flood_sigma, 124, ring.n)
-    for source in (PhiloxFlood(DEVICE), KeystreamWords(DEVICE)):
+    for source in (PhiloxFlood(ring.device), KeystreamWords(ring.device)):
         normals, words = source.draw((4, ring.n))
         flood = params.high_parts(normals).double() * 2.0**params.k
         flood += params.low_parts_from_words(words).double()
@@ -219,7 +234,7 @@ def test_decode_matches_seal(
 ) -> None:
     delta_prime = ring.delta_prime
     z = np.rint(rng.normal(size=ring.n) * 8 * delta_prime / math.sqrt(ring.n / 2)).astype(np.int64)
-    got = ring.decoder.decode(torch.from_numpy(z).double() / delta_prime).numpy()
+    got = ring.decoder.decode(on(z, ring.device).double() / delta_prime).cpu().numpy()
     want = seal_decode(ctx, z, delta_prime)
     assert np.abs(got - want).max() < 1e-9
     assert np.abs(want).max() > 1.0  # a meaningful comparison
@@ -227,10 +242,11 @@ def test_decode_matches_seal(
 
 def test_uniform_residues_rejects_and_redraws(ring: DeviceRing) -> None:
     qs = ring.moduli.values
-    words = torch.tensor([[q] * 4 for q in qs], dtype=torch.int64)  # all >= q: all rejected
+    words = torch.tensor([[q] * 4 for q in qs], device=ring.device)  # all >= q: all rejected
     fresh = iter([torch.tensor([5] * 12)])
     got = uniform_residues(ring.moduli, words, lambda count: next(fresh)[:count])
     assert as_u64(got).tolist() == [[5] * 4] * len(qs)
+    assert got.device == ring.device
 
 
 # --- the engines -----------------------------------------------------------------------------
@@ -252,14 +268,14 @@ def qv(ctx: PublicContext) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def local_engines(qv: tuple, secret: SecretKeySet) -> dict[bool, GpuDeltaEngine]:
+def local_engines(qv: tuple, secret: SecretKeySet, device: torch.device) -> dict:
     """Both local variants, the adapter in slot 1 of 2."""
     d_in, (lq, lv), (mq, mv) = qv
     engines = {}
     for fold in (True, False):
         engine = GpuDeltaEngine.from_matrices(
             secret, [mq, None, mv], output_slices=[96, 16, 32], d_in=d_in, max_slots=2,
-            fold_secret=fold,
+            fold_secret=fold, device=device,
         )  # fmt: skip
         engine.load(1, [mq, None, mv], [lq.a_mixed, None, lv.a_mixed])
         engines[fold] = engine
@@ -294,15 +310,17 @@ def test_local_engine_deltas(
     engine = local_engines[fold_secret]
     x = rng.normal(size=(5, d_in))
     x[4] *= 300.0  # ||U|| above 2^u_norm_bits: scaled down and back up
-    slots = torch.tensor([1, -1, 1, 0, 1, 1])  # longer than x, like vLLM's punica buffer
-    got = engine.compute(torch.from_numpy(x).float(), slots).numpy()
+    slots = on(np.array([1, -1, 1, 0, 1, 1]), engine.device)  # longer than x, like punica's
+    engine.chunk_tokens = 2 if fold_secret else 512  # long prefills run in pieces
+    got = engine.compute(on(x, engine.device).float(), slots).cpu().numpy()
+    engine.chunk_tokens = 512
     ref = _reference(x, lq, lv, [1, 3])  # -1 and the empty slot 0: exactly zero
     assert np.all(got[[1, 3]] == 0.0)
     # The stated tolerance holds for |delta| <= 8; beyond, it grows with |delta| (float32
     # output, the norm factor).
     scale = np.maximum(1.0, np.abs(ref).max(axis=1) / 8)
     assert np.all(np.abs(got - ref).max(axis=1) < ctx.profile.tolerance * scale)
-    assert engine.capturable is False  # CPU
+    assert engine.capturable == (engine.device.type == "cuda")
 
 
 def test_folded_products_equal_decrypted_products(
@@ -313,9 +331,9 @@ def test_folded_products_equal_decrypted_products(
     the CPU path's product ciphertext: the pipeline before the flood is integer-exact."""
     _, _, (mq, mv) = qv
     folded, plain = local_engines[True], local_engines[False]
-    u = torch.zeros((2, 2, 3, 8), dtype=torch.float64)
-    u[:, 1] = torch.from_numpy(rng.normal(size=(2, 3, 8)))
-    slots = torch.ones(2, dtype=torch.int64)
+    u = torch.zeros((2, 2, 3, 8), dtype=torch.float64, device=folded.device)
+    u[:, 1] = on(rng.normal(size=(2, 3, 8)), folded.device)
+    slots = torch.ones(2, dtype=torch.int64, device=folded.device)
     a = folded._products(folded._weights(u, slots)[1])[:, :, 0]
     products = plain._products(plain._weights(u, slots)[1])
     b = plain.ring.decrypt(products, plain._s_spectrum)
@@ -328,7 +346,7 @@ def test_folded_products_equal_decrypted_products(
     ]
     residue_columns = ResidueColumns(cols)
     cts = combiner.combine(
-        combiner.digits(w.numpy(), residue_columns), residue_columns.shape, 2.0**124
+        combiner.digits(w.cpu().numpy(), residue_columns), residue_columns.shape, 2.0**124
     )
     for t, ct in enumerate(cts):
         assert np.array_equal(as_u64(a[0, t]), seal_decrypt_coefficients(secret, ct))
@@ -342,19 +360,19 @@ def test_rerandomise_matches_seal(
     e = rng.integers(-19, 20, size=(2, ring.n))
     got = ring.rerandomise(
         ring.upload(coefficient_residues(ctx, ct))[None],
-        torch.from_numpy(v)[None],
-        torch.from_numpy(e)[None],
+        on(v, ring.device)[None],
+        on(e, ring.device)[None],
     )[0]
     ntt = ciphertext_residues(ntt_ciphertext(ctx, as_u64(got), 1.0))
     assert np.array_equal(ntt, seal_rerandomise(ctx, np.array(ciphertext_residues(ct)), v, e))
 
 
 @pytest.fixture(scope="module")
-def remote_setup(qv: tuple, secret: SecretKeySet) -> tuple:
+def remote_setup(qv: tuple, secret: SecretKeySet, device: torch.device) -> tuple:
     d_in, loras, mats = qv
     holder = V2KeyHolderDouble(secret)
     engine = GpuRemoteDeltaEngine.from_matrices(
-        holder, [mats[0], None, mats[1]], output_slices=[96, 16, 32], d_in=d_in
+        holder, [mats[0], None, mats[1]], output_slices=[96, 16, 32], d_in=d_in, device=device
     )
     engine.load(0, [mats[0], None, mats[1]], [loras[0].a_mixed, None, loras[1].a_mixed],
                 ref="bench-ref")  # fmt: skip
@@ -366,7 +384,8 @@ def test_remote_engine_deltas_through_a_v2_key_holder(
 ) -> None:
     engine, holder, d_in, (lq, lv) = remote_setup
     x = rng.normal(size=(3, d_in))
-    got = engine.compute(torch.from_numpy(x).float(), torch.tensor([0, -1, 0])).numpy()
+    slots = on(np.array([0, -1, 0]), engine.device)
+    got = engine.compute(on(x, engine.device).float(), slots).cpu().numpy()
     assert holder.received is not None and len(holder.received) == 2  # only the live tokens
     assert np.abs(got - _reference(x, lq, lv, [1])).max() < ctx.profile.tolerance
     # What left the host: SEAL protocol ciphertexts (NTT form, the product scale).
@@ -382,19 +401,20 @@ def test_remote_pad_hides_the_product_from_the_key_holder(
     the same ciphertext without the pad decrypts to the delta (the attack works on it)."""
     engine, _, _, (lq, _) = remote_setup
     ring = engine.ring
-    u = torch.from_numpy(rng.normal(size=(1, 1, 3, 8)))
-    product = engine._products(engine._weights(u, torch.zeros(1, dtype=torch.int64))[1])[0]
-    v = torch.zeros((1, ring.n), dtype=torch.int64)
-    e = torch.zeros((1, 2, ring.n), dtype=torch.int64)
+    u = on(rng.normal(size=(1, 1, 3, 8)), ring.device)
+    slots = torch.zeros(1, dtype=torch.int64, device=ring.device)
+    product = engine._products(engine._weights(u, slots)[1])[0]
+    v = torch.zeros((1, ring.n), dtype=torch.int64, device=ring.device)
+    e = torch.zeros((1, 2, ring.n), dtype=torch.int64, device=ring.device)
 
     def key_holder_view(ct: torch.Tensor) -> np.ndarray:
         sent = ntt_ciphertext(ctx, as_u64(ct[0]), ctx.profile.product_scale)
         x = seal_decrypt_coefficients(secret, sent)
         reply = switch_reference(x, moduli(ctx), ring.switch.m).view(np.int64)
-        return ring.decoder.decode(ring.coefficients(torch.from_numpy(reply))).numpy()
+        return ring.decoder.decode(ring.coefficients(on(reply, ring.device))).cpu().numpy()
 
     bare = key_holder_view(ring.rerandomise(product, v, e))
-    delta = (u[0, 0, 0].numpy() @ lq.b_mixed.T)[:96]
+    delta = (u[0, 0, 0].cpu().numpy() @ lq.b_mixed.T)[:96]
     assert np.abs(bare[:96] - delta).max() < 1e-5  # without the pad the key holder sees delta
     outgoing, _ = engine.prepare_outgoing(product)
     padded = key_holder_view(outgoing)
@@ -404,7 +424,7 @@ def test_remote_pad_hides_the_product_from_the_key_holder(
 
 def test_remote_ciphertexts_are_fresh_every_time(remote_setup: tuple) -> None:
     engine, _, _, _ = remote_setup
-    product = torch.zeros((1, 2, *engine.ring.shape), dtype=torch.int64)
+    product = torch.zeros((1, 2, *engine.ring.shape), dtype=torch.int64, device=engine.device)
     first, rho1 = engine.prepare_outgoing(product)
     second, rho2 = engine.prepare_outgoing(product)
     assert not torch.equal(first[:, 1], second[:, 1])  # re-randomised c1
@@ -413,13 +433,13 @@ def test_remote_ciphertexts_are_fresh_every_time(remote_setup: tuple) -> None:
 
 def test_engine_refuses_what_does_not_fit(
     ctx: PublicContext, secret: SecretKeySet, qv: tuple, other_keys: tuple,
-    rng: np.random.Generator,
+    rng: np.random.Generator, device: torch.device,
 ) -> None:  # fmt: skip
     from vllm_tensafe.errors import ForeignCiphertextError, HEError
 
     d_in, _, (mq, mv) = qv
     engine = GpuDeltaEngine.from_matrices(
-        secret, [mq, None, mv], output_slices=[96, 16, 32], d_in=d_in
+        secret, [mq, None, mv], output_slices=[96, 16, 32], d_in=d_in, device=device
     )
     alone = encrypt_matrix(ctx, rng.normal(size=(32, 8)) * 0.1)  # v packed at slot 0: overlaps q
     with pytest.raises(HEError, match="overlaps"):
@@ -433,17 +453,17 @@ def test_engine_refuses_what_does_not_fit(
         GpuDeltaEngine.from_matrices(secret, [mq, None, mv])
 
 
-def test_residue_arithmetic_is_device_generic() -> None:
+def test_residue_arithmetic_is_device_generic(device: torch.device) -> None:
     """Constants follow the device of the ring (nothing is pinned to the CPU)."""
-    arith = ResidueArithmetic(Moduli((1152921504606748673,), 8, DEVICE))
-    assert arith.q.device == DEVICE
+    arith = ResidueArithmetic(Moduli((1152921504606748673,), 8, device))
+    assert arith.q.device.type == device.type
 
 
 def test_unloaded_slot_gives_zero(qv: tuple, local_engines: dict) -> None:
     """Last in the module: it empties the shared engine's slot."""
     engine = local_engines[True]
-    x = torch.randn(3, qv[0])
-    slots = torch.ones(3, dtype=torch.int64)
+    x = torch.randn(3, qv[0], device=engine.device)
+    slots = torch.ones(3, dtype=torch.int64, device=engine.device)
     assert engine.compute(x, slots).abs().max() > 0
     engine.unload(1)
     assert not engine.compute(x, slots).any()

@@ -325,6 +325,8 @@ class GpuDeltaEngine:
         shards: Sequence[tuple[int, int]] | None = None,
         generator: torch.Generator | str | None = None,
         ring: DeviceRing | None = None,
+        compile: bool = False,
+        chunk_tokens: int = 512,
     ) -> None:
         if not isinstance(ctx, PublicContext):
             raise HEError(
@@ -351,7 +353,16 @@ class GpuDeltaEngine:
         self.members = max(len(g) for g in self.groups)
         self.rank = self.members * self.max_rank  # GEMM columns per group and slot
         self.d_in = d_in
+        self.chunk_tokens = max(1, int(chunk_tokens))
         self._setup(secret, fold_secret, generator)
+        # The stages around the GEMM and the random draw are pure tensor code: compiled, their
+        # ~150 elementwise kernels fuse into a few (launch overhead dominates at small T).
+        self.compiled = bool(compile)
+        self._stage_weights = self._weights
+        self._stage_finish = self._finish
+        if self.compiled:
+            self._stage_weights = torch.compile(self._weights, dynamic=True)
+            self._stage_finish = torch.compile(self._finish, dynamic=True)
 
     # --- construction ----------------------------------------------------------------------
 
@@ -401,6 +412,17 @@ class GpuDeltaEngine:
         self.loaded = torch.zeros(s_count, dtype=torch.bool, device=self.device)
         self._slots: dict[int, _SlotState] = {}
         self._positions = slot_positions(ring.n)
+        # Constant index tensors of compute (made here: no host-to-device copy per call).
+        self._slot_ids = torch.arange(s_count, device=self.device)
+        self._member_slices = torch.tensor(
+            [[m.slice for m in g] + [g[0].slice] * (self.members - len(g)) for g in self.groups],
+            device=self.device,
+        )  # (G, members)
+        self._present = torch.tensor(
+            [[1.0] * len(g) + [0.0] * (self.members - len(g)) for g in self.groups],
+            dtype=torch.float64,
+            device=self.device,
+        )
         self._member_index = {
             m: (g, i) for g, members in enumerate(self.groups) for i, m in enumerate(members)
         }
@@ -597,9 +619,38 @@ class GpuDeltaEngine:
         tokens = u.shape[0]
         self.stats.compute_calls += 1
         self.stats.tokens += tokens
-        slot_row, weights, factors = self._weights(u, token_slots[:tokens])
-        residues = self._products(weights)  # (G, T, P, L, N)
-        evaluations = self._local_key_holder(residues)  # (G, T, N/2) complex
+        slots = token_slots[:tokens]
+        chunk = self.chunk_tokens
+        if tokens <= chunk:
+            return self._compute_chunk(u, slots)
+        # Long prefills in pieces: the transient memory is ~20 MB per token and group.
+        return torch.cat(
+            [
+                self._compute_chunk(u[i : i + chunk], slots[i : i + chunk])
+                for i in range(0, tokens, chunk)
+            ]
+        )
+
+    def _compute_chunk(self, u: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        slot_row, weights, factors = self._stage_weights(u, slots)
+        digits = torch.bmm(weights, self.table)  # exact float64 digit sums
+        normals, words = self.flood_source.draw((len(self.groups), u.shape[0], self.ring.n))
+        return self._stage_finish(digits, normals, words, slot_row, factors)
+
+    def _finish(
+        self,
+        digits: torch.Tensor,
+        normals: torch.Tensor,
+        words: torch.Tensor,
+        slot_row: torch.Tensor,
+        factors: torch.Tensor,
+    ) -> torch.Tensor:
+        """Everything after the GEMM, given the flood's random draws (a pure function of its
+        inputs and the engine's buffers: ``compile=True`` fuses it)."""
+        residues = self.tables.reduce(digits, (self.polys, *self.ring.shape))
+        plain = self.decrypt(residues)
+        flooded = self.ring.arith.add(plain, self._flood_residues(normals, words))
+        evaluations = self.decode(self.ring.switch(flooded))
         return self._assemble(evaluations, slot_row, factors)
 
     def _weights(
@@ -611,22 +662,11 @@ class GpuDeltaEngine:
         slots = token_slots.long()
         valid = (slots >= 0) & (slots < s_count)
         slot_row = torch.where(valid, slots, s_count)
-        onehot = (slot_row.unsqueeze(1) == torch.arange(s_count, device=self.device)) & (
-            self.loaded.unsqueeze(0)
-        )
+        onehot = (slot_row.unsqueeze(1) == self._slot_ids) & self.loaded.unsqueeze(0)
         u = u.double() * onehot[:, :, None, None]  # zero outside the token's slot
         # Per group: the member slices' U side by side, max_rank columns each (chunks of one
         # slice share its U).
-        member_slices = torch.tensor(
-            [[m.slice for m in g] + [g[0].slice] * (self.members - len(g)) for g in self.groups],
-            device=self.device,
-        )  # (G, members)
-        present = torch.tensor(
-            [[1.0] * len(g) + [0.0] * (self.members - len(g)) for g in self.groups],
-            dtype=torch.float64,
-            device=self.device,
-        )
-        grouped = u[:, :, member_slices] * present[None, None, :, :, None]  # (T, S, G, m, r)
+        grouped = u[:, :, self._member_slices] * self._present[:, :, None]  # (T, S, G, m, r)
         grouped = grouped.permute(2, 0, 1, 3, 4).reshape(len(self.groups), u.shape[0], s_count, -1)
         # Bounded-norm invariant per ciphertext (delta.py): ||u_t|| <= 2^u_norm_bits.
         norms = grouped.square().sum(dim=(2, 3)).sqrt()  # (G, T)
@@ -641,21 +681,29 @@ class GpuDeltaEngine:
         digits = torch.bmm(weight_limbs, self.table)
         return self.tables.reduce(digits, (self.polys, *self.ring.shape))
 
-    def _local_key_holder(self, residues: torch.Tensor) -> torch.Tensor:
-        """Decrypt (unless folded), flood, switch, centre; -> evaluations (G, T, N/2)."""
-        ring = self.ring
+    # The local key holder's steps, one method each (benchmarks/gpu_he_bench.py times them).
+
+    def decrypt(self, residues: torch.Tensor) -> torch.Tensor:
+        """(G, T, P, L, N) products -> (G, T, L, N) decryptions (a view when folded)."""
         if self.fold_secret:
-            plain = residues[:, :, 0]
-        else:
-            assert self._s_spectrum is not None, "the local path needs the secret key"
-            plain = ring.decrypt(residues, self._s_spectrum)
-        normals, words = self.flood_source.draw((*plain.shape[:-2], ring.n))
-        flood = flood_residues(
-            ring.arith, ring.flood.high_parts(normals), ring.flood.low_parts_from_words(words),
-            ring.flood.k,
-        )  # fmt: skip
-        y = ring.switch(ring.arith.add(plain, flood))
-        return ring.decoder.evaluations(ring.coefficients(y))
+            return residues[:, :, 0]
+        if self._s_spectrum is None:
+            raise HEError("the local key holder path needs the secret key", "pass secret=")
+        return self.ring.decrypt(residues, self._s_spectrum)
+
+    def flood(self, plain: torch.Tensor) -> torch.Tensor:
+        """x + F mod q with a fresh flood per ciphertext (docs/v2-math, key holder step 2)."""
+        normals, words = self.flood_source.draw((*plain.shape[:-2], self.ring.n))
+        return self.ring.arith.add(plain, self._flood_residues(normals, words))
+
+    def _flood_residues(self, normals: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        flood = self.ring.flood
+        high, low = flood.high_parts(normals), flood.low_parts_from_words(words)
+        return flood_residues(self.ring.arith, high, low, flood.k)
+
+    def decode(self, y: torch.Tensor) -> torch.Tensor:
+        """Switched words z (..., N) -> evaluations (..., N/2) of the value polynomial."""
+        return self.ring.decoder.evaluations(self.ring.coefficients(y))
 
     def _assemble(
         self, evaluations: torch.Tensor, slot_row: torch.Tensor, factors: torch.Tensor
@@ -700,12 +748,10 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
     def capturable(self) -> bool:
         return False
 
-    def compute_u(self, u: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    def _compute_chunk(self, u: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         tokens = u.shape[0]
-        self.stats.compute_calls += 1
-        self.stats.tokens += tokens
         started = time.perf_counter()
-        slot_row, weights, factors = self._weights(u, token_slots[:tokens])
+        slot_row, weights, factors = self._weights(u, slots)
         residues = self._products(weights)  # (G, T, 2, L, N)
         evaluations = torch.zeros(
             (len(self.groups), tokens, self.ring.n // 2), dtype=torch.complex128, device=self.device
