@@ -12,9 +12,9 @@ each stage:
   and without (per-token decryption c0 + c1 s): weights (U, norm, limbs), products (GEMM +
   exact reduction), decrypt, flood, switch (S_m), decode (FFT), assemble (gather, factors),
   the whole ``compute`` eagerly and, on CUDA, replayed from a CUDA graph;
-* remote key holder, host side (``GpuRemoteDeltaEngine``): re-randomisation + pad on the
-  device, copy to the host + NTT + serialisation (CPU, SEAL), unpad + decode of replies. The
-  key holder's own work and the network are not included.
+* remote key holder, host side (``GpuRemoteDeltaEngine``): re-randomisation + pad and the NTT
+  on the device, copy to the host + serialisation, unpad + decode of replies. The key holder's
+  own work and the network are not included.
 
 ``estimate_step_ms`` multiplies a layer's compute by the model's layer count: the HE time one
 decode step of T concurrent sequences adds (CUDA graph replay where available). Prints one JSON
@@ -38,8 +38,9 @@ import numpy as np
 import torch
 
 from vllm_tensafe.he import encrypt_matrix, generate_keys
-from vllm_tensafe.he.gpu_engine import GpuDeltaEngine, GpuRemoteDeltaEngine, ntt_ciphertext
+from vllm_tensafe.he.gpu_engine import GpuDeltaEngine, GpuRemoteDeltaEngine
 from vllm_tensafe.he.packing import ciphertext_to_bytes, fused_layouts
+from vllm_tensafe.he.residues import ciphertext_from_residues
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen0.5b": {"d_in": 896, "q": 896, "kv": 128, "rank": 8, "layers": 24, "fused": True},
@@ -95,11 +96,8 @@ def _tile(layout: tuple[int, int]) -> dict[str, int]:
 def local_stages(
     engine: GpuDeltaEngine, timer: Timer, x: torch.Tensor, slots: torch.Tensor
 ) -> dict[str, float]:
-    tokens = x.shape[0]
-    a = engine.a_prime.view(-1, engine.a_prime.shape[-1])  # type: ignore[union-attr]
-
     def u_of() -> torch.Tensor:
-        return (x.float() @ a.T).view(tokens, engine.max_slots, len(engine.output_slices), -1)
+        return engine.project(x)
 
     u = u_of()
     slot_row, limbs, factors = engine._weights(u, slots)
@@ -120,6 +118,35 @@ def local_stages(
     }
     if engine.capturable:
         out["compute_graph"] = timer.ms(_captured(engine, x, slots))
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+        base = torch.cuda.memory_allocated(engine.device)
+        engine.compute(x, slots)
+        peak = torch.cuda.max_memory_allocated(engine.device) - base
+        out["transient_mib"] = round(peak / 2**20, 1)
+    return out
+
+
+def compiled_stages(
+    engine: GpuDeltaEngine, reference: GpuDeltaEngine, timer: Timer, x: torch.Tensor,
+    slots: torch.Tensor,
+) -> dict[str, float]:  # fmt: skip
+    """The engine with compile=True: whole-call times, and its output against the eager
+    engine's on the same GEMM digits and random draws (an integer error anywhere would move
+    the deltas by far more than 1e-6)."""
+    started = time.perf_counter()
+    engine.compute(x, slots)
+    timer.sync()
+    out = {"first_call_s_including_compile": round(time.perf_counter() - started, 1)}
+    u = engine.project(x)
+    slot_row, limbs, factors = engine._stage_weights(u, slots)
+    digits = torch.bmm(limbs, engine.table)
+    normals, words = engine.flood_source.draw((len(engine.groups), x.shape[0], engine.ring.n))
+    fused = engine._stage_finish(digits, normals, words, slot_row, factors)
+    eager = reference._finish(digits, normals, words, slot_row, factors)
+    out["max_abs_diff_vs_eager"] = float((fused - eager).abs().max())
+    out["compute_eager"] = timer.ms(lambda: engine.compute(x, slots))
+    out["compute_graph"] = timer.ms(_captured(engine, x, slots))
     return out
 
 
@@ -141,24 +168,28 @@ def _captured(engine: GpuDeltaEngine, x: torch.Tensor, slots: torch.Tensor) -> C
 def remote_stages(
     engine: GpuRemoteDeltaEngine, timer: Timer, x: torch.Tensor, slots: torch.Tensor
 ) -> dict[str, float]:
-    tokens = x.shape[0]
-    a = engine.a_prime.view(-1, engine.a_prime.shape[-1])  # type: ignore[union-attr]
-    u = (x.float() @ a.T).view(tokens, engine.max_slots, len(engine.output_slices), -1)
+    u = engine.project(x)
     _, limbs, _ = engine._weights(u, slots)
     products = engine._products(limbs)  # (G, T, 2, L, N)
     batch = products.flatten(0, 1)
     outgoing, rho = engine.prepare_outgoing(batch)
     replies = torch.randint(-(1 << 62), 1 << 62, rho.shape, device=rho.device)
+    ntt_form = engine.ring.ntt(outgoing)
     scale = engine.profile.product_scale
+    context, parms_id = engine.ctx.context, engine.ctx.parms_id
 
-    def serialise() -> list[bytes]:
-        host = outgoing.cpu().numpy().view(np.uint64)
-        return [ciphertext_to_bytes(ntt_ciphertext(engine.ctx, ct, scale)) for ct in host]
+    def to_host_serialise() -> list[bytes]:
+        host = ntt_form.cpu().numpy().view(np.uint64)
+        return [
+            ciphertext_to_bytes(ciphertext_from_residues(context, parms_id, ct, scale))
+            for ct in host
+        ]
 
     return {
         "products": timer.ms(lambda: engine._products(limbs)),
         "rerandomise_pad": timer.ms(lambda: engine.prepare_outgoing(batch)),
-        "to_host_ntt_serialise": timer.ms(serialise),
+        "ntt": timer.ms(lambda: engine.ring.ntt(outgoing)),
+        "to_host_serialise": timer.ms(to_host_serialise),
         "unpad_decode": timer.ms(lambda: engine.unpad_evaluations(replies, rho)),
         "ciphertexts": int(batch.shape[0]),
         "bytes_out": int(batch.shape[0]) * engine.profile.ciphertext_bytes,
@@ -187,6 +218,10 @@ def run_device(
             ),
             "remote_host": GpuRemoteDeltaEngine.from_matrices(None, matrices, **kwargs),
         }
+        if device.type == "cuda" and args.compile:
+            engines["local_folded_compiled"] = GpuDeltaEngine.from_matrices(
+                secret, matrices, compile=True, **kwargs
+            )
         for engine in engines.values():
             engine.load(0, matrices, a_primes)
         points = []
@@ -195,22 +230,28 @@ def run_device(
             slots = torch.zeros(t, dtype=torch.int64, device=device)
             point: dict[str, Any] = {"T": t, "groups": len(engines["local_folded"].groups)}
             for variant, engine in engines.items():
-                stages = (
-                    remote_stages(engine, timer, x, slots)
-                    if variant == "remote_host"
-                    else local_stages(engine, timer, x, slots)
-                )
+                if variant == "remote_host":
+                    stages = remote_stages(engine, timer, x, slots)
+                elif variant == "local_folded_compiled":
+                    stages = compiled_stages(engine, engines["local_folded"], timer, x, slots)
+                else:
+                    stages = local_stages(engine, timer, x, slots)
                 point[variant] = {"ms_per_call": stages}
                 point[variant]["ms_per_token"] = {
                     k: round(v / t, 4) for k, v in stages.items() if isinstance(v, float)
                 }
+            estimate: dict[str, Any] = {}
+            for variant in ("local_folded", "local_folded_compiled"):
+                if variant in point:
+                    timing = point[variant]["ms_per_call"]
+                    layer_ms = timing.get("compute_graph", timing["compute_eager"])
+                    estimate[variant] = round(layer_ms * spec["layers"], 3)
             folded = point["local_folded"]["ms_per_call"]
             per_layer = folded.get("compute_graph", folded["compute_eager"])
-            point["estimate_step_ms"] = {
-                "local_folded": round(per_layer * spec["layers"], 3),
-                "note": f"{spec['layers']} layers x one q/v layer call "
-                + ("(CUDA graph replay)" if "compute_graph" in folded else "(eager)"),
-            }
+            estimate["note"] = f"{spec['layers']} layers x one q/v layer call " + (
+                "(CUDA graph replay)" if "compute_graph" in folded else "(eager)"
+            )
+            point["estimate_step_ms"] = estimate
             points.append(point)
             print(
                 f"[gpu-he-bench] {device.type} {name} T={t}: {per_layer:.3f} ms/layer",
@@ -235,6 +276,10 @@ def main() -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per stage")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds per stage at most")
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false",
+        help="skip the torch.compile variant on CUDA (its first call compiles, ~1 min)",
+    )  # fmt: skip
     parser.add_argument("--out", help="write the JSON here as well")
     args = parser.parse_args()
 

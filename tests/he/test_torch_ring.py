@@ -32,6 +32,7 @@ from vllm_tensafe.he.gpu_engine import (
     Member,
     adapter_groups,
     coefficient_residues,
+    layer_groups_for,
     ntt_ciphertext,
 )
 from vllm_tensafe.he.lincomb import LinearCombiner, ResidueColumns
@@ -176,6 +177,13 @@ def test_decrypt_equals_seal_decryptor(
         assert np.array_equal(as_u64(got), seal_decrypt_coefficients(secret, ct))
 
 
+def test_forward_ntt_is_seals(ctx: PublicContext, ring: DeviceRing, columns: list) -> None:
+    coefficients = np.stack([coefficient_residues(ctx, c) for c in columns[:2]])  # (2, 2, L, N)
+    got = as_u64(ring.ntt(on(coefficients, ring.device)))
+    want = np.stack([np.array(ciphertext_residues(c)) for c in columns[:2]])
+    assert np.array_equal(got, want)
+
+
 # --- modulus switch, flood, decoding -------------------------------------------------------------
 
 
@@ -296,6 +304,16 @@ def test_adapter_groups_follow_the_packing(
     assert adapter_groups([mq, None, mv]) == [[Member(0, 0), Member(2, 0)]]
     wide = encrypt_matrix(ctx, rng.normal(size=(ctx.slot_count + 10, 2)) * 0.1)
     assert adapter_groups([wide, mv]) == [[Member(0, 0)], [Member(0, 1)], [Member(1, 0)]]
+    # Without an adapter (engines built before vLLM captures): the same groups as pack's.
+    slots = ctx.slot_count
+    assert layer_groups_for([96, 16, 32], slots, [True, False, True]) == adapter_groups(
+        [mq, None, mv]
+    )
+    assert layer_groups_for([4096, 1024, 1024], slots, [True, False, True]) == [
+        [Member(0, 0)],
+        [Member(2, 0)],
+    ]
+    assert layer_groups_for([14336], slots) == [[Member(0, c)] for c in range(4)]
 
 
 @pytest.mark.parametrize("fold_secret", [True, False])

@@ -60,6 +60,7 @@ from vllm_tensafe.he.residues import (
 from vllm_tensafe.he.torch_ring import (
     CkksDecoder,
     FloodParameters,
+    ForwardNTT,
     LimbPlan,
     Moduli,
     ModulusSwitch,
@@ -140,6 +141,22 @@ class DeviceRing:
         self.delta_prime = self.switch.delta_prime(self.scale_bits)
         self.flood = FloodParameters.for_scale(self.profile.flood_sigma, self.scale_bits, self.n)
         self._pk_spectra: torch.Tensor | None = None
+        self._ntt: ForwardNTT | None = None
+
+    @property
+    def ntt(self) -> ForwardNTT:
+        """SEAL's forward NTT on the device (built on first use: only outgoing ciphertexts of
+        the remote path need it)."""
+        if self._ntt is None:
+            import _sealapi_cpp
+
+            log_n = self.n.bit_length() - 1
+            roots = [
+                _sealapi_cpp.util.NTTTables(log_n, _sealapi_cpp.Modulus(q)).get_root()
+                for q in self.moduli.values
+            ]
+            self._ntt = ForwardNTT(self.arith, roots)
+        return self._ntt
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -281,6 +298,28 @@ def adapter_groups(matrices: Sequence[EncryptedMatrix | None]) -> list[list[Memb
     return groups
 
 
+def layer_groups_for(
+    output_slices: Sequence[int], slot_count: int, targeted: Sequence[bool] | None = None
+) -> list[list[Member]]:
+    """The groups ``vllm-tensafe pack`` gives a layer whose ``targeted`` slices carry LoRA
+    (all of them by default), without an adapter at hand: for building an engine before any
+    adapter is loaded (vLLM captures its CUDA graphs at startup). The targeted slices share one
+    tile when their widths fit the slots (packing.fused_layouts); a slice wider than the slots
+    takes one group per chunk. Adapters that target a subset fit these groups too."""
+    flags = [True] * len(output_slices) if targeted is None else list(targeted)
+    chosen = [s for s, flag in enumerate(flags) if flag]
+    if not chosen:
+        raise HEError("no targeted slice in this layer", "pass targeted= with at least one True")
+    widths = [output_slices[s] for s in chosen]
+    if len(chosen) > 1 and sum(widths) <= slot_count:
+        return [[Member(s, 0) for s in chosen]]
+    groups = []
+    for s in chosen:
+        chunks = max(1, -(-output_slices[s] // slot_count))
+        groups.extend([Member(s, c)] for c in range(chunks))
+    return groups
+
+
 def _layer_defaults(matrices: Sequence[EncryptedMatrix | None], kwargs: dict[str, Any]) -> None:
     """output_slices and max_rank from one adapter's matrices (slices it leaves out need
     output_slices from the caller: their width is not in the package)."""
@@ -379,7 +418,11 @@ class GpuDeltaEngine:
         self.fold_secret = bool(fold_secret) and secret is not None
         self.polys = 1 if self.fold_secret else 2
         self._s_spectrum = ring.secret_spectrum(secret) if secret is not None else None
-        self.flood_source: PhiloxFlood | KeystreamWords = PhiloxFlood(self.device, generator)
+        self.flood_source: PhiloxFlood | KeystreamWords = (
+            KeystreamWords(self.device)
+            if generator == "keystream"
+            else PhiloxFlood(self.device, generator)
+        )
         size = self.polys * ring.moduli.count * ring.n
         g_count, s_count = len(self.groups), self.max_slots
         a_rows = self.plan.weight_limbs * self.rank
@@ -393,7 +436,7 @@ class GpuDeltaEngine:
         self.a_prime = (
             torch.zeros(
                 (s_count, n_slices, self.max_rank, self.d_in),
-                dtype=torch.float32,
+                dtype=torch.float64,
                 device=self.device,
             )
             if self.d_in
@@ -444,7 +487,11 @@ class GpuDeltaEngine:
     @property
     def capturable(self) -> bool:
         """Whether ``compute`` may be captured in a CUDA graph (static shapes, no host sync)."""
-        return self.device.type == "cuda" and self._s_spectrum is not None
+        return (
+            self.device.type == "cuda"
+            and self._s_spectrum is not None
+            and isinstance(self.flood_source, PhiloxFlood)
+        )
 
     @property
     def generator(self) -> torch.Generator | None:
@@ -486,7 +533,7 @@ class GpuDeltaEngine:
                 for s, a in enumerate(a_primes or []):
                     if a is None:
                         continue
-                    a_t = torch.as_tensor(a, dtype=torch.float32)
+                    a_t = torch.as_tensor(a, dtype=torch.float64)
                     self.a_prime[slot, s, : a_t.shape[0]].copy_(a_t)
             self.index[slot].copy_(index)
             self.column_group[slot].copy_(column_group)
@@ -607,12 +654,16 @@ class GpuDeltaEngine:
     def compute(self, x: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
         """Deltas (T, out_features) float32 for activations x (T, d_in) and the tokens' adapter
         slots (T or more entries; -1 or an empty slot: zero delta). Uses the loaded A'."""
+        return self.compute_u(self.project(x), token_slots)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """U = x A'^T for every slot and slice: (T, max_slots, slices, max_rank), float64 (no
+        TF32 or bf16 rounding of U, whatever the matmul settings of the process)."""
         if self.a_prime is None:
             raise HEError("this engine holds no A'", "build it with d_in=, or call compute_u")
-        tokens = x.shape[0]
         a = self.a_prime.view(-1, self.a_prime.shape[-1])
-        u = (x.float() @ a.T).view(tokens, self.max_slots, len(self.output_slices), -1)
-        return self.compute_u(u, token_slots)
+        u = x.double() @ a.T
+        return u.view(x.shape[0], self.max_slots, len(self.output_slices), -1)
 
     def compute_u(self, u: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
         """As ``compute`` from U = x A'^T for every slot: (T, max_slots, slices, max_rank)."""
@@ -794,6 +845,17 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
         c0 = self.ring.arith.add(ct[:, 0], pad)
         return torch.stack([c0, ct[:, 1]], dim=1), self.ring.switch(pad)
 
+    def serialise(self, outgoing: torch.Tensor) -> list[bytes]:
+        """Coefficient-form (B, 2, L, N) -> SEAL ciphertext bytes: NTT on the device, then only
+        the NTT-form residues cross to the host (no SEAL transform there)."""
+        host = self.ring.ntt(outgoing).cpu().numpy().view(np.uint64)
+        scale = self.profile.product_scale
+        context, parms_id = self.ctx.context, self.ctx.parms_id
+        return [
+            ciphertext_to_bytes(ciphertext_from_residues(context, parms_id, ct, scale))
+            for ct in host
+        ]
+
     def unpad_evaluations(self, replies: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
         """Replies y (B, N) words -> evaluations of (y - rho) / Delta' (B, N/2)."""
         ring = self.ring
@@ -802,11 +864,7 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
 
     def _exchange(self, state: _SlotState, outgoing: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter()
-        host = outgoing.cpu().numpy().view(np.uint64)
-        scale = self.profile.product_scale
-        blobs = [
-            ciphertext_to_bytes(ntt_ciphertext(self.ctx, host[i], scale)) for i in range(len(host))
-        ]
+        blobs = self.serialise(outgoing)
         self.seconds_serialise += time.perf_counter() - started
         started = time.perf_counter()
         self.stats.decrypt_calls += 1

@@ -297,6 +297,71 @@ class NegacyclicFFT:
         return float((coeffs - torch.round(coeffs)).abs().max())
 
 
+# --- forward NTT in SEAL's layout ---------------------------------------------------------------
+
+
+def bit_reverse(value: int, bits: int) -> int:
+    return int(format(value, f"0{bits}b")[::-1], 2) if bits else 0
+
+
+class ForwardNTT:
+    """SEAL's negacyclic NTT of coefficient-form residues: output j of prime l is
+    a(psi_l^(2 br(j) + 1)) mod q_l, psi_l SEAL's primitive 2N-th root (NTTTables.get_root) and
+    br the bit reversal of log2 N bits; so its results are SEAL's NTT form bit for bit.
+
+    Cooley-Tukey butterflies, one stage at a time over every polynomial of a batch; the twiddle
+    products use Shoup's method (W' = floor(W 2^64 / q), r = W y - hi(y W') q in [0, 2q)).
+    """
+
+    def __init__(self, arith: ResidueArithmetic, roots: Sequence[int]) -> None:
+        self.arith = arith
+        moduli = arith.moduli
+        n, log_n = moduli.n, moduli.n.bit_length() - 1
+        if len(roots) != moduli.count:
+            raise HEError("one NTT root per prime", "pass SEAL's NTTTables roots")
+        self.n = n
+        device = moduli.device
+        self.stages: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        m = 1
+        while m < n:
+            twiddles, lows, highs = [], [], []
+            for q, root in zip(moduli.values, roots, strict=True):
+                row = [pow(root, bit_reverse(m + i, log_n), q) for i in range(m)]
+                shoup = [(w << 64) // q for w in row]
+                twiddles.append(row)
+                lows.append([v & MASK32 for v in shoup])
+                highs.append([v >> 32 for v in shoup])
+            as_tensor = lambda rows: torch.tensor(rows, dtype=torch.int64, device=device)  # noqa: E731
+            self.stages.append(
+                (as_tensor(twiddles).unsqueeze(-1), as_tensor(lows).unsqueeze(-1),
+                 as_tensor(highs).unsqueeze(-1))
+            )  # fmt: skip
+            m *= 2
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        """(..., L, N) coefficient residues -> (..., L, N) NTT-form residues."""
+        q = self.arith.q.unsqueeze(-1)  # (L, 1, 1)
+        lead = a.shape[:-1]
+        m = 1
+        for w, w_lo, w_hi in self.stages:
+            t = self.n // (2 * m)
+            pairs = a.reshape(*lead, m, 2, t)
+            x, y = pairs[..., 0, :], pairs[..., 1, :]
+            y0, y1 = y & MASK32, y >> 32  # y < 2^61
+            low = y0 * w_lo
+            mid1 = y1 * w_lo
+            mid2 = y0 * w_hi
+            carry = ((low >> 32) & MASK32) + (mid1 & MASK32) + (mid2 & MASK32)
+            hi = y1 * w_hi + (mid1 >> 32) + ((mid2 >> 32) & MASK32) + (carry >> 32)
+            r = y * w - hi * q  # in [0, 2q), exact in wrapping int64
+            r = r - q
+            wy = r + ((r >> 63) & q)
+            a = torch.stack([reduce_once(x + wy, q), reduce_once(x - wy, q)], dim=-2)
+            a = a.reshape(*lead, self.n)
+            m *= 2
+        return a
+
+
 # --- modulus switch S_m -------------------------------------------------------------------------
 
 
