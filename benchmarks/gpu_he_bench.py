@@ -39,7 +39,8 @@ import torch
 
 from vllm_tensafe.he import encrypt_matrix, generate_keys
 from vllm_tensafe.he.gpu_engine import GpuDeltaEngine, GpuRemoteDeltaEngine
-from vllm_tensafe.he.packing import ciphertext_to_bytes, fused_layouts
+from vllm_tensafe.he.keyholder import encode_ciphertext
+from vllm_tensafe.he.packing import fused_layouts
 from vllm_tensafe.he.residues import ciphertext_from_residues
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -181,7 +182,7 @@ def remote_stages(
     def to_host_serialise() -> list[bytes]:
         host = ntt_form.cpu().numpy().view(np.uint64)
         return [
-            ciphertext_to_bytes(ciphertext_from_residues(context, parms_id, ct, scale))
+            encode_ciphertext(ciphertext_from_residues(context, parms_id, ct, scale))
             for ct in host
         ]
 

@@ -16,7 +16,6 @@ import torch
 
 from tests.he.helpers import make_lora
 from tests.he.torch_ring_reference import (
-    V2KeyHolderDouble,
     crt,
     moduli,
     seal_decode,
@@ -35,9 +34,11 @@ from vllm_tensafe.he.gpu_engine import (
     layer_groups_for,
     ntt_ciphertext,
 )
+from vllm_tensafe.he.keyholder import AdapterRef, LocalKeyHolder, decode_ciphertext
 from vllm_tensafe.he.lincomb import LinearCombiner, ResidueColumns
-from vllm_tensafe.he.packing import encrypt_matrix, fused_layouts, load_ciphertext
+from vllm_tensafe.he.packing import encrypt_matrix, fused_layouts
 from vllm_tensafe.he.residues import ciphertext_residues
+from vllm_tensafe.he.ring import Ring
 from vllm_tensafe.he.torch_ring import (
     FloodParameters,
     LimbPlan,
@@ -47,7 +48,6 @@ from vllm_tensafe.he.torch_ring import (
     ResidueArithmetic,
     flood_residues,
     limb_plan,
-    uniform_residues,
 )
 
 
@@ -214,6 +214,24 @@ def test_switch_is_the_v2_definition(
         assert diff in (0, 1, mod - 1)
 
 
+def test_switch_and_decode_match_ring_py(
+    ctx: PublicContext, ring: DeviceRing, rng: np.random.Generator
+) -> None:
+    """The CPU host's and key holder's numpy implementation (ring.py) gives the same bits."""
+    cpu = Ring(ctx.context, ctx.parms_id, ring.n)
+    x = np.stack([rng.integers(0, q, size=(3, ring.n), dtype=np.uint64) for q in cpu.moduli], 1)
+    m = ring.switch.m
+    assert m == ctx.profile.reply_exponent(ctx.profile.product_scale_bits)
+    got = as_u64(ring.switch(on(x, ring.device)))
+    assert np.array_equal(got, cpu.switch(x, m))
+    z = Ring.centred(got, m)
+    scale = cpu.reply_scale(ctx.profile.product_scale_bits, m)
+    assert scale == ring.delta_prime
+    want = cpu.decode(z, scale)
+    mine = ring.decoder.decode(ring.coefficients(on(got, ring.device))).cpu().numpy()
+    assert np.abs(mine - want).max() <= 1e-9 * max(1.0, np.abs(want).max())
+
+
 def test_flood_residues_exact(ring: DeviceRing, rng: np.random.Generator) -> None:
     params = ring.flood
     assert params.k == max(0, math.floor(math.log2(params.sigma_c)) - 45)
@@ -229,7 +247,7 @@ def test_flood_residues_exact(ring: DeviceRing, rng: np.random.Generator) -> Non
 def test_flood_noise_has_the_stated_spread(ring: DeviceRing) -> None:
     from vllm_tensafe.he.gpu_engine import KeystreamWords, PhiloxFlood
 
-    params = FloodParameters.for_scale(ring.profile.flood_sigma, 124, ring.n)
+    params = FloodParameters.for_sigma(ring.profile.flood_coefficient_sigma(124))
     for source in (PhiloxFlood(ring.device), KeystreamWords(ring.device)):
         normals, words = source.draw((4, ring.n))
         flood = params.high_parts(normals).double() * 2.0**params.k
@@ -246,15 +264,6 @@ def test_decode_matches_seal(
     want = seal_decode(ctx, z, delta_prime)
     assert np.abs(got - want).max() < 1e-9
     assert np.abs(want).max() > 1.0  # a meaningful comparison
-
-
-def test_uniform_residues_rejects_and_redraws(ring: DeviceRing) -> None:
-    qs = ring.moduli.values
-    words = torch.tensor([[q] * 4 for q in qs], device=ring.device)  # all >= q: all rejected
-    fresh = iter([torch.tensor([5] * 12)])
-    got = uniform_residues(ring.moduli, words, lambda count: next(fresh)[:count])
-    assert as_u64(got).tolist() == [[5] * 4] * len(qs)
-    assert got.device == ring.device
 
 
 # --- the engines -----------------------------------------------------------------------------
@@ -385,19 +394,30 @@ def test_rerandomise_matches_seal(
     assert np.array_equal(ntt, seal_rerandomise(ctx, np.array(ciphertext_residues(ct)), v, e))
 
 
+class RecordingKeyHolder(LocalKeyHolder):
+    """The v2 key holder of keyholder.py, keeping the last request it was sent."""
+
+    received: list[bytes] | None = None
+
+    def decrypt(self, ref: AdapterRef, ciphertexts: list[bytes]) -> list[np.ndarray]:
+        self.received = [bytes(b) for b in ciphertexts]
+        return super().decrypt(ref, ciphertexts)
+
+
 @pytest.fixture(scope="module")
 def remote_setup(qv: tuple, secret: SecretKeySet, device: torch.device) -> tuple:
     d_in, loras, mats = qv
-    holder = V2KeyHolderDouble(secret)
+    holder = RecordingKeyHolder(secret)
+    ref = AdapterRef("bench", secret.key_id, "0" * 64)
     engine = GpuRemoteDeltaEngine.from_matrices(
         holder, [mats[0], None, mats[1]], output_slices=[96, 16, 32], d_in=d_in, device=device
     )
     engine.load(0, [mats[0], None, mats[1]], [loras[0].a_mixed, None, loras[1].a_mixed],
-                ref="bench-ref")  # fmt: skip
+                ref=ref)  # fmt: skip
     return engine, holder, d_in, loras
 
 
-def test_remote_engine_deltas_through_a_v2_key_holder(
+def test_remote_engine_deltas_through_the_v2_key_holder(
     remote_setup: tuple, rng: np.random.Generator, ctx: PublicContext
 ) -> None:
     engine, holder, d_in, (lq, lv) = remote_setup
@@ -406,9 +426,9 @@ def test_remote_engine_deltas_through_a_v2_key_holder(
     got = engine.compute(on(x, engine.device).float(), slots).cpu().numpy()
     assert holder.received is not None and len(holder.received) == 2  # only the live tokens
     assert np.abs(got - _reference(x, lq, lv, [1])).max() < ctx.profile.tolerance
-    # What left the host: SEAL protocol ciphertexts (NTT form, the product scale).
+    # What left the host: v2 wire ciphertexts (NTT form, the product scale).
     for blob in holder.received:
-        sent = load_ciphertext(ctx, blob, ctx.profile.accepted_scales, "sent")
+        sent = decode_ciphertext(ctx, blob, "sent")
         assert sent.is_ntt_form() and sent.scale == ctx.profile.product_scale
 
 

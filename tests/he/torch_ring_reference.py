@@ -8,7 +8,6 @@ SEAL's own.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -16,7 +15,6 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from vllm_tensafe.he.keys import PublicContext, SecretKeySet
-from vllm_tensafe.he.packing import load_ciphertext
 from vllm_tensafe.he.residues import (
     ciphertext_from_residues,
     ciphertext_residues,
@@ -130,43 +128,3 @@ def seal_rerandomise(
     base = ciphertext_from_residues(ctx.context, ctx.parms_id, ct_ntt, 1.0)
     ctx.evaluator.add_inplace(base, pkv)
     return np.array(ciphertext_residues(base), copy=True)
-
-
-@dataclass
-class V2KeyHolderDouble:
-    """A key holder speaking protocol v2 (docs/v2-math), built from SEAL and the big-integer
-    switch only: decrypt, inverse NTT, optional exact flood F (given), S_m."""
-
-    secret: SecretKeySet
-    flood: bool = False
-    calls: int = 0
-    received: list[bytes] | None = None
-
-    def decrypt(self, ref: Any, blobs: list[bytes]) -> list[np.ndarray]:
-        ctx = self.secret.public_context()
-        profile = ctx.profile
-        self.calls += 1
-        self.received = [bytes(b) for b in blobs]
-        qs = moduli(ctx)
-        data_bits = sum(profile.coeff_mod_bit_sizes[:-1])
-        m = 32 + data_bits - profile.product_scale_bits
-        out = []
-        for i, blob in enumerate(blobs):
-            ct = load_ciphertext(ctx, blob, profile.accepted_scales, f"ciphertext {i}")
-            x = seal_decrypt_coefficients(self.secret, ct)
-            if self.flood:
-                rng = np.random.default_rng(i)
-                sigma_c = profile.flood_sigma * 2.0**profile.product_scale_bits
-                sigma_c /= math.sqrt(ctx.profile.poly_modulus_degree / 2)
-                f = np.rint(rng.normal(size=x.shape[-1]) * sigma_c)
-                x = np.stack(
-                    [
-                        np.array(
-                            [(int(a) + int(b)) % q for a, b in zip(row, f, strict=True)],
-                            dtype=np.uint64,
-                        )
-                        for row, q in zip(x, qs, strict=True)
-                    ]
-                )
-            out.append(switch_reference(x, qs, m))
-        return out

@@ -48,8 +48,9 @@ import torch
 from vllm_tensafe.errors import ForeignCiphertextError, HEError, KeyHolderError
 from vllm_tensafe.he.csprng import random_words
 from vllm_tensafe.he.delta import DeltaStats
+from vllm_tensafe.he.keyholder import encode_ciphertext
 from vllm_tensafe.he.keys import PublicContext, SecretKeySet, secret_key_coefficients
-from vllm_tensafe.he.packing import EncryptedMatrix, ciphertext_to_bytes
+from vllm_tensafe.he.packing import EncryptedMatrix
 from vllm_tensafe.he.residues import (
     check_layout,
     ciphertext_from_residues,
@@ -57,6 +58,7 @@ from vllm_tensafe.he.residues import (
     data_moduli,
     set_ntt_form,
 )
+from vllm_tensafe.he.ring import Ring
 from vllm_tensafe.he.torch_ring import (
     CkksDecoder,
     FloodParameters,
@@ -70,18 +72,11 @@ from vllm_tensafe.he.torch_ring import (
     flood_residues,
     limb_plan,
     normal_from_words,
-    rounded_gaussian_from_words,
     signed_to_residue,
     slot_positions,
-    ternary_from_words,
-    uniform_residues,
 )
 
 logger = logging.getLogger("vllm_tensafe.he.gpu")
-
-# Re-randomisation noise (docs/v2-math, Host (a)).
-RERANDOMISE_SIGMA = 3.2
-RERANDOMISE_BOUND = 19
 
 _FIX_LAYOUT = "pack every adapter of one layer with the same vllm-tensafe version and targets"
 
@@ -134,12 +129,13 @@ class DeviceRing:
         self.arith = ResidueArithmetic(self.moduli)
         self.fft = NegacyclicFFT(self.arith)
         self.decoder = CkksDecoder(self.n, self.device)
+        # Every token has its own ciphertext: products are scalar (scale 2^product_scale_bits).
         self.scale_bits = self.profile.product_scale_bits
-        data_bits = sum(self.profile.coeff_mod_bit_sizes[:-1])
-        reply_bits = int(getattr(self.profile, "reply_scale_bits", 32))
-        self.switch = ModulusSwitch(self.moduli, reply_bits + data_bits - self.scale_bits)
+        self.switch = ModulusSwitch(self.moduli, self.profile.reply_exponent(self.scale_bits))
         self.delta_prime = self.switch.delta_prime(self.scale_bits)
-        self.flood = FloodParameters.for_scale(self.profile.flood_sigma, self.scale_bits, self.n)
+        self.flood = FloodParameters.for_sigma(
+            self.profile.flood_coefficient_sigma(self.scale_bits)
+        )
         self._pk_spectra: torch.Tensor | None = None
         self._ntt: ForwardNTT | None = None
 
@@ -214,7 +210,7 @@ class PhiloxFlood:
     which Philox (a counter-based generator that passes BigCrush) gives. It is *not* a CSPRNG:
     its 64-bit seed could be searched by someone who sees many outputs, so anything that leaves
     the trust domain (the remote path's re-randomisation and pad) draws from the CPU CSPRNG
-    (csprng.py) instead (``KeystreamWords``).
+    (csprng.py, through ring.py's samplers) instead.
 
     The generator is dedicated (seeded from os.urandom), so vLLM's sampling stream is left
     alone. A CUDA graph capture must register it: ``graph.register_generator_state(gen)``
@@ -773,8 +769,9 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
     """The remote-key-holder path: products, re-randomisation and pad on the device; the
     outgoing ciphertexts (and nothing else) go to the host, the replies come back.
 
-    ``key_holder.decrypt(ref, blobs) -> list[np.ndarray]`` is the v2 call (one uint64 array of N
-    coefficients per ciphertext, docs/v2-math); ``ref`` is the slot's AdapterRef given at load.
+    ``key_holder.decrypt(ref, blobs) -> list[np.ndarray]`` is keyholder.KeyHolder's v2 call (one
+    uint64 array of N coefficients per ciphertext); ``ref`` is the slot's AdapterRef, given at
+    load.
     Not capturable: it synchronises with the host and calls the key holder.
     """
 
@@ -782,7 +779,7 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
         kwargs["fold_secret"] = False
         super().__init__(None, ctx, **kwargs)
         self.key_holder = key_holder
-        self.randomness = KeystreamWords(self.device)
+        self._sampler = Ring(ctx.context, ctx.parms_id, ctx.profile.poly_modulus_degree)
         self.seconds_serialise = 0.0
 
     @classmethod
@@ -830,15 +827,25 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
         return out
 
     def prepare_outgoing(self, ct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 2, L, N) product residues -> re-randomised, padded residues and rho (B, N)."""
-        ring = self.ring
-        count, n, primes = ct.shape[0], ring.n, ring.moduli.count
-        words = self.randomness.words(count * (3 + primes) * n).view(count, 3 + primes, n)
-        v = ternary_from_words(words[:, 0])
-        e = rounded_gaussian_from_words(words[:, 1:3].reshape(count, 2 * n), RERANDOMISE_SIGMA,
-                                        RERANDOMISE_BOUND).view(count, 2, n)  # fmt: skip
-        pad = uniform_residues(ring.moduli, words[:, 3:], self.randomness.words)
-        return self.pad(ring.rerandomise(ct, v, e), pad)
+        """(B, 2, L, N) product residues -> re-randomised, padded residues and rho (B, N).
+
+        The randomness is conceal.py's, drawn by ring.py's samplers from the CPU CSPRNG and
+        uploaded: v ternary, e1 a centred binomial (c0 needs no error: R makes it uniform),
+        R uniform mod Q. It leaves the trust domain, so no device generator is used for it.
+        """
+        count = ct.shape[0]
+        sampler = self._sampler
+        v = self._upload(sampler.ternary(count))
+        e1 = self._upload(sampler.errors(count))
+        pad = self._upload(sampler.uniform(count).view(np.int64))
+        e = torch.stack([torch.zeros_like(e1), e1], dim=1)
+        return self.pad(self.ring.rerandomise(ct, v, e), pad)
+
+    def _upload(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
 
     def pad(self, ct: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """c0 += R (coefficient form); rho = S_m(R)."""
@@ -846,14 +853,13 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
         return torch.stack([c0, ct[:, 1]], dim=1), self.ring.switch(pad)
 
     def serialise(self, outgoing: torch.Tensor) -> list[bytes]:
-        """Coefficient-form (B, 2, L, N) -> SEAL ciphertext bytes: NTT on the device, then only
-        the NTT-form residues cross to the host (no SEAL transform there)."""
+        """Coefficient-form (B, 2, L, N) -> v2 wire ciphertexts: the NTT runs on the device,
+        only the NTT-form residues cross to the host."""
         host = self.ring.ntt(outgoing).cpu().numpy().view(np.uint64)
         scale = self.profile.product_scale
         context, parms_id = self.ctx.context, self.ctx.parms_id
         return [
-            ciphertext_to_bytes(ciphertext_from_residues(context, parms_id, ct, scale))
-            for ct in host
+            encode_ciphertext(ciphertext_from_residues(context, parms_id, ct, scale)) for ct in host
         ]
 
     def unpad_evaluations(self, replies: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:

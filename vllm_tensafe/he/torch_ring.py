@@ -493,16 +493,6 @@ def normal_from_words(words: torch.Tensor) -> torch.Tensor:
     return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=-1)
 
 
-def ternary_from_words(words: torch.Tensor) -> torch.Tensor:
-    """Words -> uniform {-1, 0, 1} (62-bit values mod 3: bias below 2^-61 per coefficient)."""
-    return ((words >> 2) & ((1 << 62) - 1)) % 3 - 1
-
-
-def rounded_gaussian_from_words(words: torch.Tensor, sigma: float, bound: int) -> torch.Tensor:
-    """Words -> round(sigma * N(0, 1)) clipped to [-bound, bound], int64."""
-    return torch.round(normal_from_words(words) * sigma).clamp(-bound, bound).long()
-
-
 @dataclass(frozen=True)
 class FloodParameters:
     """F_i = hi_i * 2^k + u_i with hi_i = round(sigma_c g_i / 2^k) (docs/v2-math, step 2)."""
@@ -511,9 +501,9 @@ class FloodParameters:
     k: int
 
     @classmethod
-    def for_scale(cls, flood_sigma: float, scale_bits: int, n: int) -> FloodParameters:
-        sigma_c = flood_sigma * 2.0**scale_bits / math.sqrt(n / 2)
-        return cls(sigma_c, max(0, math.floor(math.log2(sigma_c)) - 45))
+    def for_sigma(cls, sigma_c: float) -> FloodParameters:
+        """sigma_c: the std per coefficient (profiles.HEProfile.flood_coefficient_sigma)."""
+        return cls(sigma_c, max(0, math.floor(math.log2(sigma_c)) - 45) if sigma_c > 0 else 0)
 
     @property
     def hi_scale(self) -> float:
@@ -537,29 +527,3 @@ def flood_residues(
     high = signed_to_residue(hi.unsqueeze(-2), q)
     high = arith.mul_pow2(high, k)
     return reduce_once(high + signed_to_residue(low.unsqueeze(-2), q), q)
-
-
-def uniform_residues(
-    moduli: Moduli, words: torch.Tensor, refill: object | None = None
-) -> torch.Tensor:
-    """(..., L, N) words -> residues uniform in [0, q_l) by rejection sampling.
-
-    Each word is masked to the bit length of its prime; a candidate >= q_l is redrawn from
-    ``refill(count) -> int64 words`` (a host synchronisation, probability ~2^-44 per residue for
-    SEAL's 60-bit primes). Without ``refill`` a rejected candidate raises: callers that cannot
-    synchronise pass enough spare words themselves.
-    """
-    q = moduli.q
-    bits = torch.tensor(
-        [(1 << v.bit_length()) - 1 for v in moduli.values], dtype=torch.int64, device=q.device
-    ).view(-1, 1)
-    out = words & bits
-    bad = out >= q
-    while bool(bad.any()):
-        if refill is None:
-            raise HEError("rejection sampling ran out of random words", "report this as a bug")
-        count = int(bad.sum())
-        fresh = refill(count).to(out.device) & bits.expand_as(out)[bad]  # type: ignore[operator]
-        out = out.masked_scatter(bad, fresh)
-        bad = out >= q
-    return out
