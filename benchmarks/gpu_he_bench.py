@@ -182,8 +182,7 @@ def remote_stages(
     def to_host_serialise() -> list[bytes]:
         host = ntt_form.cpu().numpy().view(np.uint64)
         return [
-            encode_ciphertext(ciphertext_from_residues(context, parms_id, ct, scale))
-            for ct in host
+            encode_ciphertext(ciphertext_from_residues(context, parms_id, ct, scale)) for ct in host
         ]
 
     return {
