@@ -280,8 +280,14 @@ def main() -> int:
         "--no-compile", dest="compile", action="store_false",
         help="skip the torch.compile variant on CUDA (its first call compiles, ~1 min)",
     )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int,
+        help="torch CPU threads (1 gives steadier CPU figures on a shared machine)",
+    )  # fmt: skip
     parser.add_argument("--out", help="write the JSON here as well")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     have_cuda = torch.cuda.is_available()
     if args.device == "auto":

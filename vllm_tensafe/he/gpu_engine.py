@@ -18,8 +18,8 @@ the c1 polynomial and the FFT product (the columns held on the device are then D
 in this trust domain is no more than the secret key next to them already gives).
 
 With a **remote** key holder (``GpuRemoteDeltaEngine``) the device computes the products, the
-re-randomisation (c + pk * v + e) and the pad (c0 + R, rho = S_m(R)); only the outgoing
-ciphertexts are copied to the host (NTT form and serialisation there, SEAL), the key holder's
+re-randomisation (c + (pk0 v, pk1 v + e1)), the pad (c0 + R, rho = S_m(R)) and the NTT of the
+outgoing ciphertexts; only those are copied to the host (as v2 wire bytes), the key holder's
 replies y come back, and z = y - rho, the centring and the decoding run on the device again.
 
 CUDA graphs (``capturable``): the local path has static shapes for a given token count, no host
@@ -144,11 +144,10 @@ class DeviceRing:
         """SEAL's forward NTT on the device (built on first use: only outgoing ciphertexts of
         the remote path need it)."""
         if self._ntt is None:
-            import _sealapi_cpp
-
+            util = seal._sealapi_cpp.util
             log_n = self.n.bit_length() - 1
             roots = [
-                _sealapi_cpp.util.NTTTables(log_n, _sealapi_cpp.Modulus(q)).get_root()
+                util.NTTTables(log_n, seal._sealapi_cpp.Modulus(q)).get_root()
                 for q in self.moduli.values
             ]
             self._ntt = ForwardNTT(self.arith, roots)
