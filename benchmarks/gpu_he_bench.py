@@ -275,7 +275,7 @@ def main() -> int:
     parser.add_argument("--cpu-tokens", default="1,16", help="T values on the CPU")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per stage")
-    parser.add_argument("--budget", type=float, default=2.0, help="seconds per stage at most")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds per stage at most")
     parser.add_argument(
         "--no-compile", dest="compile", action="store_false",
         help="skip the torch.compile variant on CUDA (its first call compiles, ~1 min)",

@@ -392,9 +392,17 @@ def main() -> int:
         help="extra vllm serve arguments for the HE variants only (e.g. --enforce-eager)",
     )  # fmt: skip
     parser.add_argument(
-        "--remote-max-tokens", type=int,
-        help="output tokens for he-remote only (its CPU key holder is far slower)",
+        "--he-max-tokens", type=int,
+        help="output tokens for the HE variants (default: --max-tokens); tokens/s stay comparable",
     )  # fmt: skip
+    parser.add_argument(
+        "--he-concurrency",
+        help="levels for the HE variants (default: --concurrency), e.g. 1 while the HE work runs "
+        "on the CPU",
+    )  # fmt: skip
+    parser.add_argument(
+        "--he-prompt-tokens", help="prompt lengths for the HE variants (default: --prompt-tokens)"
+    )
     parser.add_argument("--workdir", default="bench-out")
     parser.add_argument("--out", help="write the JSON here as well")
     args = parser.parse_args()
@@ -468,9 +476,12 @@ def run_variant(
 ) -> dict[str, Any]:
     server_log = workdir / f"vllm-{args.model}-{variant}.log"
     server = server_for(variant, paths, rank, kh_port, args, server_log)
-    max_tokens = args.max_tokens
-    if variant == "he-remote" and args.remote_max_tokens:
-        max_tokens = args.remote_max_tokens
+    he = variant.startswith("he-")
+    max_tokens = args.he_max_tokens if he and args.he_max_tokens else args.max_tokens
+    if he and args.he_concurrency:
+        levels = [int(x) for x in args.he_concurrency.split(",")]
+    if he and args.he_prompt_tokens:
+        prompts = [token_prompt(int(n)) for n in args.he_prompt_tokens.split(",")]
     t0 = time.perf_counter()
     from openai import OpenAI
 
@@ -480,7 +491,6 @@ def run_variant(
         model = "base" if variant == "base" else "bench"
         results = []
         for c, prompt in itertools.product(levels, prompts):
-            he = variant.startswith("he-")
             before = he_counters(server.base_url) if he else {}
             level = run_load(
                 client, model, c, max(args.requests, c), max_tokens, prompt, args.level_seconds
@@ -506,12 +516,17 @@ def run_variant(
 
 
 def add_ratios(report: dict[str, Any]) -> None:
-    """Each level's throughput and TTFT against plaintext LoRA's at the same load."""
+    """Each level's throughput and TTFT against plaintext LoRA's at the same load (same
+    concurrency and prompt)."""
     plain = report["variants"].get("plaintext")
     if not plain or "levels" not in plain:
         return
+    reference = {(lv["concurrency"], lv["prompt_tokens"]): lv for lv in plain["levels"]}
     for data in report["variants"].values():
-        for level, ref in zip(data.get("levels", []), plain["levels"], strict=False):
+        for level in data.get("levels", []):
+            ref = reference.get((level["concurrency"], level["prompt_tokens"]))
+            if ref is None:
+                continue
             if ref["output_tokens_per_s"]:
                 level["throughput_ratio_to_plaintext_lora"] = round(
                     level["output_tokens_per_s"] / ref["output_tokens_per_s"], 4
@@ -547,7 +562,8 @@ def write_report(report: dict[str, Any], out: str | None, final: bool = False) -
 
 def _table(report: dict[str, Any]) -> None:
     print(f"\n{'variant':<10} {'conc':>4} {'prompt':>6} {'tok/s':>8} {'ratio':>6} "
-          f"{'TTFT ms':>8} {'ITL p50':>8} {'ITL p99':>8}", file=sys.stderr)  # fmt: skip
+          f"{'TTFT ms':>8} {'TTFT x':>6} {'ITL p50':>8} {'ITL p99':>8}",
+          file=sys.stderr)  # fmt: skip
     for variant, data in report["variants"].items():
         if "error" in data:
             print(f"{variant:<10} failed: {data['error'][-300:]}", file=sys.stderr)
@@ -557,7 +573,9 @@ def _table(report: dict[str, Any]) -> None:
                 f"{variant:<10} {level['concurrency']:>4} {prompt:>6} "
                 f"{level['output_tokens_per_s']:>8.2f} "
                 f"{level.get('throughput_ratio_to_plaintext_lora', float('nan')):>6.2f} "
-                f"{level['ttft_median_ms'] or 0:>8.1f} {level['itl_median_ms'] or 0:>8.1f} "
+                f"{level['ttft_median_ms'] or 0:>8.1f} "
+                f"{level.get('ttft_ratio_to_plaintext_lora', float('nan')):>6.2f} "
+                f"{level['itl_median_ms'] or 0:>8.1f} "
                 f"{level['itl_p99_ms'] or 0:>8.1f}",
                 file=sys.stderr,
             )
