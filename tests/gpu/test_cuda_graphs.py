@@ -314,7 +314,11 @@ def test_full_cuda_graphs_are_refused_at_once(
     seconds = round(time.monotonic() - started, 1)
     output = done.stdout + done.stderr
     log_path.write_text(output)
-    refusal = [line for line in output.splitlines() if line.startswith("vllm-tensafe: error:")]
+    refusal = [
+        line[line.index("vllm-tensafe: error:") :]
+        for line in output.splitlines()
+        if "vllm-tensafe: error:" in line  # vLLM 0.26 prefixes "(APIServer pid=N) "
+    ]
     gpu_summary["full_refused"] = {
         "returncode": done.returncode,
         "seconds": seconds,
