@@ -279,7 +279,7 @@ def _install_api_error_hook() -> None:
 
     generation_error = patches.resolve("GenerationError")
     retryable_error = patches.resolve("RetryableRequestError")
-    graceful = _graceful_bases()
+    graceful = _graceful_bases(generation_error)
 
     class EncryptedAdapterUnavailable(retryable_error, *graceful):  # type: ignore[misc,valid-type]
         """The key holder could not be reached: retrying later may succeed (HTTP 503)."""
@@ -333,14 +333,16 @@ def _install_api_error_hook() -> None:
     )
 
 
-def _graceful_bases() -> tuple[type, ...]:
+def _graceful_bases(generation_error: type) -> tuple[type, ...]:
     """vLLM's GracefulHTTPError where it exists: an error of that class is answered with its
     own status as the error type ("Forbidden"), not as "InternalServerError"."""
     try:
-        return (patches.resolve("GracefulHTTPError"),)
+        graceful = patches.resolve("GracefulHTTPError")
     except ConfigError as exc:
         logger.info("encrypted-adapter errors keep vLLM's error type: %s", exc.cause)
         return ()
+    # Where the table's stand-in is GenerationError itself (0.26), there is nothing to add.
+    return () if issubclass(generation_error, graceful) else (graceful,)
 
 
 def _init_error(
