@@ -2,10 +2,12 @@
 
 vLLM calls ``register()`` in every process it starts (API server, engine core, workers),
 sometimes more than once, so it is idempotent. It always does two cheap things: route the
-plugin's log records through vLLM's log handler, and teach the stock argument parser the
-``--enable-tensafe`` / ``--tensafe-*`` flags (without that, the flag that turns TenSafe on could
-not exist). Everything else (TenSEAL, the LoRA loader and layer hooks) is installed only when
-TenSafe is enabled, by flag or ``TENSAFE_ENABLED``.
+plugin's log records through vLLM's log handler, and wrap vLLM's ``EngineArgs``
+(vllm_tensafe/vllm/cli_hooks.py) so the stock argument parser learns the ``--enable-tensafe`` /
+``--tensafe-*`` flags (without that, the flag that turns TenSafe on could not exist) and every
+engine build is guarded. Everything else (TenSEAL, the LoRA loader and layer hooks) is installed
+only when TenSafe is enabled, by flag or ``TENSAFE_ENABLED``. This module itself imports no
+vLLM: everything vLLM-specific is in vllm_tensafe/vllm/.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from vllm_tensafe.errors import ConfigError, TenSafeError
+from vllm_tensafe.errors import TenSafeError
 from vllm_tensafe.settings import (
     ENV_ONLY,
     ENV_PREFIX,
@@ -45,7 +47,9 @@ def register() -> None:
     global _registered
     if not _registered:
         _registered = True
-        _install_cli_hooks()
+        from vllm_tensafe.vllm.cli_hooks import install_cli_hooks
+
+        install_cli_hooks()
         _announce()
     if _env_enabled():
         activate()
@@ -140,27 +144,31 @@ def _route_logs_through_vllm() -> bool:
 
 
 def add_tensafe_args(parser: argparse.ArgumentParser) -> None:
-    """Add the TenSafe flags. Defaults are None so an unset flag leaves TENSAFE_* in charge."""
+    """Add the TenSafe flags. An unset flag sets nothing (argparse.SUPPRESS), so TENSAFE_*
+    stays in charge; the help names the setting's real default instead of "None"."""
     if any(action.dest == "enable_tensafe" for action in parser._actions):
         return
     group = parser.add_argument_group(_GROUP_TITLE, _GROUP_DESCRIPTION)
     for name, field in TenSafeSettings.model_fields.items():
         if name in ENV_ONLY:
             continue
-        help_text = f"{field.description} [env: {env_name(name)}]"
+        help_text = (
+            f"{field.description} [env: {env_name(name)}; default: {_shown_default(name)}]"
+        ).replace("%", "%%")
         if name == "enabled":
             group.add_argument(
                 flag_name(name),
                 dest="enable_tensafe",
                 action="store_const",
                 const="true",
-                default=None,
+                default=argparse.SUPPRESS,
                 help=help_text,
             )
             continue
         metavar = {
             "verify_signature": "{true,false}",
             "require_attestation": "{true,false}",
+            "allow_untested_vllm": "{true,false}",
             "key_holder": "{local,remote}",
             "profile": "{default,fast,precise}",
             "trusted_keys": "PUB[,PUB...]",
@@ -170,10 +178,17 @@ def add_tensafe_args(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             flag_name(name),
             dest=_dest(name),
-            default=None,
+            default=argparse.SUPPRESS,
             metavar=metavar,
             help=help_text,
         )
+
+
+def _shown_default(name: str) -> str:
+    default = TenSafeSettings.model_fields[name].get_default(call_default_factory=True)
+    if default in (None, []):
+        return "unset"
+    return str(default).lower() if isinstance(default, bool) else str(default)
 
 
 def _dest(field: str) -> str:
@@ -199,9 +214,12 @@ def apply_cli_args(args: argparse.Namespace) -> TenSafeSettings | None:
         args.enable_lora = True
     activate()
     check_static_packages(args)
-    from vllm_tensafe.attestation.client import startup_gate
+    if settings.key_holder == "remote":
+        # Health, protocol, TLS (CA, subjectAltName), token and the packages' keys, before
+        # vLLM spends a minute loading the model.
+        from vllm_tensafe.he.remote import check_key_holder
 
-    startup_gate(settings)  # require_attestation: no TPM or a refused quote stops start-up
+        check_key_holder(settings, [m.path for m in getattr(args, "lora_modules", None) or []])
     return settings
 
 
@@ -238,62 +256,3 @@ def _local_model_config(model: str | None) -> dict[str, Any] | None:
         return None
     config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
     return config.get("text_config", config) if isinstance(config, dict) else None
-
-
-def _install_cli_hooks() -> None:
-    """Wrap EngineArgs so stock ``vllm serve`` learns the flags and applies them."""
-    try:
-        from vllm.engine.arg_utils import EngineArgs
-    except ImportError:  # vLLM not installed: the package still works as a library.
-        return
-
-    original_add = EngineArgs.add_cli_args
-    if getattr(original_add, "_tensafe", False):
-        return
-
-    def add_cli_args(parser: Any) -> Any:
-        parser = original_add(parser)
-        add_tensafe_args(parser)
-        return parser
-
-    add_cli_args._tensafe = True  # type: ignore[attr-defined]
-    EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
-
-    original_from = EngineArgs.from_cli_args.__func__  # type: ignore[attr-defined]
-
-    def from_cli_args(cls: type, args: argparse.Namespace) -> Any:
-        _announce()
-        try:
-            apply_cli_args(args)
-        except TenSafeError as exc:
-            # One clear line and a non-zero exit, before vLLM spends a minute starting up.
-            logger.error("%s", exc)
-            sys.stderr.write(f"vllm-tensafe: error: {exc}\n")
-            raise SystemExit(2) from None
-        return original_from(cls, args)
-
-    EngineArgs.from_cli_args = classmethod(from_cli_args)  # type: ignore[method-assign,assignment]
-
-    original_create = EngineArgs.create_engine_config
-
-    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
-        _announce()
-        # The Python API (vllm.LLM, AsyncLLM) never parses flags: settings come from TENSAFE_*.
-        if _any_tensafe_env():
-            try:
-                settings = load_settings()
-                enabled = settings.enabled
-                if enabled:
-                    activate()
-                    from vllm_tensafe.attestation.client import startup_gate
-
-                    startup_gate(settings)
-            except ConfigError as exc:
-                logger.error("%s", exc)
-                raise
-            if enabled and not self.enable_lora:
-                logger.info("TENSAFE_ENABLED turns on enable_lora (encrypted adapters are LoRAs)")
-                self.enable_lora = True
-        return original_create(self, *args, **kwargs)
-
-    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]

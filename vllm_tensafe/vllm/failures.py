@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_tensafe.errors import ConfigError
+from vllm_tensafe.vllm import patches
+
 logger = logging.getLogger("vllm_tensafe.failures")
 
 RUN_DIR_ENV = "TENSAFE_RUN_DIR"
@@ -142,15 +145,11 @@ def get_board() -> FailureBoard:
 
 
 def install_engine_core_hook() -> None:
-    try:
-        from vllm.v1.engine.core import EngineCore
-    except ImportError:
-        return
-    for name in ("step", "step_with_batch_queue"):
-        original = getattr(EngineCore, name, None)
-        if original is None or getattr(original, "_tensafe", False):
-            continue
-        setattr(EngineCore, name, _wrap_step(original))
+    """Required: without it a key-holder failure would leave the tokens computed without the
+    adapter's delta in the output. Idempotent."""
+    patches.check_names(["EngineCoreOutput", "EngineCoreOutputs", "FinishReason", "RequestStatus"])
+    for name in ("engine_core.step", "engine_core.step_with_batch_queue"):
+        patches.replace(name, _wrap_step)
 
 
 def _wrap_step(original: Any) -> Any:
@@ -165,7 +164,6 @@ def _wrap_step(original: Any) -> Any:
             fail_adapter_requests(self.scheduler, outputs, encrypted, failures)
         return result
 
-    step._tensafe = True  # type: ignore[attr-defined]
     return step
 
 
@@ -201,8 +199,10 @@ def fail_adapter_requests(
     encrypted: dict[str, _Tracked],
     failures: dict[int, dict[str, Any]],
 ) -> list[str]:
-    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
-    from vllm.v1.request import RequestStatus
+    engine_core_output = patches.resolve("EngineCoreOutput")
+    engine_core_outputs = patches.resolve("EngineCoreOutputs")
+    finish_reason = patches.resolve("FinishReason")
+    request_status = patches.resolve("RequestStatus")
 
     lora_of = {req_id: item.lora_int_id for req_id, item in encrypted.items()}
     failed = {req_id for req_id, lora_id in lora_of.items() if lora_id in failures}
@@ -241,16 +241,16 @@ def fail_adapter_requests(
             batch.outputs = kept
     active = [req_id for req_id in failed if req_id in scheduler.requests]
     if active:
-        scheduler.finish_requests(active, RequestStatus.FINISHED_ERROR)
+        scheduler.finish_requests(active, request_status.FINISHED_ERROR)
     if outputs is not None:
         for req_id, client_index in client_of.items():
             batch = outputs.get(client_index)
             if batch is None:
-                batch = EngineCoreOutputs()
+                batch = engine_core_outputs()
                 outputs[client_index] = batch
             batch.outputs.append(
-                EngineCoreOutput(
-                    request_id=req_id, new_token_ids=[], finish_reason=FinishReason.ERROR
+                engine_core_output(
+                    request_id=req_id, new_token_ids=[], finish_reason=finish_reason.ERROR
                 )
             )
             finished = set(batch.finished_requests or ())
@@ -263,49 +263,95 @@ def fail_adapter_requests(
 
 
 def install_api_error_hook() -> None:
-    try:
-        from vllm.entrypoints.generate.base import serving as generate_serving
-        from vllm.exceptions import GenerationError, RetryableRequestError
-    except ImportError:
-        return
-    cls = _find_raise_owner(generate_serving)
-    if cls is None:
-        return
-    original = cls._raise_if_error
-    if getattr(original, "_tensafe", False):
-        return
+    """Optional: without it a failed encrypted-adapter request still fails, but as vLLM's
+    generic HTTP 500 instead of a 503/403 naming the key holder's error."""
+    patches.optional("generate.raise_if_error", _install_api_error_hook, _API_HOOK_EFFECT)
 
-    class EncryptedAdapterUnavailable(RetryableRequestError):
+
+_API_HOOK_EFFECT = (
+    "naming the key holder's error in the HTTP answer (a failed encrypted-adapter request "
+    "still fails, as vLLM's generic HTTP 500)"
+)
+
+
+def _install_api_error_hook() -> None:
+    from http import HTTPStatus
+
+    generation_error = patches.resolve("GenerationError")
+    retryable_error = patches.resolve("RetryableRequestError")
+    graceful = _graceful_bases(generation_error)
+
+    class EncryptedAdapterUnavailable(retryable_error, *graceful):  # type: ignore[misc,valid-type]
         """The key holder could not be reached: retrying later may succeed (HTTP 503)."""
 
-    class EncryptedAdapterRefused(GenerationError):
-        """The key holder refused (revoked, budget, credentials): HTTP 403."""
+        def __init__(self, message: str) -> None:
+            _init_error(self, retryable_error, message, HTTPStatus.SERVICE_UNAVAILABLE, graceful)
+
+    class EncryptedAdapterRefused(generation_error, *graceful):  # type: ignore[misc,valid-type]
+        """The key holder refused (revoked, budget, credentials, policy): HTTP 403."""
 
         def __init__(self, message: str) -> None:
-            super().__init__(message)
-            from http import HTTPStatus
+            _init_error(self, generation_error, message, HTTPStatus.FORBIDDEN, graceful)
 
-            self.status_code = HTTPStatus.FORBIDDEN
+    def wrap(original: Any) -> Any:
+        def _raise_if_error(
+            self: Any, finish_reason: str | None, request_id: str, *args: Any, **kwargs: Any
+        ) -> None:
+            if finish_reason == "error":
+                record = get_board().pop_request_failure(request_id)
+                if record is not None:
+                    message = (
+                        f"encrypted adapter {record['adapter']!r} failed: {record['message']}. "
+                        "Nothing was generated from the base model in its place."
+                    )
+                    if record.get("error") == "KeyHolderUnavailableError":
+                        raise EncryptedAdapterUnavailable(message)
+                    raise EncryptedAdapterRefused(message)
+            return original(self, finish_reason, request_id, *args, **kwargs)
 
-    def _raise_if_error(self: Any, finish_reason: str | None, request_id: str) -> None:
-        if finish_reason == "error":
-            record = get_board().pop_request_failure(request_id)
-            if record is not None:
-                message = (
-                    f"encrypted adapter {record['adapter']!r} failed: {record['message']}. "
-                    "Nothing was generated from the base model in its place."
-                )
-                if record.get("error") == "KeyHolderUnavailableError":
-                    raise EncryptedAdapterUnavailable(message)
-                raise EncryptedAdapterRefused(message)
-        original(self, finish_reason, request_id)
+        return _raise_if_error
 
-    _raise_if_error._tensafe = True  # type: ignore[attr-defined]
-    cls._raise_if_error = _raise_if_error
+    patches.replace("generate.raise_if_error", wrap)
+    if not graceful:
+        return
+
+    def wrap_stream(original: Any) -> Any:
+        # vLLM names every generation error "InternalServerError" in a stream; ours carry
+        # their status, so a streamed refusal says "Forbidden" as the unstreamed one does.
+        def convert(self: Any, e: Any, *args: Any, **kwargs: Any) -> str:
+            if isinstance(e, (EncryptedAdapterRefused, EncryptedAdapterUnavailable)):
+                return self.create_streaming_error_response(e)
+            return original(self, e, *args, **kwargs)
+
+        return convert
+
+    patches.optional(
+        "generate.streaming_generation_error",
+        lambda: patches.replace("generate.streaming_generation_error", wrap_stream),
+        "naming a streamed encrypted-adapter refusal's type (it still fails, typed as "
+        "InternalServerError)",
+    )
 
 
-def _find_raise_owner(module: Any) -> Any:
-    for value in vars(module).values():
-        if isinstance(value, type) and "_raise_if_error" in vars(value):
-            return value
-    return None
+def _graceful_bases(generation_error: type) -> tuple[type, ...]:
+    """vLLM's GracefulHTTPError where it exists: an error of that class is answered with its
+    own status as the error type ("Forbidden"), not as "InternalServerError"."""
+    try:
+        graceful = patches.resolve("GracefulHTTPError")
+    except ConfigError as exc:
+        logger.info("encrypted-adapter errors keep vLLM's error type: %s", exc.cause)
+        return ()
+    # Where the table's stand-in is GenerationError itself (0.26), there is nothing to add.
+    return () if issubclass(generation_error, graceful) else (graceful,)
+
+
+def _init_error(
+    error: Any, base: type, message: str, status: Any, graceful: tuple[type, ...]
+) -> None:
+    if graceful:
+        # The two bases' __init__ take different arguments: set what each of them reads.
+        Exception.__init__(error, message)
+        error.message, error.http_status = message, status
+    else:
+        base.__init__(error, message)
+    error.status_code = status

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import torch
 
 from vllm_tensafe.errors import UnsupportedAdapterError
+from vllm_tensafe.vllm import patches
 from vllm_tensafe.vllm.runtime import EncryptedAdapter, get_runtime
 
 logger = logging.getLogger("vllm_tensafe.loader")
@@ -29,7 +31,7 @@ def is_tssp_path(path: str | os.PathLike[str] | None) -> bool:
 
 def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
     """``WorkerLoRAManager._load_adapter`` for ``.tssp`` paths. Raises TenSafeError subclasses."""
-    from vllm.lora.peft_helper import PEFTHelper
+    peft_helper_cls = patches.resolve("PEFTHelper")
 
     runtime = get_runtime()
     lora_config = manager.lora_config
@@ -39,9 +41,16 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
             "start vLLM without --fully-sharded-loras",
         )
     model = manager._adapter_manager.model
+    started = time.perf_counter()
+    logger.info(
+        "Loading encrypted adapter %r for its first request in this worker: verifying the "
+        "package's signature and digests and reading its CKKS ciphertexts (once per worker; "
+        "later requests reuse them)",
+        lora_request.lora_name,
+    )
     package = runtime.open_package(lora_request.lora_path, text_config_dict(model.config))
 
-    peft_helper = PEFTHelper.from_dict(
+    peft_helper = peft_helper_cls.from_dict(
         {
             "r": package.rank,
             "lora_alpha": package.alpha,
@@ -72,7 +81,9 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
     lora_model_cls = manager._lora_model_cls
     hf_to_vllm_mapper = getattr(model, "hf_to_vllm_mapper", None)
     if hf_to_vllm_mapper is not None:
-        hf_to_vllm_mapper = hf_to_vllm_mapper.get_rename_mapper()
+        # The mapper without its stacking rules, as vLLM's own LoRA loader uses it (the
+        # method's name differs between vLLM versions: the patch table knows which).
+        hf_to_vllm_mapper = patches.resolve("lora_weights_mapper")(hf_to_vllm_mapper)
     lora = lora_model_cls.from_lora_tensors(
         lora_model_id=lora_request.lora_int_id,
         tensors=tensors,
@@ -91,6 +102,7 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
         rank=package.rank,
         matrices={name: entry.encrypted_b for name, entry in package.modules.items()},
         engine=runtime.engine_for(package),
+        adapter_version=package.adapter_version,
         summary={
             "name": package.name,
             "signer_key_id": package.signer_key_id,
@@ -108,15 +120,18 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
         },
     )
     lora.tensafe_adapter = adapter  # read by the activation hook in layers.py
-    runtime.adapters[lora_request.lora_int_id] = adapter
+    runtime.register(adapter)
     logger.info(
-        "Loaded encrypted adapter %r (id %d, rank %d, %d modules, signer %s) from %s",
+        "Loaded encrypted adapter %r version %d (id %d, rank %d, %d modules, signer %s) from %s "
+        "in %.1fs",
         package.name,
+        package.adapter_version,
         lora_request.lora_int_id,
         package.rank,
         len(package.modules),
         package.signer_key_id or "NOT VERIFIED",
         lora_request.lora_path,
+        time.perf_counter() - started,
     )
     return lora
 
@@ -137,16 +152,18 @@ def _expected_modules(manager: Any) -> set[str]:
 
 
 def install_loader() -> None:
-    from vllm.lora.worker_manager import WorkerLoRAManager
+    """Send ``.tssp`` paths to ``load_encrypted_lora``; every other path to vLLM. Idempotent."""
+    patches.check_names(
+        ["PEFTHelper.from_dict", "PEFTHelper.validate_legal", "LoRAModel.from_lora_tensors"]
+    )
+    patches.resolve("lora_weights_mapper")
 
-    original = WorkerLoRAManager._load_adapter
-    if getattr(original, "_tensafe", False):
-        return
+    def wrap(original: Any) -> Any:
+        def _load_adapter(self: Any, lora_request: Any, *args: Any, **kwargs: Any) -> Any:
+            if is_tssp_path(lora_request.lora_path):
+                return load_encrypted_lora(self, lora_request)
+            return original(self, lora_request, *args, **kwargs)
 
-    def _load_adapter(self: Any, lora_request: Any) -> Any:
-        if is_tssp_path(lora_request.lora_path):
-            return load_encrypted_lora(self, lora_request)
-        return original(self, lora_request)
+        return _load_adapter
 
-    _load_adapter._tensafe = True  # type: ignore[attr-defined]
-    WorkerLoRAManager._load_adapter = _load_adapter  # type: ignore[method-assign]
+    patches.replace("loader", wrap)
