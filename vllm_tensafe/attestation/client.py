@@ -1,8 +1,9 @@
-"""Host side of the attestation exchange: ``attest()``, ``Attester`` and the start-up check.
+"""Host side of the attestation exchange: ``attest()``, ``Attester`` and the start-up gate.
 
-The key-holder client owns the transport; this module needs only a ``post(path, json) ->
-(status, json)`` function over the client's own connection (the key holder binds the session
-to that connection's TLS channel). The client calls::
+The key-holder client (``RemoteKeyHolder``, vllm_tensafe/he/remote.py) owns the transport;
+this module needs only a ``post(path, json) -> (status, json)`` function over the client's
+own connection (the key holder binds the session to that connection's TLS channel). The
+client does::
 
     attester = Attester(quoter_from_settings(settings))    # when require_attestation is on
     attester.ensure(post)               # before each decrypt: attests first, renews near expiry
@@ -10,28 +11,29 @@ to that connection's TLS channel). The client calls::
         attester.invalidate(); attester.ensure(post)       # then retry the request once
     attester.connection_reset()         # when the client opened a new connection
 
-``check_at_startup(settings)`` is the start-up gate: it quotes the TPM and has the key holder
-verify the quote over a connection of its own, so a host without a TPM, or one the key holder
-refuses, never starts serving. Nothing is ever pretended: every failure raises.
+``startup_gate(settings)`` runs the key-holder start-up check (``check_key_holder``, which
+attests) once per process: a host without a TPM, or one the key holder refuses, never starts
+serving. Nothing is ever pretended: every failure raises.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 from vllm_tensafe.attestation.routes import ERROR_CODES, NONCE_PATH, QUOTE_PATH
 from vllm_tensafe.attestation.tpm import TpmQuoter, TpmTools
-from vllm_tensafe.errors import AttestationError, ConfigError, MalformedQuoteError
+from vllm_tensafe.errors import (
+    AttestationError,
+    ConfigError,
+    MalformedQuoteError,
+    StaleNonceError,
+    TpmError,
+)
 
 if TYPE_CHECKING:
     from vllm_tensafe.settings import TenSafeSettings
@@ -103,7 +105,12 @@ def attest(post: PostJson, quoter: TpmQuoter, *, url: str = "the key holder") ->
     if status != 200:
         raise error_from_reply(status, payload, url)
     nonce, bank, pcrs = _challenge(payload)
-    bundle = quoter.quote(nonce, bank, pcrs)
+    try:
+        bundle = quoter.quote(nonce, bank, pcrs)
+    except OSError as exc:  # the quote's scratch files; not a connection failure
+        raise TpmError(
+            f"quoting with the TPM failed: {exc}", "check the host's temporary folder"
+        ) from None
     status, payload = post(QUOTE_PATH, bundle.to_json())
     if status != 200:
         raise error_from_reply(status, payload, url)
@@ -167,7 +174,14 @@ class Attester:
 
     def _attest(self, post: PostJson) -> None:
         start = self._clock()
-        grant = attest(post, self.quoter, url=self.url)
+        try:
+            grant = attest(post, self.quoter, url=self.url)
+        except StaleNonceError:
+            # Without TLS every connection of a host shares one channel, so another worker's
+            # nonce can supersede this one between nonce and quote: once more, then give up.
+            logger.info("nonce superseded during attestation to %s; attesting once more", self.url)
+            start = self._clock()
+            grant = attest(post, self.quoter, url=self.url)
         self._grant = grant
         self._renew_at = start + grant.expires_in * (1 - RENEW_AT_REMAINING)
 
@@ -198,117 +212,24 @@ def quoter_from_settings(settings: TenSafeSettings) -> TpmQuoter:
     return TpmQuoter(tools, settings.tpm_ak)
 
 
-class JsonPoster:
-    """A small JSON-over-HTTP(S) client with the host's bearer token (one connection)."""
-
-    def __init__(
-        self, url: str, token: str, *, ca_file: str | None = None, timeout: float = 30.0
-    ) -> None:
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ConfigError(f"key holder URL {url!r} is not an http(s) URL", "fix it")
-        self.url = url.rstrip("/")
-        self._base = parsed.path.rstrip("/")
-        self._token = token
-        conn: http.client.HTTPConnection
-        if parsed.scheme == "https":
-            context = ssl.create_default_context(cafile=ca_file)
-            conn = http.client.HTTPSConnection(
-                parsed.hostname, parsed.port or 443, timeout=timeout, context=context
-            )
-        else:
-            conn = http.client.HTTPConnection(parsed.hostname, parsed.port or 80, timeout=timeout)
-        self._conn = conn
-
-    def __call__(self, path: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        from vllm_tensafe.errors import KeyHolderUnavailableError
-
-        body = json.dumps(payload).encode("utf-8")
-        headers = {
-            "Authorization": f"Bearer {self._token}",
-            "Content-Type": "application/json",
-        }
-        try:
-            self._conn.request("POST", self._base + path, body=body, headers=headers)
-            resp = self._conn.getresponse()
-            data = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
-            self._conn.close()
-            raise KeyHolderUnavailableError(
-                f"key holder {self.url} is unreachable for attestation: {type(exc).__name__}: "
-                f"{exc}",
-                "start the key holder or fix TENSAFE_KEY_HOLDER_URL / TENSAFE_KEY_HOLDER_CA",
-            ) from None
-        try:
-            parsed = json.loads(data.decode("utf-8")) if data else {}
-        except (UnicodeDecodeError, ValueError):
-            parsed = {}
-        return resp.status, parsed if isinstance(parsed, dict) else {}
-
-    def close(self) -> None:
-        self._conn.close()
-
-
-def _read_token(path: Path) -> str:
-    # The same rule as the key-holder client's token file: exactly one token.
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            f"key holder token file {str(path)!r} cannot be read: {exc}",
-            "set TENSAFE_KEY_HOLDER_TOKEN_FILE to a readable file holding the token",
-        ) from None
-    tokens = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    if len(tokens) != 1:
-        raise ConfigError(
-            f"key holder token file {str(path)!r} holds {len(tokens)} tokens, expected 1",
-            "put exactly one bearer token in the file",
-        )
-    return tokens[0]
-
-
-def check_at_startup(settings: TenSafeSettings) -> Grant | None:
-    """With require_attestation: quote the TPM and have the key holder accept it, or raise.
-
-    Returns None when attestation is not required. The session made here belongs to this
-    check's own connection; the key-holder client attests again on its first request.
-    """
-    if not settings.require_attestation:
-        return None
-    if settings.key_holder != "remote" or not settings.key_holder_url:
-        raise ConfigError(
-            "require_attestation needs the remote key holder and its URL",
-            "set TENSAFE_KEY_HOLDER=remote and TENSAFE_KEY_HOLDER_URL",
-        )
-    if settings.key_holder_token_file is None:
-        raise ConfigError(
-            "require_attestation needs the key holder token file",
-            "set TENSAFE_KEY_HOLDER_TOKEN_FILE",
-        )
-    quoter = quoter_from_settings(settings)
-    poster = JsonPoster(
-        settings.key_holder_url,
-        _read_token(settings.key_holder_token_file),
-        ca_file=str(settings.key_holder_ca) if settings.key_holder_ca else None,
-        timeout=max(settings.key_holder_timeout, 30.0),
-    )
-    try:
-        return attest(poster, quoter, url=f"key holder {settings.key_holder_url}")
-    finally:
-        poster.close()
-
-
 _gate_lock = threading.Lock()
 _gate_passed = False
 
 
-def startup_gate(settings: TenSafeSettings) -> None:
-    """``check_at_startup`` once per process (``vllm serve`` reaches start-up twice)."""
+def mark_attested() -> None:
+    """The start-up check attested this process's host (``check_key_holder`` calls it)."""
     global _gate_passed
+    _gate_passed = True
+
+
+def startup_gate(settings: TenSafeSettings) -> None:
+    """With require_attestation: the key-holder start-up check, attestation included, once
+    per process (the Python API reaches here without ``vllm serve``'s start-up check)."""
     if not settings.require_attestation:
         return
     with _gate_lock:
         if _gate_passed:
             return
-        check_at_startup(settings)
-        _gate_passed = True
+        from vllm_tensafe.he.remote import check_key_holder
+
+        check_key_holder(settings, [])

@@ -155,15 +155,18 @@ def _check_policy(args: argparse.Namespace) -> int:
 def _attest(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from vllm_tensafe.attestation.client import check_at_startup
+    from vllm_tensafe.he.remote import RemoteKeyHolder, attest_at_startup
     from vllm_tensafe.settings import TenSafeSettings, config_error_from
 
     try:
         settings = TenSafeSettings(require_attestation=True, key_holder="remote")
     except ValidationError as exc:
         raise config_error_from(exc) from None
-    grant = check_at_startup(settings)
-    assert grant is not None
+    holder = RemoteKeyHolder.from_settings(settings)
+    try:
+        grant = attest_at_startup(holder, holder.health())
+    finally:
+        holder.close()
     print(
         f"attested: host {grant.host}, AK {grant.ak[:16]}, session {grant.expires_in:.0f}s"
         + (" (bound to the TLS connection)" if grant.channel_bound else "")

@@ -5,6 +5,7 @@ audit log prints it, or a host name the service maps tokens to). Loaded from a T
 file (docs/attestation.md shows one)::
 
     nonce_lifetime = 120
+    unlisted_hosts = "refuse"                    # or "allow": hosts without an entry skip it
 
     [hosts.gpu-node-1]
     attestation_keys = ["gpu-node-1.ak.pem"]     # PEM files (relative to this file) or PEM text
@@ -216,6 +217,12 @@ class AttestationPolicy(BaseModel):
         gt=0,
         le=3600,
         description="Seconds a nonce stays valid after the key holder issued it.",
+    )
+    unlisted_hosts: Literal["refuse", "allow"] = Field(
+        "refuse",
+        description="Decryptions for a host without an entry: 'refuse' (403 "
+        "attestation_unknown_host) or 'allow' (no attestation asked of it, for hosts without "
+        "a TPM; each such decryption's audit line says so).",
     )
 
     @field_validator("hosts")

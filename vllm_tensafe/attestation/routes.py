@@ -22,6 +22,8 @@ audit line records ("ok" or the code).
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from vllm_tensafe.attestation.verifier import AttestationVerifier
 from vllm_tensafe.errors import (
     AttestationError,
     AttestationRequiredError,
+    ConfigError,
     ForeignNonceError,
     MalformedQuoteError,
     NonceError,
@@ -46,6 +49,8 @@ from vllm_tensafe.errors import (
     UnknownAttestationKeyError,
     UnknownHostError,
 )
+
+log = logging.getLogger("vllm_tensafe.key_holder")
 
 NONCE_PATH = "/v1/attestation/nonce"
 QUOTE_PATH = "/v1/attestation/quote"
@@ -88,6 +93,23 @@ class Reply:
         return json.dumps(self.body, separators=(",", ":")).encode("utf-8")
 
 
+def describe(policy: AttestationPolicy) -> str:
+    """One line for the log: the hosts and what unlisted hosts get."""
+    hosts = ", ".join(
+        f"{name} ({host.pcr_bank}:{','.join(str(i) for i in host.selection)})"
+        for name, host in sorted(policy.hosts.items())
+    )
+    return f"hosts {hosts}; unlisted hosts: {policy.unlisted_hosts}"
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 def refusal(exc: AttestationError) -> Reply:
     for cls, status, code in ERROR_CODES:
         if isinstance(exc, cls):
@@ -120,25 +142,53 @@ def channel_binding(ssl_object: Any) -> bytes | None:
 
 
 class AttestationRoutes:
-    """The nonce and quote routes and the check before each decryption, over one verifier."""
+    """The nonce and quote routes and the check before each decryption, over one verifier.
 
-    def __init__(self, verifier: AttestationVerifier) -> None:
+    Made ``from_policy_file``, the routes re-read the file when it changes (checked on every
+    call: one ``stat``), so an owner who withdraws a host or a boot state does not restart
+    the key holder; a file that becomes unreadable or invalid keeps the last good policy
+    (logged), since losing the file must not open the key holder to unattested hosts.
+    """
+
+    def __init__(self, verifier: AttestationVerifier, policy_file: Path | None = None) -> None:
         self.verifier = verifier
+        self.policy_file = policy_file
+        self._stamp = _stamp(policy_file) if policy_file is not None else None
+        self._reload_lock = threading.Lock()
 
     @classmethod
     def from_policy_file(
         cls, path: str | Path, *, clock: Callable[[], float] = time.monotonic
     ) -> AttestationRoutes:
-        return cls(AttestationVerifier(AttestationPolicy.load(path), clock=clock))
+        path = Path(path)
+        return cls(AttestationVerifier(AttestationPolicy.load(path), clock=clock), path)
 
     def reload(self, path: str | Path) -> None:
         """Re-read the policy file; sessions it no longer covers end at their next check."""
         self.verifier.replace_policy(AttestationPolicy.load(path))
 
+    def refresh(self) -> None:
+        """Reload the watched policy file if it changed since the last call."""
+        if self.policy_file is None:
+            return
+        with self._reload_lock:
+            stamp = _stamp(self.policy_file)
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp
+            try:
+                policy = AttestationPolicy.load(self.policy_file)
+            except ConfigError as exc:
+                log.error("%s; keeping the last good attestation policy", exc)
+                return
+            self.verifier.replace_policy(policy)
+            log.info("attestation policy reloaded from %s: %s", self.policy_file, describe(policy))
+
     def handle(self, method: str, path: str, caller: Caller, body: bytes) -> Reply | None:
         """Answer an attestation route; None when ``path`` is not one."""
         if path not in (NONCE_PATH, QUOTE_PATH):
             return None
+        self.refresh()
         if method != "POST":
             return Reply(
                 405,
@@ -173,8 +223,16 @@ class AttestationRoutes:
             return refusal(exc)
         return Reply(200, {"session": session.to_json(self.verifier.now())}, "ok")
 
+    def exempt(self, caller: Caller) -> bool:
+        """The caller's host has no entry and the policy lets such hosts decrypt unattested."""
+        policy = self.verifier.policy
+        return policy.unlisted_hosts == "allow" and policy.host(caller.host) is None
+
     def check(self, caller: Caller) -> Reply | None:
         """None when the caller may decrypt; else the 403 reply to send instead."""
+        self.refresh()
+        if self.exempt(caller):
+            return None
         try:
             self.verifier.require(
                 caller.host, caller.channel, token_fingerprint=caller.token_fingerprint

@@ -54,9 +54,10 @@ from vllm_tensafe.errors import (
 )
 
 NONCE_BYTES = 32
-# Nonces remembered per host (the newest is the valid one; older ones are kept only so that
-# a late or replayed quote is refused with the right reason rather than "unknown").
-NONCES_KEPT_PER_HOST = 8
+# Nonces remembered per host (on each connection the newest is the valid one; older ones are
+# kept only so that a late or replayed quote is refused with the right reason rather than
+# "unknown"). As many as the sessions: every connection of a host may be attesting at once.
+NONCES_KEPT_PER_HOST = 64
 # Sessions per host: one per TLS connection (each vLLM worker holds its own connection).
 SESSIONS_PER_HOST = 64
 SIGNATURE_HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
@@ -266,7 +267,8 @@ class AttestationVerifier:
     def issue_nonce(
         self, host: str, *, channel: bytes | None = None, token_fingerprint: str | None = None
     ) -> Challenge:
-        """A fresh single-use nonce for ``host``; it supersedes the host's earlier ones."""
+        """A fresh single-use nonce for ``host``; it supersedes the host's earlier ones on the
+        same channel (another connection of the host, a second vLLM worker, keeps its own)."""
         policy = self._host_policy(host, token_fingerprint)
         now = self.now()
         challenge = Challenge(
@@ -280,7 +282,8 @@ class AttestationVerifier:
         with self._lock:
             state = self._hosts.setdefault(host, _HostState())
             for older in state.nonces:
-                older.superseded = True
+                if older.channel == channel:
+                    older.superseded = True
             if len(state.nonces) == state.nonces.maxlen:
                 self._nonces.pop(state.nonces[0].challenge.nonce, None)
             record = _NonceRecord(challenge, channel)
@@ -322,7 +325,7 @@ class AttestationVerifier:
             if record.superseded:
                 raise StaleNonceError(
                     f"the quote's nonce {shown} is stale: a newer nonce was issued to host "
-                    f"{host!r} since",
+                    f"{host!r} on this connection since",
                     "quote the newest nonce the key holder issued",
                 )
             if now > issued.expires_at:
@@ -419,6 +422,8 @@ class AttestationVerifier:
             session = self._sessions.get((host, channel))
             policy = self._policy.host(host)
             other = any(slot[0] == host for slot in self._sessions)
+        if policy is None and session is None:
+            self._host_policy(host, token_fingerprint)  # raises UnknownHostError
         if session is None:
             where = " on this connection" if other and channel is not None else ""
             raise AttestationRequiredError(

@@ -423,13 +423,5 @@ def key_holder_from_settings(settings: TenSafeSettings) -> KeyHolder:
             )
         from vllm_tensafe.he.remote import RemoteKeyHolder
 
-        return RemoteKeyHolder(
-            settings.key_holder_url,
-            read_token_file(settings.key_holder_token_file),
-            timeout=settings.key_holder_timeout,
-            retries=settings.key_holder_retries,
-            ca_file=str(settings.key_holder_ca) if settings.key_holder_ca else None,
-            client_cert=settings.key_holder_client_cert,
-            client_key=settings.key_holder_client_key,
-        )
+        return RemoteKeyHolder.from_settings(settings)
     raise ConfigError(f"unknown key holder kind {settings.key_holder!r}", "use 'local' or 'remote'")

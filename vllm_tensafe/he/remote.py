@@ -28,7 +28,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlparse
 
@@ -36,6 +36,8 @@ import numpy as np
 
 from vllm_tensafe.errors import (
     AdapterRevokedError,
+    AttestationError,
+    AttestationRequiredError,
     BudgetExhaustedError,
     ConfigError,
     ForeignCiphertextError,
@@ -44,6 +46,7 @@ from vllm_tensafe.errors import (
     KeyHolderForbiddenError,
     KeyHolderUnavailableError,
     ProtocolVersionError,
+    TenSafeError,
 )
 from vllm_tensafe.he.keyholder import (
     PROTOCOL_VERSION,
@@ -57,6 +60,7 @@ from vllm_tensafe.he.keyholder import (
 from vllm_tensafe.tssp.manifest import NAME_RULE, is_adapter_name
 
 if TYPE_CHECKING:
+    from vllm_tensafe.attestation.client import Attester, Grant
     from vllm_tensafe.settings import TenSafeSettings
 
 log = logging.getLogger(__name__)
@@ -91,7 +95,11 @@ class RemoteKeyHolder(KeyHolder):
         ca_file: str | os.PathLike[str] | None = None,
         client_cert: str | os.PathLike[str] | None = None,
         client_key: str | os.PathLike[str] | None = None,
+        attester: Attester | None = None,
     ) -> None:
+        """``attester``: prove the host's boot state with a TPM quote over this client's own
+        connection before its first decryption, on renewal and after a new connection
+        (``require_attestation``; ``from_settings`` makes it)."""
         parsed = urlparse(url)
         try:
             port = parsed.port
@@ -150,6 +158,37 @@ class RemoteKeyHolder(KeyHolder):
             log.warning("key holder CA / client certificate are ignored for a plain http:// URL")
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
+        self.attester = attester
+        if attester is not None:
+            attester.url = f"key holder {self.url}"
+        self._fresh = False  # a connection no request has used yet (attestation resets)
+
+    @classmethod
+    def from_settings(cls, settings: TenSafeSettings) -> RemoteKeyHolder:
+        """The client the settings describe; with require_attestation it attests (its TPM is
+        checked here: no TPM raises TpmError)."""
+        from vllm_tensafe.he.keyholder import read_token_file
+
+        if not settings.key_holder_url or settings.key_holder_token_file is None:
+            raise ConfigError(
+                "key_holder is 'remote' but the URL or token file is missing",
+                "set TENSAFE_KEY_HOLDER_URL and TENSAFE_KEY_HOLDER_TOKEN_FILE",
+            )
+        attester = None
+        if settings.require_attestation:
+            from vllm_tensafe.attestation.client import Attester, quoter_from_settings
+
+            attester = Attester(quoter_from_settings(settings))
+        return cls(
+            settings.key_holder_url,
+            read_token_file(settings.key_holder_token_file),
+            timeout=settings.key_holder_timeout,
+            retries=settings.key_holder_retries,
+            ca_file=str(settings.key_holder_ca) if settings.key_holder_ca else None,
+            client_cert=settings.key_holder_client_cert,
+            client_key=settings.key_holder_client_key,
+            attester=attester,
+        )
 
     # --- transport ---------------------------------------------------------------------------
 
@@ -166,6 +205,7 @@ class RemoteKeyHolder(KeyHolder):
             # One small request per layer per step: Nagle + delayed ACK would add ~40 ms each.
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._conn = conn
+            self._fresh = True
         return self._conn
 
     def _drop(self) -> None:
@@ -209,42 +249,117 @@ class RemoteKeyHolder(KeyHolder):
         return None
 
     def _request(
-        self, method: str, path: str, body: bytes | None = None, content_type: str | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        *,
+        attested: bool = False,
     ) -> tuple[int, str, bytes]:
+        """One request, retried after a connection failure. ``attested``: a route the key
+        holder serves only to an attested host, so with an attester the host attests on
+        this connection first (and once more if the key holder says the session is gone)."""
+        attester = self.attester if attested else None
+        with self._lock:
+            status, ctype, data = self._with_retries(
+                lambda conn: self._exchange(conn, method, path, body, content_type, attester)
+            )
+            if attester is not None and status == 403 and _error_code(data) == _SESSION_GONE:
+                # Expired, ended by a policy reload, or lost with a key-holder restart: the
+                # key holder said why; attest once more, then the answer stands.
+                log.info("key holder %s: %s; attesting again", self.url, _error_cause(data))
+                attester.invalidate()
+                status, ctype, data = self._with_retries(
+                    lambda conn: self._exchange(conn, method, path, body, content_type, attester)
+                )
+            return status, ctype, data
+
+    def _exchange(
+        self,
+        conn: http.client.HTTPConnection,
+        method: str,
+        path: str,
+        body: bytes | None,
+        content_type: str | None,
+        attester: Attester | None,
+    ) -> tuple[int, str, bytes]:
+        self._attest_on(conn, attester)
+        return self._send(conn, method, path, body, content_type)
+
+    def _attest_on(self, conn: http.client.HTTPConnection, attester: Attester | None) -> None:
+        """Before a request on ``conn``: forget a session of an earlier connection, and with
+        ``attester`` attest on this one unless its session is valid and not due for renewal."""
+        if self._fresh:
+            self._fresh = False
+            if self.attester is not None:
+                self.attester.connection_reset()  # a channel-bound session stays behind
+        if attester is not None:
+            attester.ensure(lambda p, payload: self._attestation_post(conn, p, payload))
+
+    def _send(
+        self,
+        conn: http.client.HTTPConnection,
+        method: str,
+        path: str,
+        body: bytes | None,
+        content_type: str | None,
+    ) -> tuple[int, str, bytes]:
+        if self._conn is not conn:
+            # The key holder closed the connection (Connection: close) since this exchange
+            # began: http.client would reopen it silently, on another TLS channel.
+            raise ConnectionResetError("the key holder closed the connection")
         headers = {"Authorization": f"Bearer {self._token}", "Connection": "keep-alive"}
         if content_type:
             headers["Content-Type"] = content_type
+        conn.request(method, self._base + path, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.will_close:
+            self._drop()
+        return resp.status, resp.getheader("Content-Type", ""), data
+
+    def _attestation_post(
+        self, conn: http.client.HTTPConnection, path: str, payload: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        """``post`` for the Attester: the nonce and the quote go over ``conn``, the connection
+        the decryption will use (the key holder binds the session to its TLS channel)."""
+        status, _, data = self._send(conn, "POST", path, json.dumps(payload).encode(), _JSON)
+        code = _error_code(data)
+        if status != 200 and status != 404 and not code.startswith("attestation_"):
+            raise self._error(status, data)  # 401, 503 busy, ...: the key holder's own errors
+        try:
+            reply = json.loads(data.decode("utf-8")) if data else {}
+        except (ValueError, UnicodeDecodeError):
+            reply = {}
+        return status, reply if isinstance(reply, dict) else {}
+
+    def _with_retries(
+        self, exchange: Callable[[http.client.HTTPConnection], tuple[int, str, bytes]]
+    ) -> tuple[int, str, bytes]:
         last: BaseException | None = None
-        with self._lock:
-            for attempt in range(self.retries + 1):
-                try:
-                    conn = self._connection()
-                    conn.request(method, self._base + path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                    if resp.will_close:
-                        self._drop()
-                    return resp.status, resp.getheader("Content-Type", ""), data
-                except TimeoutError:
-                    # Not retried: a retry could double the wait beyond the caller's timeout.
-                    self._drop()
-                    raise KeyHolderUnavailableError(
-                        f"key holder {self.url} did not answer within {self.timeout:g}s",
-                        "check the key holder's health and load, or raise "
-                        "TENSAFE_KEY_HOLDER_TIMEOUT",
-                    ) from None
-                except ssl.SSLError as exc:
-                    self._drop()
-                    error = self._tls_error(exc)
-                    if error is not None:
-                        raise error from None
-                    last = exc  # the peer closed mid-handshake or mid-record: retry
-                except (OSError, http.client.HTTPException) as exc:
-                    # Refused, reset, or a stale keep-alive connection: reconnect and retry.
-                    self._drop()
-                    last = exc
-                if attempt < self.retries:
-                    time.sleep(min(0.05 * (2**attempt), 0.5))
+        for attempt in range(self.retries + 1):
+            try:
+                return exchange(self._connection())
+            except TimeoutError:
+                # Not retried: a retry could double the wait beyond the caller's timeout.
+                self._drop()
+                raise KeyHolderUnavailableError(
+                    f"key holder {self.url} did not answer within {self.timeout:g}s",
+                    "check the key holder's health and load, or raise TENSAFE_KEY_HOLDER_TIMEOUT",
+                ) from None
+            except ssl.SSLError as exc:
+                self._drop()
+                error = self._tls_error(exc)
+                if error is not None:
+                    raise error from None
+                last = exc  # the peer closed mid-handshake or mid-record: retry
+            except (OSError, http.client.HTTPException) as exc:
+                # Refused, reset, or a stale keep-alive connection: reconnect and retry.
+                self._drop()
+                last = exc
+            if attempt < self.retries:
+                time.sleep(min(0.05 * (2**attempt), 0.5))
         hint = (
             " (if the key holder serves TLS, the URL must start with https://)"
             if not self._https
@@ -256,7 +371,44 @@ class RemoteKeyHolder(KeyHolder):
             "start the key holder (vllm-tensafe key-holder serve) or fix TENSAFE_KEY_HOLDER_URL",
         )
 
-    def _error(self, status: int, data: bytes) -> KeyHolderError:
+    def attest(self) -> Grant:
+        """Attest now over this client's connection (the start-up check; renewal and first
+        attestation otherwise happen on their own). Raises the refusal's typed error."""
+        attester = self.attester
+        if attester is None:
+            raise ConfigError(
+                f"{self!r} has no attester: require_attestation is off",
+                "set --tensafe-require-attestation true and --tensafe-tpm-ak",
+            )
+        with self._lock:
+            attester.invalidate()
+
+            def exchange(conn: http.client.HTTPConnection) -> tuple[int, str, bytes]:
+                self._attest_on(conn, attester)
+                return 200, "", b""
+
+            self._with_retries(exchange)
+        grant = attester.grant
+        assert grant is not None
+        return grant
+
+    def _attestation_error(
+        self, status: int, code: str, cause: str, fix: str | None
+    ) -> TenSafeError:
+        from vllm_tensafe.attestation.client import error_from_reply
+
+        if code == _SESSION_GONE and self.attester is None:
+            # The key holder asks for attestation and this host was not configured to.
+            return AttestationRequiredError(
+                f"key holder {self.url} decrypts only for attested hosts: {cause}",
+                "start this host with --tensafe-require-attestation true and its TPM "
+                "attestation key (--tensafe-tpm-ak; docs/attestation.md), enrolled in the key "
+                "holder's attestation policy",
+            )
+        payload = {"error": code, "cause": cause, "fix": fix or ""}
+        return error_from_reply(status, payload, f"key holder {self.url}")
+
+    def _error(self, status: int, data: bytes) -> TenSafeError:
         try:
             payload = json.loads(data.decode("utf-8"))
             code = str(payload.get("error", ""))
@@ -265,6 +417,8 @@ class RemoteKeyHolder(KeyHolder):
         except (ValueError, UnicodeDecodeError, AttributeError):
             code, cause, fix = "", f"HTTP {status}", None
         url = self.url
+        if code.startswith("attestation_"):
+            return self._attestation_error(status, code, cause, fix)
         if status == 401 or code == "unauthorized":
             return KeyHolderAuthError(
                 f"key holder {url} refused the host's token: {cause}",
@@ -316,7 +470,9 @@ class RemoteKeyHolder(KeyHolder):
 
     def _decrypt_batch(self, ref: AdapterRef, batch: list[bytes]) -> list[np.ndarray]:
         body = encode_request(ref, batch)
-        status, ctype, data = self._request("POST", "/v1/decrypt", body, REQUEST_CONTENT_TYPE)
+        status, ctype, data = self._request(
+            "POST", "/v1/decrypt", body, REQUEST_CONTENT_TYPE, attested=True
+        )
         if status != 200:
             raise self._error(status, data)
         if not ctype.startswith(RESPONSE_CONTENT_TYPE):
@@ -334,10 +490,12 @@ class RemoteKeyHolder(KeyHolder):
 
     # --- JSON routes -------------------------------------------------------------------------
 
-    def _json(self, method: str, path: str, payload: Any = None) -> dict[str, Any]:
+    def _json(
+        self, method: str, path: str, payload: Any = None, *, attested: bool = False
+    ) -> dict[str, Any]:
         body = json.dumps(payload).encode() if payload is not None else None
         status, _, data = self._request(
-            method, path, body, "application/json" if body is not None else None
+            method, path, body, _JSON if body is not None else None, attested=attested
         )
         if status != 200:
             raise self._error(status, data)
@@ -360,6 +518,7 @@ class RemoteKeyHolder(KeyHolder):
             "POST",
             "/v1/check",
             {"adapter": ref.name, "key_id": ref.key_id, "manifest_digest": ref.manifest_digest},
+            attested=True,
         )
 
     def adapters(self) -> dict[str, Any]:
@@ -382,6 +541,27 @@ class RemoteKeyHolder(KeyHolder):
         return f"RemoteKeyHolder(url={self.url!r})"
 
 
+_JSON = "application/json"
+# The refusal after which a host attests once more: its session is missing or over.
+_SESSION_GONE = "attestation_required"
+
+
+def _error_body(data: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def _error_code(data: bytes) -> str:
+    return str(_error_body(data).get("error", ""))
+
+
+def _error_cause(data: bytes) -> str:
+    return str(_error_body(data).get("cause", ""))
+
+
 def _name_path(name: str) -> str:
     if not is_adapter_name(name):
         raise ConfigError(f"{name[:140]!r} is not an adapter name", f"use {NAME_RULE}")
@@ -401,7 +581,7 @@ def check_key_holder(settings: TenSafeSettings, packages: Iterable[str]) -> dict
     from vllm_tensafe.tssp.package import read_manifest_digest
 
     packages = list(packages)
-    holder = key_holder_from_settings(settings)
+    holder = key_holder_from_settings(settings)  # with require_attestation: TpmError, no TPM
     assert isinstance(holder, RemoteKeyHolder)
     try:
         health = holder.health()
@@ -412,6 +592,8 @@ def check_key_holder(settings: TenSafeSettings, packages: Iterable[str]) -> dict
                 f"version {PROTOCOL_VERSION}",
                 "run the same vllm-tensafe version on the host and the key holder",
             )
+        if settings.require_attestation:
+            attest_at_startup(holder, health)
         held = set(health.get("key_ids") or [])
         for path in packages:
             if not str(path).endswith(".tssp"):
@@ -439,3 +621,19 @@ def check_key_holder(settings: TenSafeSettings, packages: Iterable[str]) -> dict
         return health
     finally:
         holder.close()
+
+
+def attest_at_startup(holder: RemoteKeyHolder, health: dict[str, Any]) -> Grant:
+    """require_attestation: the key holder checks quotes, and accepts this host's."""
+    from vllm_tensafe.attestation.client import mark_attested
+
+    if not health.get("attestation"):
+        raise AttestationError(
+            f"key holder {holder.url} does not check TPM attestation (it was started without "
+            "--attestation-policy), so require_attestation cannot be met",
+            "start the key holder with --attestation-policy FILE (docs/attestation.md), or "
+            "turn require_attestation off on this host",
+        )
+    grant = holder.attest()  # logs the session it got
+    mark_attested()
+    return grant

@@ -138,9 +138,12 @@ def _activate_from_environment(engine_args: Any) -> bool:
     from vllm_tensafe import plugin
     from vllm_tensafe.settings import load_settings
 
-    if not plugin._any_tensafe_env() or not load_settings().enabled:
+    if not plugin._any_tensafe_env() or not (settings := load_settings()).enabled:
         return False
     plugin.activate()
+    from vllm_tensafe.attestation.client import startup_gate
+
+    startup_gate(settings)  # require_attestation: no TPM or a refused quote stops start-up
     if not engine_args.enable_lora:
         logger.info("TENSAFE_ENABLED turns on enable_lora (encrypted adapters are LoRAs)")
         engine_args.enable_lora = True

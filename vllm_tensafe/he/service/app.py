@@ -6,6 +6,9 @@ Routes (docs/key-holder.md describes each; ``GET /openapi.json`` is the machine-
     POST /v1/decrypt                       decrypt   binary request and reply (keyholder.py)
     POST /v1/check                         decrypt   the decrypt route's policy checks, no
                                                      decryption (the host's start-up check)
+    POST /v1/attestation/nonce             decrypt   a nonce for the host's TPM quote (only
+                                                     with --attestation-policy)
+    POST /v1/attestation/quote             decrypt   the quote; binds an attestation session
     GET  /v1/adapters                      admin     every adapter's state
     GET  /v1/adapters/{adapter}            admin     one adapter's state
     POST /v1/adapters/{adapter}/revoke     admin     refuse it from the next request on
@@ -15,6 +18,9 @@ Every refusal is JSON ``{"error": code, "cause": ..., "fix": ...}``. A request w
 token gets 401 whatever else is wrong with it, so nothing about the key holder's adapters is
 revealed to a caller without one. Request bodies are bounded in size and in time, and the
 number of requests being read or decrypted at once is bounded (503 ``busy`` beyond it).
+
+With an attestation policy, ``/v1/decrypt`` and ``/v1/check`` answer only a host that has
+attested on the same connection (403 ``attestation_*`` otherwise; docs/attestation.md).
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the routes' parameter types at run
@@ -38,6 +44,9 @@ log = logging.getLogger("vllm_tensafe.key_holder")
 
 SERVICE_NAME = "vllm-tensafe key holder"
 DOCS = "docs/key-holder.md"
+# The ASGI scope key of the connection's TLS channel binding (tls-unique; None without TLS),
+# set by the server's protocol: attestation sessions are bound to it.
+CHANNEL_SCOPE_KEY = "tensafe.channel_binding"
 
 
 @dataclass
@@ -94,6 +103,7 @@ def build_app(
         profiles: list[str]
         tls: bool
         client_certificates: bool
+        attestation: bool
 
     class CheckRequest(BaseModel):
         adapter: str
@@ -134,7 +144,7 @@ def build_app(
     def caller_of(request: Request, token: "Token | None") -> Caller:
         client = request.client
         where = f"{client.host}:{client.port}" if client else "-"
-        return Caller(where, token)
+        return Caller(where, token, request.scope.get(CHANNEL_SCOPE_KEY))
 
     def authenticate(request: Request) -> "Token | None":
         return tokens.authenticate(request.headers.get("authorization"))
@@ -150,10 +160,11 @@ def build_app(
         )
         return error(401, "unauthorized", "missing or unknown bearer token", unauthorized_fix, True)
 
-    async def read_body(request: Request, drain: bool = False) -> bytes:
-        """The body, bounded by max_request_bytes and body_timeout (``drain``: read, drop)."""
+    async def read_body(request: Request, drain: bool = False, limit: int | None = None) -> bytes:
+        """The body, bounded by ``limit`` (max_request_bytes) and body_timeout (``drain``:
+        read, drop)."""
         declared = request.headers.get("content-length")
-        limit = limits.max_request_bytes
+        limit = limits.max_request_bytes if limit is None else limit
         if declared is not None:
             if not declared.isascii() or not declared.isdigit():
                 raise _Rejected(400, "bad_request", "malformed Content-Length", "send digits", True)
@@ -295,7 +306,9 @@ def build_app(
         for code, text in {
             400: "malformed request, or a host of another protocol version (protocol_version)",
             401: "missing or unknown bearer token",
-            403: "token_scope, unknown_adapter, key_not_bound, manifest_not_accepted, expired",
+            403: "token_scope, unknown_adapter, key_not_bound, manifest_not_accepted, expired; "
+            "with an attestation policy also attestation_required and the other "
+            "attestation_* refusals (docs/attestation.md)",
             404: "unknown adapter (admin routes)",
             408: "the body did not arrive in time",
             409: "rollback: an older package than one already served",
@@ -417,6 +430,11 @@ def build_app(
             core.check, ref, caller_of(request, token), limiter=admin_limiter
         )
 
+    if core.attestation is not None:
+        _attestation_routes(
+            app, core, authenticate, caller_of, unauthorized, drain, read_body, responses
+        )
+
     async def admin(request: Request, route: str, name: str | None, action: Any) -> Any:
         token = authenticate(request)
         if token is None:
@@ -486,3 +504,88 @@ def build_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _attestation_routes(
+    app: "FastAPI",
+    core: "KeyHolderCore",
+    authenticate: Callable[..., Any],
+    caller_of: Callable[..., Any],
+    unauthorized: Callable[..., Awaitable[Any]],
+    drain: Callable[..., Awaitable[Any]],
+    read_body: Callable[..., Awaitable[bytes]],
+    responses: Callable[..., dict[int | str, dict[str, Any]]],
+) -> None:
+    """Mount ``POST /v1/attestation/nonce`` and ``/quote`` (only with an attestation policy)."""
+    import anyio
+    from fastapi import Request
+    from pydantic import BaseModel
+    from starlette.responses import JSONResponse
+
+    from vllm_tensafe.attestation.bundle import MAX_BUNDLE_BYTES, QuoteBundle
+    from vllm_tensafe.attestation.routes import NONCE_PATH, QUOTE_PATH
+
+    class NonceReply(BaseModel):
+        nonce: str
+        expires_in: float
+        pcr_bank: str
+        pcrs: list[int]
+
+    class AttestationSession(BaseModel):
+        host: str
+        ak: str
+        expires_in: float
+        channel_bound: bool
+
+    class QuoteReply(BaseModel):
+        session: AttestationSession
+
+    # Quote verification is a signature check or two: a few at once, off the event loop.
+    limiter = anyio.CapacityLimiter(2)
+
+    async def attestation(request: Request, route: str) -> Any:
+        token = authenticate(request)
+        if token is None:
+            await drain(request)
+            return await unauthorized(request, f"attestation_{route}")
+        body = await read_body(request, limit=MAX_BUNDLE_BYTES)
+        status, payload = await anyio.to_thread.run_sync(
+            core.attest, route, body, caller_of(request, token), limiter=limiter
+        )
+        return JSONResponse(payload, status_code=status)
+
+    @app.post(
+        NONCE_PATH,
+        response_model=NonceReply,
+        tags=["attestation"],
+        responses=responses(403, 413),
+        openapi_extra={
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
+        },
+    )
+    async def attestation_nonce(request: Request) -> Any:
+        """A fresh single-use nonce and the PCRs the host's TPM quote must cover (decrypt
+        token). Request the nonce and send the quote over the same connection."""
+        return await attestation(request, "nonce")
+
+    @app.post(
+        QUOTE_PATH,
+        response_model=QuoteReply,
+        tags=["attestation"],
+        responses=responses(400, 403, 413),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "description": "tpm2_quote's message and signature (base64), the quoted PCR "
+                "values and the AK's public key (vllm_tensafe/attestation/bundle.py)",
+                "content": {"application/json": {"schema": QuoteBundle.model_json_schema()}},
+            }
+        },
+    )
+    async def attestation_quote(request: Request) -> Any:
+        """Verify the host's TPM quote against the attestation policy; on success the
+        host's decryptions on this connection are allowed until the session expires."""
+        return await attestation(request, "quote")

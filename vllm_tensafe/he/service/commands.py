@@ -56,8 +56,10 @@ def _add_serve(actions: Any) -> None:
         "serve",
         help="serve decryptions over HTTPS until SIGINT/SIGTERM",
         description="Serve POST /v1/decrypt for vLLM hosts (TENSAFE_KEY_HOLDER=remote) and the "
-        "admin routes (revoke, unrevoke, status). Runs until SIGINT or SIGTERM. Every request "
-        "is recorded in the hash-chained --audit-log before it is answered.",
+        "admin routes (revoke, unrevoke, status); with --attestation-policy, the TPM "
+        "attestation routes, and decryptions only for attested hosts. Runs until SIGINT or "
+        "SIGTERM. Every request is recorded in the hash-chained --audit-log before it is "
+        "answered.",
     )
     serve.add_argument(
         "--he-secret",
@@ -124,6 +126,17 @@ def _add_serve(actions: Any) -> None:
         help="revocation list, one adapter name per line (the package's signed name, which is "
         "the adapter id everywhere), or key:KEYID; re-read when it changes, so a revocation "
         "takes effect on the next request. The revoke and unrevoke routes update it.",
+    )
+    serve.add_argument(
+        "--attestation-policy",
+        type=Path,
+        metavar="F",
+        help="TOML or JSON attestation policy (docs/attestation.md): every decryption then "
+        "needs a TPM 2.0 quote of the host, made over the policy's PCRs with this key "
+        "holder's nonce and checked against the host's enrolled AK and PCR values; hosts "
+        "attest at POST /v1/attestation/nonce and /quote (vLLM hosts with "
+        "--tensafe-require-attestation do it themselves), refusals are 403 and audited. "
+        "Re-read when it changes. Serve TLS too, so sessions bind to the host's connection.",
     )
     serve.add_argument(
         "--host",
@@ -269,6 +282,7 @@ def build_service(args: argparse.Namespace) -> Any:
             max_request_bytes=args.max_request_mb << 20,
             max_inflight=args.max_inflight,
         ),
+        attestation=args.attestation_policy,
     )
 
 
@@ -294,7 +308,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(
             f"vllm-tensafe key holder listening on {service.url} (keys "
             f"{', '.join(k[:16] for k in service.key_ids)}; adapters "
-            f"{', '.join(service.policy.names())})",
+            f"{', '.join(service.policy.names())}"
+            + (
+                f"; TPM attestation required, policy {args.attestation_policy}"
+                if service.attestation is not None
+                else ""
+            )
+            + ")",
             file=sys.stderr,
             flush=True,
         )

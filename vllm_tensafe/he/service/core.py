@@ -3,7 +3,9 @@
 ``KeyHolderCore.decrypt`` is the whole decrypt route:
 
 1. ``ref, blobs = decode_request(body, max_count)`` (400, or ``protocol_version`` for a v1 host);
-2. the policy checks, each refused with its own code before anything is decrypted: the token's
+2. with an attestation policy (``--attestation-policy``), the host's attestation session on
+   this connection (403 with the verifier's code, e.g. ``attestation_required``); then the
+   policy checks, each refused with its own code before anything is decrypted: the token's
    scope (403 ``token_scope``), the adapter is one of this key holder's (403
    ``unknown_adapter``), the key is bound to it (403 ``key_not_bound``), the package is one it
    accepts (403 ``manifest_not_accepted``), not expired (403 ``expired``), not older than the
@@ -33,6 +35,8 @@ from vllm_tensafe.he.service.revocation import RevocationFile, Revocations
 from vllm_tensafe.he.service.tokens import Token
 
 if TYPE_CHECKING:
+    from vllm_tensafe.attestation.routes import AttestationRoutes
+    from vllm_tensafe.attestation.routes import Caller as AttestationCaller
     from vllm_tensafe.he.keyholder import AdapterRef, LocalKeyHolder
 
 log = logging.getLogger("vllm_tensafe.key_holder")
@@ -55,6 +59,9 @@ class Caller:
 
     client: str  # "ip:port"
     token: Token | None
+    # The TLS channel binding (tls-unique) of the request's connection, None without TLS:
+    # attestation sessions are bound to it. Never written to the audit log.
+    channel: bytes | None = None
 
     def fields(self) -> dict[str, Any]:
         if self.token is None:
@@ -113,8 +120,12 @@ class KeyHolderCore:
         default_budget: int | None = None,
         revocation_file: RevocationFile | None = None,
         max_count: int = 4096,
+        attestation: AttestationRoutes | None = None,
     ) -> None:
         self.holders = holders
+        # With an attestation policy every decryption (and check) needs a good TPM quote of
+        # the host first, on the same connection (docs/attestation.md).
+        self.attestation = attestation
         self.policy = policy
         self.audit = audit
         self.default_budget = default_budget
@@ -264,6 +275,7 @@ class KeyHolderCore:
                 manifest_digest=ref.manifest_digest,
                 ciphertexts=len(blobs),
             )
+            self.require_attestation(caller, event)
             version = self.authorize(ref, caller.token)
             event["adapter_version"] = version
             holder = self.holders.get(ref.key_id)
@@ -301,12 +313,78 @@ class KeyHolderCore:
             "manifest_digest": ref.manifest_digest,
         }
         try:
+            self.require_attestation(caller, event)
             version = self.authorize(ref, caller.token)
         except Refusal as refusal:
             self._audit_refusal(event, refusal)
             raise
         self._audit({**event, "outcome": "ok", "adapter_version": version})
         return {"adapter": ref.name, "key_id": ref.key_id, "adapter_version": version, "ok": True}
+
+    # --- attestation -----------------------------------------------------------------------
+
+    def _attestation_caller(self, caller: Caller) -> AttestationCaller:
+        from vllm_tensafe.attestation.routes import Caller as AttestationCaller
+        from vllm_tensafe.attestation.routes import host_identity
+
+        assert caller.token is not None
+        token = caller.token
+        return AttestationCaller(
+            host_identity(token.fingerprint, token.host), token.fingerprint, caller.channel
+        )
+
+    def require_attestation(self, caller: Caller, event: dict[str, Any]) -> None:
+        """Refuse (403, the verifier's reason) a host without a valid attestation session on
+        this connection; a no-op without an attestation policy."""
+        if self.attestation is None:
+            return
+        who = self._attestation_caller(caller)
+        refused = self.attestation.check(who)
+        if refused is not None:
+            event["attested_as"] = who.host
+            event["cause"] = refused.body["cause"]
+            raise Refusal(
+                refused.status, refused.body["error"], refused.body["cause"], refused.body["fix"]
+            )
+        if self.attestation.exempt(who):
+            event["attestation"] = "unlisted host, not required"
+
+    def attest(self, route: str, body: bytes, caller: Caller) -> tuple[int, dict[str, Any]]:
+        """``POST /v1/attestation/nonce`` or ``/quote`` (``route``: "nonce" or "quote"), audited.
+
+        Returns the status and JSON body to send (refusals included: the verifier's
+        ``{"error", "cause", "fix"}``).
+        """
+        from vllm_tensafe.attestation.routes import NONCE_PATH, QUOTE_PATH
+
+        assert self.attestation is not None and caller.token is not None
+        event: dict[str, Any] = {"route": f"attestation_{route}", **caller.fields()}
+        if caller.token.role != "decrypt":
+            refusal = Refusal(
+                403,
+                "token_scope",
+                f"token {caller.token.fingerprint} (role {caller.token.role}) may not attest: "
+                "hosts attest with their decrypt token",
+                "use the host's decrypt token",
+            )
+            self._audit_refusal(event, refusal)
+            raise refusal
+        who = self._attestation_caller(caller)
+        path = NONCE_PATH if route == "nonce" else QUOTE_PATH
+        reply = self.attestation.handle("POST", path, who, body)
+        assert reply is not None
+        event.update(attested_as=who.host, outcome=reply.outcome, status=reply.status)
+        if reply.status != 200:
+            event["cause"] = reply.body.get("cause")
+        elif route == "quote":
+            session = reply.body["session"]
+            event.update(
+                ak=session["ak"],
+                session_seconds=session["expires_in"],
+                channel_bound=session["channel_bound"],
+            )
+        self._audit(event)
+        return reply.status, reply.body
 
     def revoke(self, name: str, caller: Caller) -> dict[str, Any]:
         self._need_known(name, "revoke", caller)

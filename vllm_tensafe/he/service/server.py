@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vllm_tensafe.errors import ConfigError
-from vllm_tensafe.he.service.app import SERVICE_NAME, Limits, build_app
+from vllm_tensafe.he.service.app import CHANNEL_SCOPE_KEY, SERVICE_NAME, Limits, build_app
 from vllm_tensafe.he.service.audit import AuditLog
 from vllm_tensafe.he.service.core import Caller, KeyHolderCore
 from vllm_tensafe.he.service.policy import AdapterPolicy
@@ -29,6 +29,7 @@ from vllm_tensafe.he.service.tls import TLSConfig
 from vllm_tensafe.he.service.tokens import TokenStore
 
 if TYPE_CHECKING:
+    from vllm_tensafe.attestation.routes import AttestationRoutes
     from vllm_tensafe.he.keys import SecretKeySet
 
 log = logging.getLogger("vllm_tensafe.key_holder")
@@ -65,15 +66,21 @@ def _network_error_handler(loop: asyncio.AbstractEventLoop, context: dict[str, A
 def _protocol_class(limits: Limits) -> type[asyncio.Protocol]:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+    from vllm_tensafe.attestation.routes import channel_binding
+
     class _BoundedProtocol(HttpToolsProtocol):
         _header_deadline: asyncio.TimerHandle | None = None
         _client_cert = False
+        _channel: bytes | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             # Set only by a verified handshake (the server context verifies it against
             # --client-ca), so a present certificate is a valid one.
             self._client_cert = bool(transport.get_extra_info("peercert"))
+            # Called once the TLS handshake is done: this connection's tls-unique, which
+            # attestation sessions are bound to (None over plain HTTP).
+            self._channel = channel_binding(transport.get_extra_info("ssl_object"))
             if len(self.connections) > limits.max_connections:
                 log.warning("connection limit (%d) reached; closing one", limits.max_connections)
                 transport.close()
@@ -100,6 +107,7 @@ def _protocol_class(limits: Limits) -> type[asyncio.Protocol]:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self.scope[CLIENT_CERT_SCOPE_KEY] = self._client_cert  # type: ignore[literal-required]
+            self.scope[CHANNEL_SCOPE_KEY] = self._channel  # type: ignore[literal-required]
             self._arm_header_deadline()
 
         def on_headers_complete(self) -> None:
@@ -129,7 +137,10 @@ class KeyHolderService:
         revoked_file: str | Path | None = None,
         tls: TLSConfig | None = None,
         limits: Limits | None = None,
+        attestation: str | Path | AttestationRoutes | None = None,
     ) -> None:
+        """``attestation``: an attestation policy file (or its routes): every decryption then
+        needs the host's TPM quote first (docs/attestation.md)."""
         from vllm_tensafe.he.keyholder import LocalKeyHolder
         from vllm_tensafe.he.keys import SecretKeySet
 
@@ -172,6 +183,12 @@ class KeyHolderService:
         # for more (every v2 request ciphertext has its profile's fixed size).
         smallest = min(ciphertext_size(h.profile) for h in self.holders.values())
         max_count = max(1, self.limits.max_request_bytes // smallest)
+        self.attestation = _attestation_routes(attestation)
+        if self.attestation is not None and tls is None:
+            log.warning(
+                "attestation without TLS: sessions bind to the host's token only, not to its "
+                "connection (serve with --tls-cert to bind them to the TLS channel)"
+            )
         self.core = KeyHolderCore(
             self.holders,
             policy,
@@ -179,6 +196,7 @@ class KeyHolderService:
             default_budget=default_budget,
             revocation_file=revocations,
             max_count=max_count,
+            attestation=self.attestation,
         )
         self.stopping = False
         self._server: Any = None
@@ -210,6 +228,7 @@ class KeyHolderService:
             "profiles": sorted({h.profile.name for h in self.holders.values()}),
             "tls": self._ssl is not None,
             "client_certificates": self.tls is not None and self.tls.client_ca is not None,
+            "attestation": self.attestation is not None,
         }
 
     # --- state (in-process use: tests, the CLI) ------------------------------------------------
@@ -269,6 +288,7 @@ class KeyHolderService:
                 "url": self.url,
                 "key_ids": self.key_ids,
                 "adapters": self.policy.names(),
+                "attestation_policy": self._attestation_source(),
             }
         )
         self._thread = threading.Thread(
@@ -289,7 +309,21 @@ class KeyHolderService:
             self.policy.describe(),
             self.audit.head[:16],
         )
+        if self.attestation is not None:
+            from vllm_tensafe.attestation.routes import describe
+
+            log.info(
+                "decryptions need a TPM attestation (policy %s): %s",
+                self._attestation_source(),
+                describe(self.attestation.verifier.policy),
+            )
         return self.port
+
+    def _attestation_source(self) -> str | None:
+        if self.attestation is None:
+            return None
+        path = self.attestation.policy_file
+        return str(path) if path is not None else "in-process"
 
     def stop(self) -> None:
         server, self._server = self._server, None
@@ -322,6 +356,18 @@ class KeyHolderService:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _attestation_routes(
+    attestation: str | Path | AttestationRoutes | None,
+) -> AttestationRoutes | None:
+    if attestation is None:
+        return None
+    from vllm_tensafe.attestation.routes import AttestationRoutes
+
+    if isinstance(attestation, AttestationRoutes):
+        return attestation
+    return AttestationRoutes.from_policy_file(attestation)
 
 
 def _protocol_version() -> int:
