@@ -7,7 +7,7 @@ known measurements, so the PCR values are known independently of the TPM (expect
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,3 +132,97 @@ def verifier(host_a: Host, host_b: Host, clock: FakeClock) -> AttestationVerifie
         }
     )
     return AttestationVerifier(policy, clock=clock)
+
+
+# --- the real key holder with attestation --------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sql() -> Any:
+    """One adapter of the key holder, its CKKS key and a ciphertext to decrypt."""
+    from tests.key_holder.conftest import _adapter
+
+    return _adapter("sql-adapter", 1)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``vllm-tensafe key-holder cert``'s CA and server certificate for 127.0.0.1."""
+    from vllm_tensafe.he.service.tls import make_certificates
+
+    return make_certificates(tmp_path_factory.mktemp("tls"), ["127.0.0.1"])
+
+
+def write_policy(path: Path, data: dict[str, Any]) -> Path:
+    """Write a policy file in one step (a new inode: the key holder sees the change)."""
+    import json
+    import os
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+    return path
+
+
+@pytest.fixture
+def make_key_holder(
+    tmp_path: Path, sql: Any, tls_files: dict[str, Path], clock: FakeClock
+) -> Iterator[Callable[..., Any]]:
+    """make_key_holder(attestation policy mapping | None, [secrets, adapter policy], **kwargs)
+    -> a started key holder serving TLS (for sql-adapter unless told otherwise), its
+    attestation policy in a file it watches, its verifier on the test's clock."""
+    from tests.attestation.service import RunningKeyHolder, token_store
+    from tests.key_holder.conftest import policy_for
+    from vllm_tensafe.attestation.routes import AttestationRoutes
+    from vllm_tensafe.he.service import KeyHolderService, TLSConfig
+
+    started: list[Any] = []
+
+    def make(
+        policy: dict[str, Any] | None,
+        secrets: list[Any] | None = None,
+        adapters: Any = None,
+        **kwargs: Any,
+    ) -> RunningKeyHolder:
+        routes = None
+        if policy is not None:
+            path = write_policy(tmp_path / "attestation.json", policy)
+            verifier = AttestationVerifier(AttestationPolicy.load(path), clock=clock)
+            routes = AttestationRoutes(verifier, path)
+        audit = tmp_path / f"audit-{len(started)}.jsonl"
+        service = KeyHolderService(
+            secrets or [sql.secret],
+            adapters or policy_for(sql),
+            token_store(),
+            audit_log=audit,
+            tls=TLSConfig(tls_files["server"], tls_files["server_key"]),
+            attestation=routes,
+            **kwargs,
+        )
+        service.start()
+        running = RunningKeyHolder(service, tls_files["ca"], audit)
+        started.append(running)
+        return running
+
+    yield make
+    for running in started:
+        running.close()
+
+
+def a_policy(host: Host, **overrides: Any) -> dict[str, Any]:
+    """Host A's policy as its file says it (host identity: the token's host label)."""
+    top = {k: overrides.pop(k) for k in ("unlisted_hosts", "nonce_lifetime") if k in overrides}
+    return {"hosts": {"host-a": host_policy(host, **overrides)}, **top}
+
+
+def _unrelated_pem() -> str:
+    """A P-256 public key no TPM here holds (an AK the policy accepts instead of the host's)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )

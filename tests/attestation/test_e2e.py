@@ -1,38 +1,78 @@
-"""``require_attestation`` end to end, through the guide's ``TenSafeAsyncEngine`` and through
-``vllm serve --tensafe-require-attestation true``, against a remote key holder that checks TPM
-quotes: a host with a software TPM in the approved boot state is served; a refused quote or a
-missing TPM stops start-up with one clear line; once the key holder's policy stops accepting
-the host, its encrypted requests fail (never answered from the base model).
+"""``require_attestation=True`` end to end, against the real remote key holder.
 
-The key holder is the stock service behind ``AttestingKeyHolder`` (tests/attestation/harness.py),
-which mounts the attestation routes and checks the session before forwarding each decryption,
-as the service does once it mounts them. Plain HTTP on loopback: the session is bound to the
-host's token and AK (no TLS channel), so the workers' decryptions ride on the session the
-start-up attestation made.
+The owner's side as a user runs it: ``vllm-tensafe attestation enrol`` on the host (a real
+software TPM in an approved boot state) prints the policy entry; ``vllm-tensafe key-holder
+cert`` makes the TLS certificates; ``vllm-tensafe key-holder serve --attestation-policy`` runs
+the key holder. The host's side: the guide's ``TenSafeVLLMConfig(require_attestation=True)``
+and ``TenSafeVLLMServer``, which builds vLLM's own OpenAI server from ``vllm serve``'s own
+argument parser (``--tensafe-*`` flags, start-up check, engine hooks), queried with the
+official openai client. Its start-up check attests on its connection, and the engine's worker
+attests again on its own TLS connection before its first decryption (the key holder binds each
+session to its connection). One vLLM server for the module; ``vllm serve`` itself is run for
+the refusals, which stop start-up before vLLM loads the model.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import AdapterFactory, Keys
-from tests.e2e.helpers import LOGPROB_TOL, PROMPTS, assert_same_completion, complete
-from vllm_tensafe.attestation import AttestationPolicy, AttestationVerifier, TpmQuoter
-from vllm_tensafe.attestation.routes import AttestationRoutes
-from vllm_tensafe.server_process import CPU_ARGS, CPU_ENV, VllmServer, vllm_executable
+from tests.conftest import AdapterFactory, Keys, adapter_keys
+from tests.e2e.helpers import PROMPTS, REFERENCE_LOGPROB_TOL, complete
+from tests.e2e.test_examples_serving import ENV, Background
+from vllm_tensafe.attestation import TpmQuoter
+from vllm_tensafe.server_process import CPU_ARGS, CPU_ENV, free_port, vllm_executable
 
-from .conftest import GOOD_BOOT, Host, host_policy
-from .harness import AttestingKeyHolder, CliKeyHolder, fingerprint
+from .conftest import GOOD_BOOT, Host, _unrelated_pem
 
 pytestmark = pytest.mark.vllm
 
-BASE = "tiny-llama"
-TOKEN = "attested-host-token-0123"
+TENSAFE = str(Path(sys.executable).with_name("vllm-tensafe"))
+TOKEN = "gpu-node-1-token-0123456789abcdef"
+HOST = "gpu-node-1"
+ADAPTER = "att-e8"
+
+
+@dataclass
+class Owner:
+    """What the adapter owner runs: the key holder, its policy and audit log, the TLS CA."""
+
+    root: Path
+    key_holder: Background
+    url: str
+    policy: Path
+    good_policy: str
+    token_file: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "tls" / "ca.pem"
+
+    def events(self, route: str) -> list[dict[str, Any]]:
+        lines = (self.root / "audit.jsonl").read_text().splitlines()
+        return [e for e in (json.loads(line)["event"] for line in lines) if e["route"] == route]
+
+    def set_policy(self, text: str) -> None:
+        tmp = self.policy.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.policy)  # one step: the key holder never reads half a file
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [TENSAFE, *args], capture_output=True, text=True, timeout=300, env=ENV, check=False
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -44,239 +84,204 @@ def booted(tpms: dict[str, Any]) -> Host:
 
 
 @pytest.fixture(scope="module")
-def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("attested-host") / "token"
-    path.write_text(TOKEN + "\n")
-    path.chmod(0o600)
-    return path
+def keys(artifacts: Path, owner_keys: Keys) -> Keys:
+    return adapter_keys(artifacts, owner_keys, ADAPTER)
 
 
 @pytest.fixture(scope="module")
-def stock_key_holder(owner_keys: Keys, token_file: Path) -> Iterator[CliKeyHolder]:
-    with CliKeyHolder(owner_keys.he_secret, token_file) as holder:
-        yield holder
-
-
-def _routes(host: Host, **overrides: Any) -> AttestationRoutes:
-    policy = AttestationPolicy.from_mapping(
-        {"hosts": {fingerprint(TOKEN): host_policy(host, max_quote_age=120, **overrides)}}
-    )
-    return AttestationRoutes(AttestationVerifier(policy))
-
-
-@pytest.fixture(scope="module")
-def key_holder(booted: Host, stock_key_holder: CliKeyHolder) -> Iterator[AttestingKeyHolder]:
-    with AttestingKeyHolder(_routes(booted), {TOKEN}, upstream=stock_key_holder.url) as holder:
-        yield holder
-
-
-@pytest.fixture(scope="module")
-def packages(tiny_llama: Path, adapters: AdapterFactory) -> dict[str, Path]:
+def packages(tiny_llama: Path, adapters: AdapterFactory, keys: Keys) -> dict[str, Path]:
     peft = adapters.peft(tiny_llama, "llama-r8-qv", rank=8, alpha=16, seed=11)
-    return {"p8": peft, "e8": adapters.package(peft, tiny_llama, "e8")}
+    return {
+        "peft": peft,
+        "e8": adapters.package(peft, tiny_llama, ADAPTER, keys=keys, folder="att"),
+    }
 
 
-def _args(owner_keys: Keys, url: str, token_file: Path, tcti: str, ak: str) -> list[str]:
-    return [
-        "--enable-tensafe",
-        "--tensafe-trusted-keys", str(owner_keys.signing_pub),
-        "--tensafe-key-holder", "remote",
-        "--tensafe-key-holder-url", url,
-        "--tensafe-key-holder-token-file", str(token_file),
-        "--tensafe-require-attestation", "true",
-        "--tensafe-tpm-tcti", tcti,
-        "--tensafe-tpm-ak", ak,
-    ]  # fmt: skip
+@pytest.fixture(scope="module")
+def owner(
+    booted: Host, keys: Keys, packages: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Owner]:
+    root = tmp_path_factory.mktemp("owner")
+    # On the host, in the approved boot: the policy entry of its (already created) AK.
+    entry = _cli("attestation", "enrol", "--host", HOST, "--out", str(root / f"{HOST}.ak.pem"),
+                 "--tcti", booted.tpm.tcti, "--handle", booted.key.ak, "--reuse",
+                 "--pcrs", "sha256:0,4,7").stdout  # fmt: skip
+    good = f"nonce_lifetime = 120\n\n{entry}max_quote_age = 120\n"
+    policy = root / "attestation.toml"
+    policy.write_text(good)
+    _cli("attestation", "check-policy", str(policy))
+    _cli("key-holder", "cert", "--out", str(root / "tls"), "--host", "127.0.0.1")
+    tokens = root / "tokens"
+    tokens.write_text(f"{TOKEN} decrypt host={HOST}\n")
+    tokens.chmod(0o600)
+    token_file = root / "host.token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    log = root / "key-holder.log"
+    key_holder = Background(
+        [TENSAFE, "key-holder", "serve", "--he-secret", str(keys.he_secret),
+         "--adapters", str(packages["e8"]), "--trusted-keys", str(keys.signing_pub),
+         "--token-file", str(tokens), "--audit-log", str(root / "audit.jsonl"),
+         "--tls-cert", str(root / "tls" / "server.pem"),
+         "--tls-key", str(root / "tls" / "server.key"),
+         "--attestation-policy", str(policy), "--port", "0"],
+        log,
+    )  # fmt: skip
+    try:
+        url = _listening_url(key_holder, log)
+        yield Owner(root, key_holder, url, policy, good, token_file)
+    finally:
+        key_holder.stop()
+
+
+def _listening_url(process: Background, log: Path, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if "listening on " in line:
+                assert "TPM attestation required, policy" in line, line
+                return line.split("listening on ", 1)[1].split()[0]
+        if process.process.poll() is not None:
+            raise AssertionError(f"the key holder exited:\n{process.tail()}")
+        time.sleep(0.2)
+    raise AssertionError(f"the key holder did not start:\n{process.tail()}")
+
+
+SERVER_SCRIPT = """
+import asyncio, json, sys
+from vllm_tensafe import TenSafeVLLMConfig, TenSafeVLLMServer
+
+a = json.loads(sys.argv[1])
+config = TenSafeVLLMConfig(
+    model=a["model"], max_model_len=512, gpu_memory_utilization=0.5, dtype="float32",
+    he_lora_adapter_path=a["package"], adapter_name=a["name"], trusted_keys=[a["pub"]],
+    key_holder="remote", key_holder_url=a["url"], key_holder_token_file=a["token"],
+    require_attestation=True, tpm_tcti=a["tcti"], tpm_ak=a["ak"],
+)
+# The guide's config has no CA field: a vllm serve flag, through vLLM's own parser.
+server = TenSafeVLLMServer(config, extra_cli_args=("--tensafe-key-holder-ca", a["ca"]))
+asyncio.run(server.serve(host="127.0.0.1", port=a["port"]))
+"""
 
 
 @pytest.fixture(scope="module")
 def server(
     tiny_llama: Path,
-    owner_keys: Keys,
+    keys: Keys,
     packages: dict[str, Path],
-    key_holder: AttestingKeyHolder,
-    token_file: Path,
+    owner: Owner,
     booted: Host,
-) -> Iterator[VllmServer]:
-    args = [
-        "--served-model-name", BASE,
-        *_args(owner_keys, key_holder.url, token_file, booted.tpm.tcti, booted.key.ak),
-        "--max-lora-rank", "8",
-        "--lora-modules", *(f"{name}={path}" for name, path in packages.items()),
-    ]  # fmt: skip
-    with VllmServer(tiny_llama, args) as srv:
-        yield srv
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    port = free_port()
+    job = {
+        "model": str(tiny_llama), "package": str(packages["e8"]), "name": "e8",
+        "pub": str(keys.signing_pub), "url": owner.url, "token": str(owner.token_file),
+        "ca": str(owner.ca), "tcti": booted.tpm.tcti, "ak": booted.key.ak, "port": port,
+    }  # fmt: skip
+    env = {k: v for k, v in ENV.items() if not k.startswith("TENSAFE_")}
+    env["TENSAFE_VERSION_FILE"] = str(tmp_path_factory.mktemp("host") / "versions.json")
+    log = tmp_path_factory.mktemp("logs") / "guide-server.log"
+    process = Background([sys.executable, "-c", SERVER_SCRIPT, json.dumps(job)], log, env)
+    try:
+        process.wait_http(f"http://127.0.0.1:{port}/health", timeout=600)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.stop()
 
 
 @pytest.fixture(scope="module")
-def client(server: VllmServer) -> Any:
+def client(server: str) -> Any:
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def _serve_refused(tiny_llama: Path, args: list[str]) -> str:
-    import os
-
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("TENSAFE_")}
-    proc = subprocess.run(
-        [vllm_executable(), "serve", str(tiny_llama), *CPU_ARGS, *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**clean, **CPU_ENV},
-        stdin=subprocess.DEVNULL,
-    )
-    assert proc.returncode != 0
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
-GUIDE_SCRIPT = """
-import asyncio, json, sys
-from vllm import SamplingParams
-from vllm_tensafe import TenSafeAsyncEngine, TenSafeVLLMConfig
-
-async def run(a):
-    config = TenSafeVLLMConfig(
-        model=a["model"], max_model_len=512, gpu_memory_utilization=0.5, dtype="float32",
-        he_lora_adapter_path=a["package"], trusted_keys=[a["pub"]],
-        key_holder="remote", key_holder_url=a["url"], key_holder_token_file=a["token"],
-        require_attestation=True, tpm_tcti=a["tcti"], tpm_ak=a["ak"],
-    )
-    engine = TenSafeAsyncEngine(config)
-    await engine.initialize()
-    try:
-        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-        final = None
-        async for output in engine.generate(a["prompt"], "req-1", params):
-            final = output
-        return list(final.outputs[0].token_ids)
-    finally:
-        engine.shutdown()
-
-print("TOKENS", json.dumps(asyncio.run(run(json.loads(sys.argv[1])))))
-"""
-
-
-def test_guide_engine_with_require_attestation_serves_the_encrypted_adapter(
-    tiny_llama: Path,
-    owner_keys: Keys,
-    packages: dict[str, Path],
-    key_holder: AttestingKeyHolder,
-    token_file: Path,
-    booted: Host,
-) -> None:
-    import json
-    import os
-    import sys
-
-    from vllm_tensafe.testing import greedy_reference
-
-    job = {
-        "model": str(tiny_llama),
-        "package": str(packages["e8"]),
-        "pub": str(owner_keys.signing_pub),
-        "url": key_holder.url,
-        "token": str(token_file),
-        "tcti": booted.tpm.tcti,
-        "ak": booted.key.ak,
-        "prompt": PROMPTS[0],
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENSAFE_")}
-    proc = subprocess.run(
-        [sys.executable, "-c", GUIDE_SCRIPT, json.dumps(job)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**env, **CPU_ENV},
-        stdin=subprocess.DEVNULL,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("TOKENS ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
-    want, _ = greedy_reference(tiny_llama, packages["p8"], PROMPTS[0], 10, stop_at_eos=False)
-    assert json.loads(lines[0].removeprefix("TOKENS ")) == want
-    outcomes = [(route, outcome) for route, _, outcome in key_holder.audit]
-    assert ("/v1/attestation/quote", "ok") in outcomes
-    assert ("/v1/decrypt", "forwarded") in outcomes
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 def test_attested_host_serves_the_encrypted_adapter(
-    client: Any, key_holder: AttestingKeyHolder
+    client: Any, owner: Owner, tiny_llama: Path, packages: dict[str, Path]
 ) -> None:
+    from vllm_tensafe.testing import greedy_reference
+
     encrypted = complete(client, "e8", PROMPTS[0])
-    assert_same_completion(encrypted, complete(client, "p8", PROMPTS[0]), LOGPROB_TOL)
-    assert encrypted.token_ids != complete(client, BASE, PROMPTS[0]).token_ids
-    outcomes = [(route, outcome) for route, _, outcome in key_holder.audit]
-    assert (
-        outcomes.count(("/v1/attestation/quote", "ok")) >= 2
-    )  # the guide's engine, then vllm serve
-    assert ("/v1/decrypt", "forwarded") in outcomes
-
-
-def test_refused_quote_stops_startup(
-    tiny_llama: Path,
-    owner_keys: Keys,
-    booted: Host,
-    stock_key_holder: CliKeyHolder,
-    token_file: Path,
-) -> None:
-    wrong = {str(i): "00" * 32 for i in GOOD_BOOT}  # the policy expects another boot
-    with AttestingKeyHolder(
-        _routes(booted, pcrs=wrong), {TOKEN}, upstream=stock_key_holder.url
-    ) as strict:
-        last = _serve_refused(
-            tiny_llama, _args(owner_keys, strict.url, token_file, booted.tpm.tcti, booted.key.ak)
-        )
-    assert last.startswith("vllm-tensafe: error:"), last
-    assert "refused the attestation" in last and "booted something" in last, last
-
-
-def test_missing_tpm_stops_startup(
-    tiny_llama: Path, owner_keys: Keys, key_holder: AttestingKeyHolder, token_file: Path
-) -> None:
-    last = _serve_refused(
-        tiny_llama,
-        _args(owner_keys, key_holder.url, token_file, "device:/dev/tpmrm-absent", "0x81010002"),
+    want, logprobs = greedy_reference(
+        tiny_llama, packages["peft"], PROMPTS[0], 10, stop_at_eos=False
     )
-    assert "no TPM on this host: /dev/tpmrm-absent does not exist" in last, last
+    assert list(encrypted.token_ids) == want
+    worst = max(abs(a - b) for a, b in zip(encrypted.logprobs, logprobs, strict=True))
+    assert worst <= REFERENCE_LOGPROB_TOL
+    assert encrypted.token_ids != complete(client, str(tiny_llama), PROMPTS[0]).token_ids
+    quotes = [e for e in owner.events("attestation_quote") if e["outcome"] == "ok"]
+    # The start-up check, then the worker on its own connection: each channel-bound.
+    assert len({e["client"] for e in quotes}) >= 2 and all(e["channel_bound"] for e in quotes)
+    assert {e["attested_as"] for e in quotes} == {HOST}
+    decrypts = [e for e in owner.events("decrypt") if e["outcome"] == "ok"]
+    assert decrypts and {e["client"] for e in decrypts} <= {e["client"] for e in quotes}
+    checks = owner.events("check")  # the start-up check of the package, attested first
+    assert checks and all(e["outcome"] == "ok" for e in checks)
+    assert checks[0]["client"] == quotes[0]["client"]
 
 
 def test_policy_that_stops_accepting_the_host_stops_its_decryptions(
-    client: Any, key_holder: AttestingKeyHolder, booted: Host, server: VllmServer
+    client: Any, owner: Owner, tiny_llama: Path, booted: Host
 ) -> None:
     from openai import APIStatusError
 
-    reference = complete(client, BASE, PROMPTS[0])
-    # The owner withdraws the host (say, its AK leaked): a policy without the host's AK.
-    other = AttestationPolicy.from_mapping(
-        {
-            "hosts": {
-                fingerprint(TOKEN): host_policy(
-                    booted, attestation_keys=[_unrelated_pem()], max_quote_age=120
-                )
-            }
-        }
-    )
-    key_holder.routes.verifier.replace_policy(other)
-    with pytest.raises(APIStatusError) as info:
-        client.completions.create(model="e8", prompt=PROMPTS[0], max_tokens=4, temperature=0)
-    assert "no longer accepts" in str(info.value), str(info.value)
-    assert ("/v1/decrypt", "attestation_required") in [
-        (route, outcome) for route, _, outcome in key_holder.audit
-    ]
-    # The base model is still served; the adapter's request was not answered from it.
-    assert complete(client, BASE, PROMPTS[0]).token_ids == reference.token_ids
-    assert server.healthy()
+    base = str(tiny_llama)
+    reference = complete(client, base, PROMPTS[1])
+    served = complete(client, "e8", PROMPTS[1])
+    # The owner withdraws the host's AK (say, it leaked): an edit of the policy file.
+    withdrawn = owner.good_policy.replace(f'"{HOST}.ak.pem"', json.dumps(_unrelated_pem()))
+    assert withdrawn != owner.good_policy
+    owner.set_policy(withdrawn)
+    try:
+        with pytest.raises(APIStatusError) as info:
+            client.completions.create(model="e8", prompt=PROMPTS[1], max_tokens=4, temperature=0)
+        assert info.value.status_code == 403
+        assert "refused the attestation" in str(info.value), str(info.value)
+        assert "does not accept" in str(info.value), str(info.value)
+        refused = [e for e in owner.events("decrypt") if e["outcome"] != "ok"]
+        assert refused and "no longer accepts host" in refused[0]["cause"]
+        assert "attestation_unknown_key" in [
+            e["outcome"] for e in owner.events("attestation_quote")
+        ]
+        # The base model is still served; the adapter's request was not answered from it.
+        assert complete(client, base, PROMPTS[1]).token_ids == reference.token_ids
+    finally:
+        owner.set_policy(owner.good_policy)
+    # The AK enrolled again: the host attests once more and is served again.
+    assert complete(client, "e8", PROMPTS[1]).token_ids == served.token_ids
 
 
-def _unrelated_pem() -> str:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+def _serve_refused(tiny_llama: Path, owner: Owner, keys: Keys, tcti: str, ak: str) -> str:
+    clean = {k: v for k, v in ENV.items() if not k.startswith("TENSAFE_")}
+    proc = subprocess.run(
+        [vllm_executable(), "serve", str(tiny_llama), *CPU_ARGS, "--enable-tensafe",
+         "--tensafe-trusted-keys", str(keys.signing_pub),
+         "--tensafe-key-holder", "remote", "--tensafe-key-holder-url", owner.url,
+         "--tensafe-key-holder-token-file", str(owner.token_file),
+         "--tensafe-key-holder-ca", str(owner.ca),
+         "--tensafe-require-attestation", "true",
+         "--tensafe-tpm-tcti", tcti, "--tensafe-tpm-ak", ak],
+        capture_output=True, text=True, timeout=600, env={**clean, **CPU_ENV},
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert "Initializing a V1 LLM engine" not in proc.stdout + proc.stderr  # before the model
+    return lines[-1] if lines else ""
 
-    return (
-        ec.generate_private_key(ec.SECP256R1())
-        .public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
+
+def test_vllm_serve_stops_when_the_key_holder_refuses_the_quote(
+    tiny_llama: Path, owner: Owner, keys: Keys, booted: Host
+) -> None:
+    # Last but one in the module: booting something else changes this TPM's PCRs for good.
+    booted.tpm.extend(7, b"secure boot: disabled")
+    last = _serve_refused(tiny_llama, owner, keys, booted.tpm.tcti, booted.key.ak)
+    assert last.startswith("vllm-tensafe: error: key holder"), last
+    assert f"refused the attestation: host '{HOST}' booted something" in last, last
+
+
+def test_vllm_serve_stops_without_a_tpm(tiny_llama: Path, owner: Owner, keys: Keys) -> None:
+    last = _serve_refused(tiny_llama, owner, keys, "device:/dev/tpmrm-absent", "0x81010002")
+    assert last.startswith("vllm-tensafe: error: no TPM on this host"), last
+    assert "/dev/tpmrm-absent does not exist" in last, last
