@@ -24,3 +24,13 @@ def test_settings_and_commands_are_documented() -> None:
         assert f"`{flag_name(field)}`" in page and f"`{env_name(field)}`" in page
     for command in ("attestation enrol", "attestation check-policy", "attestation attest"):
         assert f"vllm-tensafe {command}" in page
+
+
+def test_the_service_option_and_routes_are_documented() -> None:
+    from vllm_tensafe.attestation.routes import NONCE_PATH, QUOTE_PATH
+
+    key_holder = (PAGE.parent / "key-holder.md").read_text()
+    for page in (PAGE.read_text(), key_holder):
+        assert "--attestation-policy" in page
+        assert f"POST {NONCE_PATH}" in page and f"POST {QUOTE_PATH}" in page
+    assert "`--attestation-policy F`" in key_holder  # the options table
