@@ -5,9 +5,11 @@ key holder's policy names, with a nonce the key holder issued, signed by the hos
 attestation key. The key holder verifies the quote in pure Python (no TPM on its side) and
 binds a session (token, TLS channel, AK) that its decryptions then require.
 
-* host side: ``TpmTools``, ``TpmQuoter``, ``create_attestation_key`` (tpm2-tools);
+* host side: ``TpmTools``, ``TpmQuoter``, ``create_attestation_key`` (tpm2-tools), and
+  ``client.Attester``, which ``RemoteKeyHolder`` (vllm_tensafe/he/remote.py) drives;
 * key-holder side: ``AttestationPolicy``, ``AttestationVerifier`` (``issue_nonce``,
-  ``verify_and_bind``, ``require``), ``QuoteBundle``;
+  ``verify_and_bind``, ``require``), ``QuoteBundle``, and ``routes.AttestationRoutes``, which
+  the key-holder service (vllm_tensafe/he/service/) mounts with ``--attestation-policy``;
 * ``tpms``: the strict TPMS_ATTEST / TPMT_SIGNATURE parsers.
 
 Nothing here imports vLLM or TenSEAL.

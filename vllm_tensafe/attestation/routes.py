@@ -1,6 +1,8 @@
 """The key holder's attestation routes, independent of the HTTP framework that serves them.
 
-The service authenticates the bearer token first, then hands the request here::
+``vllm-tensafe key-holder serve --attestation-policy`` mounts them (vllm_tensafe/he/service:
+app.py for the HTTP routes, core.py for the check and the audit, server.py for the TLS channel
+binding). The service authenticates the bearer token first, then hands the request here::
 
     routes = AttestationRoutes.from_policy_file(path)                    # at start-up
     caller = Caller(host_identity(token.fingerprint, token.host),

@@ -1,6 +1,7 @@
 """Key-holder side: nonces, quote verification and attestation sessions.
 
-The key holder service calls three functions (docs/attestation.md, "The service's part")::
+The key holder service calls three functions (through routes.py; docs/attestation.md, "What
+the key holder and the host do")::
 
     challenge = verifier.issue_nonce(host, channel=cb)            # POST /v1/attestation/nonce
     session = verifier.verify_and_bind(host, bundle, channel=cb)  # POST /v1/attestation/quote
