@@ -11,10 +11,19 @@ shutting down, busy, or whose certificate the host cannot trust (KeyHolderUnavai
 with the CA or the subjectAltName named), a key holder of another protocol version
 (ProtocolVersionError).
 
+With ``require_attestation`` (``from_settings`` gives it an ``Attester``) the client proves
+the host's boot state to a key holder started with ``--attestation-policy``: it attests with a
+TPM quote on its first decrypt or check request, over the connection that request uses (the
+key holder binds the session to that TLS channel), renews the session on the same connection,
+attests again after opening a new connection, and once more when the key holder answers 403
+``attestation_required``; any refusal of the quote is the verifier's typed error
+(docs/attestation.md).
+
 ``check_key_holder(settings, packages)`` runs all of that once before vLLM loads the model:
-health, protocol version, TLS (CA and subjectAltName), the token, and for each package that
-the key holder holds its key and accepts the package, so a misconfigured host refuses to
-start with the precise cause instead of failing at the first request.
+health, protocol version, TLS (CA and subjectAltName), with ``require_attestation`` the
+attestation, the token, and for each package that the key holder holds its key and accepts
+the package, so a misconfigured host refuses to start with the precise cause instead of
+failing at the first request.
 """
 
 from __future__ import annotations
