@@ -18,4 +18,4 @@ def test_configuration_page_lists_exactly_the_settings() -> None:
     documented = set(re.findall(r"`(TENSAFE_[A-Z_]+)`", page))
     expected = {env_name(name) for name in TenSafeSettings.model_fields}
     assert expected <= documented
-    assert documented - expected == {"TENSAFE_RUN_DIR", "TENSAFE_METRICS_DUMP"}
+    assert documented - expected == {"TENSAFE_RUN_DIR", "TENSAFE_ENGINE_ID", "TENSAFE_METRICS_DUMP"}
