@@ -10,7 +10,11 @@ additions and one decryption (decrypt + decode), divided by T. Every local point
 twice: with the engine's choice of product formulation (integer GEMM over RNS residues where
 it is faster) and with SEAL's call-per-product loop only. ``layers`` does the same for a
 Qwen2.5-0.5B attention layer (q 896 + v 128, r 8), with q and v packed into one tile (as
-`vllm-tensafe pack` does) and each in its own (as before fusion).
+`vllm-tensafe pack` does) and each in its own (as before fusion). ``per_ciphertext`` times, in
+the same run, what each decrypt request costs beyond its products on protocol v1 (slot mask at
+the host; flood encode, decrypt, decode at the key holder) and on v2 (re-randomisation and pad
+at the host; decrypt, inverse NTT, flood, switch at the key holder; unpad and decode at the
+host), with the bytes each puts on the wire.
 """
 
 from __future__ import annotations
@@ -35,14 +39,22 @@ import tenseal
 import tenseal.sealapi as seal
 
 from vllm_tensafe.he import (
+    AdapterRef,
     DeltaEngine,
     LocalKeyHolder,
     RemoteKeyHolder,
     encrypt_matrix,
     generate_keys,
 )
-from vllm_tensafe.he.flooding import complex_normal, uniform_mask
-from vllm_tensafe.he.packing import ciphertext_to_bytes, load_ciphertext
+from vllm_tensafe.he.conceal import Concealer
+from vllm_tensafe.he.flooding import complex_normal, flood_coefficients, uniform01
+from vllm_tensafe.he.keyholder import (
+    ciphertext_size,
+    decode_ciphertext,
+    encode_ciphertext,
+    encode_response,
+)
+from vllm_tensafe.he.residues import ciphertext_residues, mul_pow2, plaintext_residues
 
 SHAPES = [(128, 8), (896, 8), (4096, 16)]
 TOKENS = [1, 16, 64]
@@ -90,6 +102,10 @@ def start_service(secret: Any, workdir: Path) -> tuple[subprocess.Popen[str], st
     raise RuntimeError("key holder did not start")
 
 
+def _ref(ctx: Any) -> AdapterRef:
+    return AdapterRef("bench", ctx.key_id, "00" * 32)
+
+
 def timed(fn: Callable[[], object], repeats: int) -> float:
     """Median seconds of ``repeats`` runs after one warm-up."""
     fn()
@@ -115,11 +131,9 @@ def primitives(ctx: Any, secret: Any, repeats: int) -> dict[str, float]:
     ctx.evaluator.multiply_plain(b_ct, u_plain, out)
     acc = seal.Ciphertext(ctx.context)
     ctx.evaluator.multiply_plain(b_ct, u_plain, acc)
-    mask_plain = seal.Plaintext()
     decryptor = seal.Decryptor(ctx.context, secret.secret_key)
     dec_plain = seal.Plaintext()
     decryptor.decrypt(out, dec_plain)
-    blob = ciphertext_to_bytes(out)
     n = max(repeats * 10, 20)
 
     def per_call(fn: Callable[[], object]) -> float:
@@ -134,26 +148,101 @@ def primitives(ctx: Any, secret: Any, repeats: int) -> dict[str, float]:
         ),
         "multiply_plain": per_call(lambda: ctx.evaluator.multiply_plain(b_ct, u_plain, out)),
         "add": per_call(lambda: ctx.evaluator.add_inplace(acc, out)),
-        "encode_mask": per_call(
-            lambda: ctx.encoder.encode(
-                uniform_mask(p.slot_count, p.mask_bound).tolist(),
-                ctx.parms_id,
-                out.scale,
-                mask_plain,
-            )
-        ),
-        "encode_flood": per_call(
-            lambda: ctx.encoder.encode(
-                (complex_normal(p.slot_count) * p.flood_sigma).tolist(),
-                ctx.parms_id,
-                out.scale,
-                mask_plain,
-            )
-        ),
         "decrypt": per_call(lambda: decryptor.decrypt(out, dec_plain)),
         "decode": per_call(lambda: ctx.encoder.decode_double(dec_plain)),
-        "serialize": per_call(lambda: ciphertext_to_bytes(out)),
-        "deserialize": per_call(lambda: load_ciphertext(ctx, blob, out.scale, "bench")),
+    }
+
+
+# The slot mask of protocol v1 (removed): uniform in [-2^30, 2^30), encoded at 2^35 (SEAL's
+# fast path) and multiplied up to the product scale in the residues.
+_V1_MASK_BITS, _V1_MASK_ENCODE_BITS = 30, 35
+
+
+def per_ciphertext(ctx: Any, secret: Any, repeats: int) -> dict[str, Any]:
+    """ms per request ciphertext beyond its products, protocol v1 against v2, same run."""
+    p = ctx.profile
+    holder = LocalKeyHolder(secret)
+    ring = holder._ring
+    concealer = Concealer(ctx, ring)
+    decryptor = seal.Decryptor(ctx.context, secret.secret_key)
+    rng = np.random.default_rng(5)
+    plain = seal.Plaintext()
+    ctx.encoder.encode(rng.normal(size=p.slot_count).tolist(), ctx.parms_id, p.b_scale, plain)
+    b_ct = seal.Ciphertext(ctx.context)
+    ctx.encryptor.encrypt(plain, b_ct)
+    ctx.encoder.encode(0.5, ctx.parms_id, p.u_scale, plain)
+    product = seal.Ciphertext(ctx.context)
+    ctx.evaluator.multiply_plain(b_ct, plain, product)
+    residues = ciphertext_residues(product).copy()
+    bits = p.product_scale_bits
+    m = p.reply_exponent(bits)
+    q = ring.q
+    work = seal.Plaintext()
+    dec = seal.Plaintext()
+    decryptor.decrypt(product, dec)
+    n = max(repeats * 10, 20)
+
+    def per_call(fn: Callable[[], object]) -> float:
+        return timed(lambda: [fn() for _ in range(n)], 1) / n * 1e3
+
+    def v1_mask() -> None:
+        mask = (2.0 * uniform01(p.slot_count) - 1.0) * 2.0**_V1_MASK_BITS
+        ctx.encoder.encode(mask.tolist(), ctx.parms_id, 2.0**_V1_MASK_ENCODE_BITS, work)
+        mul_pow2(plaintext_residues(work, ring.primes), bits - _V1_MASK_ENCODE_BITS, q)
+        work.scale = product.scale
+        ctx.evaluator.add_plain_inplace(product, work)
+
+    def v1_flood_encode() -> None:
+        noise = complex_normal(p.slot_count) * p.flood_sigma
+        ctx.encoder.encode(noise.tolist(), ctx.parms_id, product.scale, work)
+
+    def fresh_product() -> Any:
+        ciphertext_residues(product)[...] = residues
+        return product
+
+    zero = seal.Ciphertext(ctx.context)
+    v1 = {
+        "host_mask": per_call(v1_mask),
+        "key_holder_flood_encode": per_call(v1_flood_encode),
+        "key_holder_decrypt": per_call(lambda: decryptor.decrypt(product, dec)),
+        "key_holder_decode": per_call(lambda: ctx.encoder.decode_double(dec)),
+    }
+    coefficients = ring.transform(plaintext_residues(dec, ring.primes)[None].copy(), to_ntt=False)
+    sigma = p.flood_coefficient_sigma(bits)
+    reply = ring.switch(coefficients[0], m)
+    v2 = {
+        "host_rerandomise_and_pad": per_call(lambda: concealer.conceal(fresh_product())),
+        "key_holder_decrypt": v1["key_holder_decrypt"],
+        "key_holder_inverse_ntt": per_call(
+            lambda: ring.transform(plaintext_residues(dec, ring.primes)[None], to_ntt=False)
+        ),
+        "key_holder_flood": per_call(lambda: flood_coefficients(ring, sigma, 1)),
+        "key_holder_switch": per_call(lambda: ring.switch(coefficients[0], m)),
+        "host_unpad_decode": per_call(
+            lambda: ring.decode(ring.centred(reply - reply, m)[None], ring.reply_scale(bits, m))
+        ),
+    }
+    blob = encode_ciphertext(product)
+    comparison = {
+        "seal_encrypt_zero": per_call(lambda: ctx.encryptor.encrypt_zero(ctx.parms_id, zero)),
+        "wire_parse_request_ciphertext": per_call(lambda: decode_ciphertext(ctx, blob, "b")),
+    }
+    v1_total = sum(v1.values())
+    v2_total = sum(v2.values())
+    return {
+        "v1_ms": {k: round(v, 4) for k, v in v1.items()},
+        "v2_ms": {k: round(v, 4) for k, v in v2.items()},
+        "comparison_ms": {k: round(v, 4) for k, v in comparison.items()},
+        "v1_total_ms": round(v1_total, 4),
+        "v2_total_ms": round(v2_total, 4),
+        "v2_local_total_ms": round(v2_total - v2["host_rerandomise_and_pad"], 4),
+        "v2_minus_v1_ms": round(v2_total - v1_total, 4),
+        "bytes": {
+            "v1_request_ciphertext": p.ciphertext_bytes + 113,
+            "v1_reply": 8 * p.slot_count,
+            "v2_request_ciphertext": ciphertext_size(p),
+            "v2_reply": len(encode_response([reply])) - 16,
+        },
     }
 
 
@@ -177,7 +266,9 @@ def layer_cases(ctx: Any, engine: Any, seal_loop: Any, repeats: int) -> list[dic
         for layout, mats in layouts.items():
             items = [(u[n], mats[n]) for n in b]
             for name, eng in (("engine", engine), ("seal_loop", seal_loop)):
-                seconds = timed(lambda items=items, eng=eng: eng.compute("l", items), repeats)
+                if eng is None:
+                    continue
+                seconds = timed(lambda items=items, eng=eng: eng.compute(_ref(ctx), items), repeats)
                 row[f"{layout}_{name}_ms_per_token"] = round(seconds * 1e3 / tokens, 3)
         out.append(row)
     return out
@@ -200,7 +291,7 @@ def precision(repeats: int) -> dict[str, dict[str, float]]:
                 ):
                     exact = u @ b.T
                     bb = b * (7.9 / np.abs(exact).max())  # |delta| <= 8
-                    (delta,) = engine.compute("p", [(u, encrypt_matrix(ctx, bb))])
+                    (delta,) = engine.compute(_ref(ctx), [(u, encrypt_matrix(ctx, bb))])
                     expected = u @ bb.T
                     worst[key] = max(worst[key], float(np.abs(delta - expected).max()))
                     worst["max_abs_delta"] = max(
@@ -228,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     remote_holder = RemoteKeyHolder(url, TOKEN, timeout=60)
     remote = DeltaEngine(ctx, remote_holder)
     rng = np.random.default_rng(1)
+    ref = _ref(ctx)
     results = []
     try:
         for d_out, rank in SHAPES:
@@ -236,10 +328,10 @@ def main(argv: list[str] | None = None) -> int:
                 u = rng.normal(size=(tokens, rank))
                 items = [(u, matrix)]
                 before = local.stats.as_dict()
-                t_local = timed(lambda items=items: local.compute("bench", items), args.repeats)
+                t_local = timed(lambda items=items: local.compute(ref, items), args.repeats)
                 after = local.stats.as_dict()
-                t_remote = timed(lambda items=items: remote.compute("bench", items), args.repeats)
-                t_seal = timed(lambda items=items: seal_loop.compute("bench", items), args.repeats)
+                t_remote = timed(lambda items=items: remote.compute(ref, items), args.repeats)
+                t_seal = timed(lambda items=items: seal_loop.compute(ref, items), args.repeats)
                 k = matrix.tokens_per_ciphertext
                 cts = -(-tokens // k) * matrix.n_chunks
                 floor = (
@@ -274,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
         layers = layer_cases(ctx, local, seal_loop, args.repeats)
+        layers_remote = layer_cases(ctx, remote, None, args.repeats)
     finally:
         remote_holder.close()
         service.send_signal(signal.SIGTERM)
@@ -284,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/he_bench.py " + " ".join(argv or sys.argv[1:]),
         "profile": ctx.profile.describe(),
         "layers": layers,
+        "layers_remote": layers_remote,
+        "per_ciphertext": per_ciphertext(ctx, secret, args.repeats),
         "machine": {
             "python": platform.python_version(),
             "tenseal": tenseal.__version__,
@@ -296,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         "notes": [
             "ms per token per module; medians; TenSEAL holds the GIL, so this is one core",
             "floor = ciphertexts * (r multiply_plain + (r-1) add + decrypt + decode) / T",
-            "local/remote include U encoding, masks, flooding and (remote) serialisation",
+            "local/remote include U encoding, flooding, switching, decoding and (remote) "
+            "re-randomisation, pad and serialisation",
         ],
         "primitives_ms": {name: round(v, 4) for name, v in prim.items()},
         "results": results,

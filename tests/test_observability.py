@@ -159,6 +159,7 @@ def _adapter(lora_id: int, name: str) -> Any:
         name=name,
         path=f"/adapters/{name}.tssp",
         signer_key_id="ab" * 32,
+        manifest_digest="cd" * 32,
         rank=8,
         matrices={},
         engine=None,  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from tests.conftest import AdapterFactory, Keys
 def test_host_extracts_the_adapter_function_from_r_tokens(
     tiny_llama: Path, adapters: AdapterFactory, owner_keys: Keys
 ) -> None:
-    from vllm_tensafe.he import DeltaEngine, LocalKeyHolder, SecretKeySet
+    from vllm_tensafe.he import AdapterRef, DeltaEngine, LocalKeyHolder, SecretKeySet
     from vllm_tensafe.tssp import TrustStore, open_package
 
     peft_dir = adapters.peft(tiny_llama, "llama-r8-qv", rank=8, alpha=16, seed=11)
@@ -39,7 +39,8 @@ def test_host_extracts_the_adapter_function_from_r_tokens(
     rng = np.random.default_rng(7)
     x = rng.standard_normal((rank, entry.d_in))
     u = x @ entry.lora_a.astype(np.float64).T
-    (delta,) = engine.compute(package.name, [(u, entry.encrypted_b)])
+    ref = AdapterRef(package.name, package.public_context.key_id, package.manifest_digest)
+    (delta,) = engine.compute(ref, [(u, entry.encrypted_b)])
     b_prime = np.linalg.solve(u, delta.astype(np.float64)).T  # (d_out, r)
     extracted = b_prime @ entry.lora_a.astype(np.float64)  # the adapter's linear map
 

@@ -82,5 +82,9 @@ class BudgetExhaustedError(KeyHolderError):
     """The adapter's decryption budget at the key holder is used up."""
 
 
+class ProtocolVersionError(KeyHolderError):
+    """Host and key holder speak different versions of the decrypt protocol."""
+
+
 class ForeignCiphertextError(KeyHolderError):
     """The ciphertexts were not made under the key holder's key or parameters."""

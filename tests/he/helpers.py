@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import _sealapi_cpp
 import numpy as np
 
-from vllm_tensafe.he.keys import SEAL_FILES, PublicContext, SecretKeySet
+from vllm_tensafe.he.keyholder import AdapterRef, LocalKeyHolder
+from vllm_tensafe.he.keys import PublicContext, SecretKeySet
 
 _HEADER = struct.Struct("<HBBBBHQ")
 
@@ -44,36 +45,8 @@ def make_lora(
     return Lora(mix @ a, scaling * b @ np.linalg.inv(mix), scaling, a, b)
 
 
-def seal_version_minor(ctx: PublicContext) -> int:
-    return SEAL_FILES.save(ctx.parms)[4]
-
-
-def ciphertext_blob(ctx: PublicContext, polys: np.ndarray, scale: float) -> bytes:
-    """An uncompressed SEAL ciphertext with the given NTT-form residues (size x L x N)."""
-    size, primes, n = polys.shape
-    minor = seal_version_minor(ctx)
-    data = np.ascontiguousarray(polys, dtype="<u8").tobytes()
-    inner = _HEADER.pack(0xA15E, 16, 4, minor, 0, 0, 16 + 8 + len(data))
-    inner += struct.pack("<Q", size * primes * n) + data
-    payload = struct.pack("<4Q", *ctx.parms_id) + bytes([1])
-    payload += struct.pack("<QQQdQ", size, n, primes, scale, 1) + inner
-    return _HEADER.pack(0xA15E, 16, 4, minor, 0, 0, 16 + len(payload)) + payload
-
-
 def data_moduli(ctx: PublicContext) -> list[int]:
     return [m.value() for m in ctx.context.first_context_data().parms().coeff_modulus()]
-
-
-def ntt(ctx: PublicContext, coeffs: np.ndarray) -> np.ndarray:
-    """SEAL's negacyclic NTT of an integer polynomial, per data prime (L x N)."""
-    n = ctx.profile.poly_modulus_degree
-    log_n = n.bit_length() - 1
-    rows = []
-    for q in data_moduli(ctx):
-        tables = _sealapi_cpp.util.NTTTables(log_n, _sealapi_cpp.Modulus(q))
-        residues = [int(c) % q for c in coeffs]
-        rows.append(_sealapi_cpp.util.ntt_negacyclic_harvey(residues, tables))
-    return np.array(rows, dtype=np.uint64)
 
 
 def secret_key_coefficients(secret: SecretKeySet) -> np.ndarray:
@@ -93,30 +66,20 @@ def secret_key_coefficients(secret: SecretKeySet) -> np.ndarray:
     return centered
 
 
-def slot_exponents(n: int) -> np.ndarray:
-    """SEAL's CKKS slot j is the evaluation at zeta^(3^j mod 2N), zeta = exp(i pi / N)."""
-    out = np.empty(n // 2, dtype=np.int64)
-    pos = 1
-    for j in range(n // 2):
-        out[j] = pos
-        pos = pos * 3 % (2 * n)
-    return out
+def wire_ciphertext(polys: np.ndarray, scale_bits: int, ntt_form: bool = True) -> bytes:
+    """A request ciphertext in wire format v2 with the given residues (2 x L x N)."""
+    head = bytes([scale_bits, 1 if ntt_form else 0])
+    return head + np.ascontiguousarray(polys, dtype="<u8").tobytes()
 
 
-def recover_secret(
-    n: int, real_parts: np.ndarray, real_parts_shifted: np.ndarray, unit: float
-) -> np.ndarray:
-    """s from Re sigma(K s) and Re sigma(K X^(N/2) s) at every slot (both divided by unit).
+def unflooded(secret: SecretKeySet) -> LocalKeyHolder:
+    """A key holder WITHOUT noise flooding: its replies give the secret key away. The attack
+    tests use it to show what flooding prevents; no shipped code path can make one."""
+    holder = LocalKeyHolder(secret)
+    holder._flood = False
+    return holder
 
-    sigma(X^(N/2)) at zeta^k is i^k: +i when k = 1 mod 4, -i when k = 3 mod 4, so the second
-    query gives -Im or +Im of sigma(s). With all N/2 complex slots (and their conjugates) the
-    inverse canonical embedding is one FFT of length 2N.
-    """
-    k = slot_exponents(n)
-    re = real_parts * unit
-    im = np.where(k % 4 == 1, -1.0, 1.0) * real_parts_shifted * unit
-    spectrum = np.zeros(2 * n, dtype=np.complex128)
-    spectrum[k] = re + 1j * im
-    spectrum[2 * n - k] = re - 1j * im
-    coeffs = np.fft.fft(spectrum)[:n].real / n
-    return np.rint(coeffs).astype(np.int64)
+
+def ref(ctx: PublicContext, name: str = "a") -> AdapterRef:
+    """The AdapterRef of a test adapter under ``ctx`` (any fixed manifest digest)."""
+    return AdapterRef(name, ctx.key_id, "ab" * 32)

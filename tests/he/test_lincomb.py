@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tenseal.sealapi as seal
 
-from tests.he.helpers import make_lora
+from tests.he.helpers import make_lora, ref
 from vllm_tensafe.he import DeltaEngine, LocalKeyHolder, PublicContext, SecretKeySet
 from vllm_tensafe.he.lincomb import MAX_RANK, LinearCombiner, ResidueColumns, fits
 from vllm_tensafe.he.packing import encrypt_matrix, fused_layouts
@@ -103,7 +103,7 @@ def test_engine_paths_agree(
         engine = DeltaEngine(ctx, LocalKeyHolder(secret))
         engine.gemm_min_rank = min_rank
         engine.gemm_tiled = tiled
-        results[name] = engine.compute("a", items)
+        results[name] = engine.compute(ref(engine.ctx, "a"), items)
         assert (engine.stats.gemm_products > 0) == (name == "gemm")
     for lo, x, seal_delta, gemm_delta in zip(
         loras, xs, results["seal"], results["gemm"], strict=True
@@ -121,7 +121,7 @@ def test_tiled_gemm_precision_at_the_stated_range(
     b = rng.normal(size=(896, 8))
     u = rng.uniform(-64, 64, size=(16, 8))
     b *= 7.9 / np.abs(u @ b.T).max()
-    (delta,) = engine.compute("a", [(u, encrypt_matrix(ctx, b))])
+    (delta,) = engine.compute(ref(engine.ctx, "a"), [(u, encrypt_matrix(ctx, b))])
     assert engine.stats.gemm_products > 0
     assert np.abs(delta - u @ b.T).max() <= ctx.profile.tolerance / 2
 
@@ -136,7 +136,7 @@ def test_limbs_replace_the_seal_objects(
     before = matrix.to_bytes()
     u = rng.normal(size=(1, 8))
     gemm = DeltaEngine(ctx, LocalKeyHolder(secret))
-    (first,) = gemm.compute("a", [(u, matrix)])
+    (first,) = gemm.compute(ref(gemm.ctx, "a"), [(u, matrix)])
     assert gemm.stats.gemm_products == 8
     assert all(column[0] is None for column in matrix._ciphertexts)  # released
     rebuilt = matrix.ciphertexts  # the public view rebuilds them
@@ -144,6 +144,6 @@ def test_limbs_replace_the_seal_objects(
     assert matrix.to_bytes() == before
     seal_only = DeltaEngine(ctx, LocalKeyHolder(secret))
     seal_only.gemm_min_rank, seal_only.gemm_tiled = 1 << 30, False
-    (second,) = seal_only.compute("a", [(u, matrix)])
+    (second,) = seal_only.compute(ref(seal_only.ctx, "a"), [(u, matrix)])
     for delta in (first, second):
         assert np.abs(delta - u @ b.T).max() <= ctx.profile.tolerance

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from tests.he.helpers import ref
 from vllm_tensafe.errors import ForeignCiphertextError, HEError
 from vllm_tensafe.he import (
     EncryptedMatrix,
@@ -42,7 +43,7 @@ def test_round_trip(ctx: PublicContext, secret: SecretKeySet, rng: np.random.Gen
     data = encrypt_matrix(ctx, b).to_bytes()
     again = EncryptedMatrix.from_bytes(ctx, data, d_out=5000, rank=3)
     u = rng.normal(size=(2, 3))
-    (delta,) = DeltaEngine(ctx, LocalKeyHolder(secret)).compute("a", [(u, again)])
+    (delta,) = DeltaEngine(ctx, LocalKeyHolder(secret)).compute(ref(ctx), [(u, again)])
     assert np.abs(delta - u @ b.T).max() <= ctx.profile.tolerance
 
 

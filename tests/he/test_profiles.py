@@ -35,9 +35,12 @@ def test_budget(name: str) -> None:
     assert p.security_bits >= 128
     assert p.slot_count == p.poly_modulus_degree // 2
     assert p.flood_sigma >= 2.0**40 * p.noise_bound
-    # Mask plus headroom fits the data modulus; the grid is above double resolution at W.
-    assert p.value_bound >= 4 * p.mask_bound
-    assert p.grid >= 2 * p.mask_bound * 2.0**-52
+    # Every accepted scale leaves room for deltas far above the stated |delta| <= 8, before
+    # the decryption wraps and in the 64-bit reply; the reply's rounding is below the flood.
+    for bits in p.accepted_scale_bits:
+        assert min(p.value_bound_at(bits), p.reply_value_bound(bits)) >= 2.0**8
+        assert p.reply_exponent(bits) >= 1
+    assert math.sqrt(p.poly_modulus_degree / 2) * 2.0**-p.reply_scale_bits < p.tolerance / 20
     # The flood stays far below the stated tolerance (7 sigma covers every slot ever released).
     assert 7 * p.flood_sigma < p.tolerance / 4
     assert math.isfinite(p.noise_bound) and p.describe()["name"] == name

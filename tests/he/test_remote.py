@@ -19,14 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tenseal.sealapi as seal
 
-from tests.he.helpers import make_lora
+from tests.he.helpers import make_lora, ref
 from vllm_tensafe.errors import (
     AdapterRevokedError,
     BudgetExhaustedError,
     ConfigError,
     ForeignCiphertextError,
     KeyHolderAuthError,
+    KeyHolderError,
     KeyHolderUnavailableError,
 )
 from vllm_tensafe.he import (
@@ -40,7 +42,7 @@ from vllm_tensafe.he import (
     encrypt_matrix,
     key_holder_from_settings,
 )
-from vllm_tensafe.he.packing import ciphertext_to_bytes
+from vllm_tensafe.he.keyholder import ciphertext_size, encode_ciphertext
 from vllm_tensafe.settings import TenSafeSettings
 
 TOKEN = "host-token-0123456789abcdef"
@@ -78,12 +80,16 @@ def test_remote_delta_is_correct(
     lora = make_lora(rng, 896, 8, rslora=True)
     x = rng.normal(size=(9, 48))
     engine = DeltaEngine(ctx, remote)
-    (delta,) = engine.compute("a", [(lora.u(x), encrypt_matrix(ctx, lora.b_mixed))])
+    (delta,) = engine.compute(
+        ref(engine.ctx, "a"), [(lora.u(x), encrypt_matrix(ctx, lora.b_mixed))]
+    )
     assert np.abs(delta - lora.delta(x)).max() <= ctx.profile.tolerance
     assert engine.stats.decrypt_calls == 1 and engine.stats.ciphertexts_sent == 3
     # Large batches are split into several HTTP requests; order and values are kept.
     remote.max_request_bytes = 1
-    (split,) = engine.compute("a", [(lora.u(x), encrypt_matrix(ctx, lora.b_mixed))])
+    (split,) = engine.compute(
+        ref(engine.ctx, "a"), [(lora.u(x), encrypt_matrix(ctx, lora.b_mixed))]
+    )
     assert np.abs(split - lora.delta(x)).max() <= ctx.profile.tolerance
 
 
@@ -102,7 +108,7 @@ def test_wrong_or_missing_token_gets_401_and_no_decryption(
     before = service.holder.ciphertexts_decrypted
     with pytest.raises(KeyHolderAuthError, match="refused the host's token"):
         DeltaEngine(ctx, RemoteKeyHolder(service.url, "not-the-token-xxxxxxxx")).compute(
-            "a", [(_u(4), matrix)]
+            ref(ctx), [(_u(4), matrix)]
         )
     conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=5)
     conn.request("POST", "/v1/decrypt", body=b"x" * 100)
@@ -113,9 +119,9 @@ def test_wrong_or_missing_token_gets_401_and_no_decryption(
         conn.request("POST" if path.endswith("revoke") else "GET", path)
         assert conn.getresponse().status == 401
     # A large body is still answered with 401 (read and dropped), not a connection reset.
-    blob = ciphertext_to_bytes(matrix.ciphertexts[0][0])
+    blob = bytes(ciphertext_size(ctx.profile))
     with pytest.raises(KeyHolderAuthError):
-        RemoteKeyHolder(service.url, "not-the-token-xxxxxxxx").decrypt("a", ctx.key_id, [blob] * 24)
+        RemoteKeyHolder(service.url, "not-the-token-xxxxxxxx").decrypt(ref(ctx), [blob] * 24)
     assert service.holder.ciphertexts_decrypted == before
     assert not service.is_revoked("a")
 
@@ -124,19 +130,19 @@ def test_revocation_takes_effect_on_the_next_request(
     ctx: PublicContext, remote: RemoteKeyHolder, matrix: EncryptedMatrix
 ) -> None:
     engine = DeltaEngine(ctx, remote)
-    engine.compute("to-revoke", [(_u(4), matrix)])
+    engine.compute(ref(engine.ctx, "to-revoke"), [(_u(4), matrix)])
     assert remote.revoke("to-revoke") == {"adapter_id": "to-revoke", "revoked": True}
     with pytest.raises(AdapterRevokedError, match="revoked"):
-        engine.compute("to-revoke", [(_u(4), matrix)])
+        engine.compute(ref(engine.ctx, "to-revoke"), [(_u(4), matrix)])
     assert remote.adapter_status("to-revoke")["revoked"] is True
-    engine.compute("other", [(_u(4), matrix)])  # others unaffected
+    engine.compute(ref(engine.ctx, "other"), [(_u(4), matrix)])  # others unaffected
 
 
 def test_revocation_file_is_watched(
     service: KeyHolderService, ctx: PublicContext, remote: RemoteKeyHolder, matrix: EncryptedMatrix
 ) -> None:
     engine = DeltaEngine(ctx, remote)
-    engine.compute("by-file", [(_u(4), matrix)])
+    engine.compute(ref(engine.ctx, "by-file"), [(_u(4), matrix)])
     path = service._revoked_file
     assert path is not None
     with path.open("a") as fh:
@@ -144,7 +150,7 @@ def test_revocation_file_is_watched(
     stamp = path.stat().st_mtime_ns + 10**9  # a distinct mtime even on coarse clocks
     os.utime(path, ns=(stamp, stamp))
     with pytest.raises(AdapterRevokedError):
-        engine.compute("by-file", [(_u(4), matrix)])
+        engine.compute(ref(engine.ctx, "by-file"), [(_u(4), matrix)])
     # An API revocation is persisted to the file.
     remote.revoke("by-api")
     assert "by-api" in path.read_text().split()
@@ -152,10 +158,10 @@ def test_revocation_file_is_watched(
 
 def test_budget(ctx: PublicContext, remote: RemoteKeyHolder, matrix: EncryptedMatrix) -> None:
     engine = DeltaEngine(ctx, remote)
-    engine.compute("metered", [(_u(8), matrix)])  # k=4: 2 ciphertexts
+    engine.compute(ref(engine.ctx, "metered"), [(_u(8), matrix)])  # k=4: 2 ciphertexts
     with pytest.raises(BudgetExhaustedError, match="used 2 of its 3"):
-        engine.compute("metered", [(_u(8), matrix)])
-    engine.compute("metered", [(_u(4), matrix)])  # exactly the last one
+        engine.compute(ref(engine.ctx, "metered"), [(_u(8), matrix)])
+    engine.compute(ref(engine.ctx, "metered"), [(_u(4), matrix)])  # exactly the last one
     status = remote.adapter_status("metered")
     assert status == {"adapter_id": "metered", "budget": 3, "used": 3, "revoked": False}
 
@@ -168,11 +174,22 @@ def test_foreign_ciphertexts(
     other_ctx = other_keys[1]
     foreign = encrypt_matrix(other_ctx, np.ones((896, 8)) * 0.1)
     with pytest.raises(ForeignCiphertextError, match="declare key"):
-        DeltaEngine(other_ctx, remote).compute("a", [(_u(4), foreign)])
-    # Spoofing our key id does not help: the decryption is noise, refused.
-    blob = ciphertext_to_bytes(foreign.ciphertexts[0][0])
-    with pytest.raises(ForeignCiphertextError):
-        remote.decrypt("a", ctx.key_id, [blob])
+        DeltaEngine(other_ctx, remote).compute(ref(other_ctx), [(_u(4), foreign)])
+    # A fresh B' column is not at a product scale: refused before decryption.
+    fresh = encode_ciphertext(foreign.ciphertexts[0][0])
+    with pytest.raises(ForeignCiphertextError, match="not a protocol ciphertext"):
+        remote.decrypt(ref(ctx), [fresh])
+    # A foreign product declared as ours is well-formed, and under protocol v2 the key holder
+    # cannot tell (every request decrypts to a uniform polynomial): it replies. The reply
+    # decodes to noise, which the host's engine refuses.
+    product = seal.Ciphertext(other_ctx.context)
+    plain = seal.Plaintext()
+    other_ctx.encoder.encode(1.0, other_ctx.parms_id, other_ctx.profile.u_scale, plain)
+    other_ctx.evaluator.multiply_plain(foreign.ciphertexts[0][0], plain, product)
+    (reply,) = remote.decrypt(ref(ctx), [encode_ciphertext(product)])
+    engine = DeltaEngine(ctx, remote)
+    with pytest.raises(KeyHolderError, match="outside the protocol range"):
+        engine._read_replies([reply], [None], [ctx.profile.product_scale_bits])
 
 
 def test_service_stopped_mid_run(
@@ -181,10 +198,10 @@ def test_service_stopped_mid_run(
     svc = KeyHolderService(secret, {TOKEN})
     svc.start()
     engine = DeltaEngine(ctx, RemoteKeyHolder(svc.url, TOKEN, timeout=2.0, retries=1))
-    engine.compute("a", [(_u(4), matrix)])  # leaves a keep-alive connection open
+    engine.compute(ref(engine.ctx, "a"), [(_u(4), matrix)])  # leaves a keep-alive connection open
     svc.stop()
     with pytest.raises(KeyHolderUnavailableError):
-        engine.compute("a", [(_u(4), matrix)])
+        engine.compute(ref(engine.ctx, "a"), [(_u(4), matrix)])
 
 
 def test_hung_key_holder_times_out(ctx: PublicContext, matrix: EncryptedMatrix) -> None:
@@ -195,7 +212,7 @@ def test_hung_key_holder_times_out(ctx: PublicContext, matrix: EncryptedMatrix) 
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         engine = DeltaEngine(ctx, RemoteKeyHolder(url, TOKEN, timeout=0.5, retries=3))
         with pytest.raises(KeyHolderUnavailableError, match="did not answer"):
-            engine.compute("a", [(_u(4), matrix)])
+            engine.compute(ref(engine.ctx, "a"), [(_u(4), matrix)])
     finally:
         listener.close()
 
@@ -217,7 +234,7 @@ def test_server_error_is_unavailable(ctx: PublicContext, matrix: EncryptedMatrix
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         with pytest.raises(KeyHolderUnavailableError, match="HTTP 503"):
-            DeltaEngine(ctx, RemoteKeyHolder(url, TOKEN)).compute("a", [(_u(4), matrix)])
+            DeltaEngine(ctx, RemoteKeyHolder(url, TOKEN)).compute(ref(ctx), [(_u(4), matrix)])
     finally:
         server.shutdown()
         server.server_close()
@@ -231,10 +248,10 @@ def test_audit_log(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.INFO, logger="vllm_tensafe.key_holder"):
-        DeltaEngine(ctx, remote).compute("audited", [(_u(8), matrix)])
+        DeltaEngine(ctx, remote).compute(ref(ctx, "audited"), [(_u(8), matrix)])
         with pytest.raises(KeyHolderAuthError):
             RemoteKeyHolder(service.url, "wrong-token-abcdefghijkl").decrypt(
-                "audited", ctx.key_id, [b"x"]
+                ref(ctx, "audited"), [b"x"]
             )
     lines = [r.getMessage() for r in caplog.records if r.name == "vllm_tensafe.key_holder"]
     ok = [line for line in lines if "outcome=ok" in line and "decrypt" in line]
@@ -287,7 +304,7 @@ def test_tls(
     with KeyHolderService(secret, {TOKEN}, tls_cert=cert, tls_key=key) as svc:
         assert svc.url.startswith("https://")
         holder = RemoteKeyHolder(svc.url, TOKEN, ca_file=cert)
-        (delta,) = DeltaEngine(ctx, holder).compute("a", [(_u(4), matrix)])
+        (delta,) = DeltaEngine(ctx, holder).compute(ref(ctx), [(_u(4), matrix)])
         assert delta.shape == (4, 896)
         untrusted = RemoteKeyHolder(svc.url, TOKEN, retries=0)  # system CAs only
         with pytest.raises(KeyHolderUnavailableError, match="TLS"):
@@ -302,7 +319,7 @@ def test_key_holder_from_settings(
     local = key_holder_from_settings(
         TenSafeSettings(key_holder="local", he_secret=secret_path, he_secret_passphrase="pw")
     )
-    assert isinstance(local, LocalKeyHolder) and local.kind == "local" and local.flooding
+    assert isinstance(local, LocalKeyHolder) and local.kind == "local" and local._flood
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     remote = key_holder_from_settings(

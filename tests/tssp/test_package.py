@@ -41,7 +41,7 @@ def _peft(adapter_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def _check_deltas(pkg: Any, adapter_dir: Path, secret_path: Path, scaling: float) -> None:
     """Decrypt through the HE engine: DeltaEngine(U = X A'^T, Enc(B')) == s X A^T B^T."""
-    from vllm_tensafe.he import DeltaEngine, LocalKeyHolder, SecretKeySet
+    from vllm_tensafe.he import AdapterRef, DeltaEngine, LocalKeyHolder, SecretKeySet
 
     engine = DeltaEngine(pkg.public_context, LocalKeyHolder(SecretKeySet.load(secret_path, None)))
     peft = _peft(adapter_dir)
@@ -53,7 +53,9 @@ def _check_deltas(pkg: Any, adapter_dir: Path, secret_path: Path, scaling: float
         (xs[n] @ pkg.modules[n].lora_a.astype(np.float64).T, pkg.modules[n].encrypted_b)
         for n in names
     ]
-    deltas = engine.compute(pkg.name, items)
+    deltas = engine.compute(
+        AdapterRef(pkg.name, pkg.public_context.key_id, pkg.manifest_digest), items
+    )
     for name, delta in zip(names, deltas, strict=True):
         a, b = peft[name]
         expected = scaling * xs[name] @ a.T @ b.T

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "DeltaEngine": "delta",
     "DeltaStats": "delta",
+    "AdapterRef": "keyholder",
     "KeyHolder": "keyholder",
     "LocalKeyHolder": "keyholder",
     "RemoteKeyHolder": "keyholder",
@@ -35,6 +36,7 @@ _EXPORTS = {
 __all__ = [
     "DEFAULT_PROFILE",
     "PROFILES",
+    "AdapterRef",
     "DeltaEngine",
     "DeltaStats",
     "EncryptedMatrix",
@@ -56,6 +58,7 @@ __all__ = [
 if TYPE_CHECKING:
     from vllm_tensafe.he.delta import DeltaEngine, DeltaStats
     from vllm_tensafe.he.keyholder import (
+        AdapterRef,
         KeyHolder,
         LocalKeyHolder,
         RemoteKeyHolder,

@@ -8,10 +8,11 @@ Per group of k tokens and per row chunk it forms
 (r plaintext-ciphertext products, r - 1 additions, no rotation, no relinearisation, no rescale:
 the product scale 2^(b_scale_bits + u_scale_bits) fits the data modulus). Modules packed into
 one tile (q, k, v; gate, up: packing.fused_layouts) occupy disjoint slots, so their product
-ciphertexts are added into one: a single ciphertext per token group for the whole layer. It
-adds a fresh uniform mask M in [-2^mask_bits, 2^mask_bits] to every slot, sends every
-ciphertext of the call to the key holder in ONE decrypt call, and subtracts M from what comes
-back.
+ciphertexts are added into one: a single ciphertext per token group for the whole layer. Every
+ciphertext of the call goes to the key holder in ONE decrypt call. For a remote key holder
+each is first re-randomised and padded (conceal.py), so the key holder learns nothing of U or
+the delta; its replies are flooded, modulus-switched polynomials, which the host unpads and
+decodes itself (ring.py). A local key holder is the host itself: nothing is concealed from it.
 
 Bounded-norm invariant: the key holder sizes its flooding for per-token ||U_t||_2 up to
 2^u_norm_bits, U_t being the concatenation over the modules of one ciphertext. A group with a
@@ -33,18 +34,13 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from vllm_tensafe.errors import ForeignCiphertextError, HEError, KeyHolderError
-from vllm_tensafe.he.flooding import uniform_mask
-from vllm_tensafe.he.keyholder import KeyHolder, LocalKeyHolder
+from vllm_tensafe.he.conceal import Concealer
+from vllm_tensafe.he.keyholder import AdapterRef, KeyHolder, LocalKeyHolder
 from vllm_tensafe.he.keys import PublicContext
 from vllm_tensafe.he.lincomb import MAX_RANK, LinearCombiner, fits
-from vllm_tensafe.he.packing import EncryptedMatrix, ciphertext_to_bytes
-from vllm_tensafe.he.residues import (
-    LayoutError,
-    check_layout,
-    data_moduli,
-    mul_pow2,
-    plaintext_residues,
-)
+from vllm_tensafe.he.packing import EncryptedMatrix
+from vllm_tensafe.he.residues import LayoutError
+from vllm_tensafe.he.ring import Ring
 
 
 @dataclass
@@ -57,9 +53,9 @@ class DeltaStats:
     tokens: int = 0
     products: int = 0
     gemm_products: int = 0  # of ``products``, those computed as integer GEMMs
-    seconds_products: float = 0.0  # encode, multiply, mask, serialise (host HE work)
+    seconds_products: float = 0.0  # encode, multiply, conceal, serialise (host HE work)
     seconds_key_holder: float = 0.0  # the decrypt call, including the network for remote
-    seconds_unmask: float = 0.0
+    seconds_unmask: float = 0.0  # unpad and decode the replies
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -68,6 +64,9 @@ class DeltaStats:
 logger = logging.getLogger("vllm_tensafe.he")
 
 GEMM_MIN_RANK = 8
+# Covers (re-randomisation + pad) made ahead by a background thread for a remote key holder:
+# about one engine step of a 24-layer model's worth (each ~0.7 MB).
+CONCEAL_PREFETCH = 32
 
 
 @dataclass
@@ -86,7 +85,6 @@ class _Part:
 class _Job:
     row0: int
     tokens: int
-    mask: np.ndarray
     parts: list[_Part]
 
 
@@ -130,23 +128,14 @@ class DeltaEngine:
         self.ctx = ctx
         self.key_holder = key_holder
         self.stats = DeltaStats()
-        self._local = isinstance(key_holder, LocalKeyHolder)
         self._lock = threading.Lock()
         self._plain = seal.Plaintext()
-        self._mask_plain = seal.Plaintext()
         self._linear: LinearCombiner | None = None
-        profile = ctx.profile
-        # Mask coefficients at 2^bits: about W * 2^bits * 6 / sqrt(N/2) at most, kept < 2^62.
-        self._mask_encode_bits = (
-            62 - profile.mask_bits - 3 + int(math.log2(profile.poly_modulus_degree / 2) // 2)
-        )
-        try:
-            check_layout()
-            self._q: np.ndarray | None = np.array(
-                data_moduli(ctx.context, ctx.parms_id), dtype=np.uint64
-            )[:, None]
-        except LayoutError:
-            self._q = None
+        # The residue views (residues.py) are required: the replies are polynomials.
+        self.ring = Ring(ctx.context, ctx.parms_id, ctx.profile.poly_modulus_degree)
+        # A local key holder is this process: nothing to conceal from it.
+        local = isinstance(key_holder, LocalKeyHolder)
+        self._concealer = None if local else Concealer(ctx, self.ring, prefetch=CONCEAL_PREFETCH)
         self._gemm_refused = False
         self._selectors: dict[tuple[int, int], Any] = {}
         # Scalar products go through the integer GEMM from this total rank on (below it
@@ -160,10 +149,17 @@ class DeltaEngine:
         self._tmp = seal.Ciphertext(ctx.context)
 
     def compute(
-        self, adapter_id: str, items: Sequence[tuple[np.ndarray, EncryptedMatrix]]
+        self, ref: AdapterRef, items: Sequence[tuple[np.ndarray, EncryptedMatrix]]
     ) -> list[np.ndarray]:
+        """delta = U B'^T for every (U, B') item, through one key-holder call."""
+        if ref.key_id != self.ctx.key_id:
+            raise ForeignCiphertextError(
+                f"adapter {ref.name!r} declares key {ref.key_id[:16]}, the engine uses "
+                f"{self.ctx.key_id[:16]}",
+                "use one DeltaEngine per public context",
+            )
         with self._lock:
-            return self._compute(adapter_id, items)
+            return self._compute(ref, items)
 
     # ------------------------------------------------------------------------------------
 
@@ -201,7 +197,7 @@ class DeltaEngine:
         return us
 
     def _compute(
-        self, adapter_id: str, items: Sequence[tuple[np.ndarray, EncryptedMatrix]]
+        self, ref: AdapterRef, items: Sequence[tuple[np.ndarray, EncryptedMatrix]]
     ) -> list[np.ndarray]:
         us = self._check_items(items)
         outputs = [
@@ -219,42 +215,71 @@ class DeltaEngine:
         if not cts:
             self.stats.seconds_products += time.perf_counter() - started
             return outputs
-        for job, ct in zip(jobs, cts, strict=True):
-            job.mask = self._mask(ct)
-        if not self._local:
-            payload: list[Any] = [ciphertext_to_bytes(ct) for ct in cts]
+        scale_bits = [round(math.log2(ct.scale)) for ct in cts]
+        pads: list[np.ndarray | None] = [None] * len(cts)
+        if self._concealer is not None:
+            concealed = [self._concealer.conceal(ct) for ct in cts]
+            payload = [c.blob for c in concealed]
+            pads = [c.pad_switch for c in concealed]
         self.stats.seconds_products += time.perf_counter() - started
 
         started = time.perf_counter()
         self.stats.decrypt_calls += 1
         self.stats.ciphertexts_sent += len(cts)
-        if self._local:
-            assert isinstance(self.key_holder, LocalKeyHolder)
-            values = self.key_holder._decrypt_ciphertexts(adapter_id, self.ctx.key_id, cts)
+        if isinstance(self.key_holder, LocalKeyHolder):
+            replies = self.key_holder.decrypt_ciphertexts(ref, cts)
         else:
-            values = self.key_holder.decrypt(adapter_id, self.ctx.key_id, payload)
+            replies = self.key_holder.decrypt(ref, payload)
         self.stats.seconds_key_holder += time.perf_counter() - started
 
         started = time.perf_counter()
-        slots = self.ctx.slot_count
-        if len(values) != len(cts) or any(np.shape(v) != (slots,) for v in values):
+        n = self.ring.n
+        if len(replies) != len(cts) or any(np.shape(r) != (n,) for r in replies):
             raise KeyHolderError(
-                f"key holder returned {len(values)} results for {len(cts)} ciphertexts "
-                "(or results of the wrong length)",
-                "check that key holder and host use the same profile and version",
+                f"key holder returned {len(replies)} replies for {len(cts)} ciphertexts "
+                "(or replies of the wrong length)",
+                "check that the key holder and the host use the same profile and version",
             )
+        values = self._read_replies(replies, pads, scale_bits)
         for job, vals in zip(jobs, values, strict=True):
-            clear = np.asarray(vals, dtype=np.float64) - job.mask
             tiles = np.arange(job.tokens)[:, None]
             for part in job.parts:
                 index = tiles * part.tile_width + (part.slot_offset + np.arange(part.rows))
-                delta = clear[index]
+                delta = vals[index]
                 if part.factor != 1.0:
                     delta *= part.factor
                 rows = slice(job.row0, job.row0 + job.tokens)
                 outputs[part.item][rows, part.col0 : part.col0 + part.rows] = delta
         self.stats.seconds_unmask += time.perf_counter() - started
         return outputs
+
+    def _read_replies(
+        self, replies: list[np.ndarray], pads: list[np.ndarray | None], scale_bits: list[int]
+    ) -> list[np.ndarray]:
+        """Unpad (z = y - rho mod 2^min(m, 64)), centre and decode every reply."""
+        ring, profile = self.ring, self.ctx.profile
+        out: list[np.ndarray] = [np.empty(0)] * len(replies)
+        for bits in sorted(set(scale_bits)):
+            rows = [i for i, b in enumerate(scale_bits) if b == bits]
+            m = profile.reply_exponent(bits)
+            mask = np.uint64((1 << min(m, 64)) - 1)
+            y = np.stack([np.asarray(replies[i], dtype=np.uint64) for i in rows])
+            for k, i in enumerate(rows):
+                pad = pads[i]
+                if pad is not None:
+                    y[k] -= pad
+            z = ring.centred(y & mask, m)
+            decoded = ring.decode(z, ring.reply_scale(bits, m))
+            bound = min(profile.value_bound_at(bits), profile.reply_value_bound(bits)) / 2
+            if not np.all(np.isfinite(decoded)) or np.abs(decoded).max() > bound:
+                raise KeyHolderError(
+                    "the key holder's replies decode outside the protocol range: it holds "
+                    "another key, the reply was corrupted, or a delta overflowed",
+                    "check that the key holder serves this package's key and version",
+                )
+            for k, i in enumerate(rows):
+                out[i] = decoded[k]
+        return out
 
     def _fused(
         self,
@@ -295,8 +320,8 @@ class DeltaEngine:
                         _Part(members[n], offset, mat.tile_width, col0s[slot], rows, factor)
                     )
                     col0s[slot] += rows
-                if accs[c] is not None:  # masked once all products of the call are done
-                    jobs.append(_Job(row0, tokens, np.empty(0), parts))
+                if accs[c] is not None:
+                    jobs.append(_Job(row0, tokens, parts))
                     cts.append(accs[c])
 
     def _group_products(self, groups: list[np.ndarray], mats: list[EncryptedMatrix]) -> list[Any]:
@@ -409,28 +434,6 @@ class DeltaEngine:
             ctx.encoder.encode(values.tolist(), ctx.parms_id, scale, plain)
             self._selectors[key] = plain
         return plain
-
-    def _mask(self, ct: Any) -> np.ndarray:
-        """Add a fresh uniform mask to every slot of ``ct``; return it.
-
-        Encoded at the ciphertext's scale, the mask's coefficients exceed 128 bits and SEAL
-        takes its multi-precision path (~2.6 ms). Encoded at 2^mask_encode_bits they stay
-        below 2^63 (~1 ms), and multiplying the plaintext's residues by the remaining power of
-        two gives the same mask up to SEAL's rounding: sqrt(N/12) * 2^-mask_encode_bits
-        (~1.5e-9 for ``default``) per slot, which the host subtracts with the rest of M.
-        """
-        ctx = self.ctx
-        mask = uniform_mask(ctx.slot_count, ctx.profile.mask_bound)
-        shift = round(math.log2(ct.scale)) - self._mask_encode_bits
-        if self._q is None or shift <= 0 or ct.scale != 2.0 ** round(math.log2(ct.scale)):
-            ctx.encoder.encode(mask.tolist(), ctx.parms_id, ct.scale, self._mask_plain)
-        else:
-            plain = self._mask_plain
-            ctx.encoder.encode(mask.tolist(), ctx.parms_id, 2.0**self._mask_encode_bits, plain)
-            mul_pow2(plaintext_residues(plain, len(self._q)), shift, self._q)
-            plain.scale = ct.scale
-        ctx.evaluator.add_plain_inplace(ct, self._mask_plain)
-        return mask
 
     def _products(self, group: np.ndarray, mat: EncryptedMatrix) -> list[Any]:
         """sum_j encode(U[group, j] per tile) * Enc(B'_j), per chunk (None: all-zero U)."""

@@ -1,23 +1,25 @@
-"""Key holders: whoever holds the CKKS secret key and decrypts the host's masked delta batches.
+"""Key holders: whoever holds the CKKS secret key and decrypts the host's delta batches.
 
 ``LocalKeyHolder`` runs in the host process (the key is in host memory: adapters are protected at
 rest and in transit only). ``RemoteKeyHolder`` talks to ``vllm-tensafe key-holder serve``: the
 host never holds the key; every decryption is authenticated, metered, audited and revocable.
 
-Both refuse anything that is not a protocol ciphertext under their key, flood every decryption
-(flooding.py) and round what they return to the profile's grid. A key holder never returns a
-partial, zero or stale result: it returns all values or raises a KeyHolderError.
+Wire protocol v2 (docs/he-scheme.md, "What the key holder sees"): the host sends re-randomised
+ciphertexts whose c0 carries a uniform pad, so each decryption is a uniform polynomial to the
+key holder; the key holder floods it (flooding.py) and returns it modulus-switched to 64-bit
+coefficients (ring.py); the host removes the pad and decodes. A key holder never returns a
+partial, zero or stale result: it returns every reply or raises a KeyHolderError.
 
-Wire format of ``POST /v1/decrypt`` (little-endian)::
+``POST /v1/decrypt`` (little-endian)::
 
-    request  (application/vnd.tensafe.decrypt-v1):
-      b"TSKHREQ1" | u16 n | adapter id (n bytes utf-8) | 32-byte key id | u32 count
-      | count times: u32 length | SEAL ciphertext
-    response (application/vnd.tensafe.values-v1):
-      b"TSKHRES1" | u32 count | u32 slots | count * slots float64
-    errors: JSON {"error": code, "cause": ..., "fix": ...}; codes unauthorized (401),
-      adapter_revoked (410), budget_exhausted (429), foreign_ciphertext (422),
-      bad_request (400), too_large (413), unavailable (503), internal (500)
+    request  (application/vnd.tensafe.decrypt-v2):
+      b"TSKHREQ2" | u16 n | adapter name (n bytes ASCII) | 32-byte key id
+      | 32-byte manifest digest | u32 count | u32 ciphertext size | count ciphertexts
+      ciphertext: u8 log2(scale) | u8 1 (NTT form) | 2 x L x N u64 residues (c0 then c1,
+      prime by prime; each below its prime)
+    response (application/vnd.tensafe.reply-v2):
+      b"TSKHRES2" | u32 count | u32 N | count x N u64 (S_m of each flooded decryption)
+    errors: JSON {"error": code, "cause": ..., "fix": ...}
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlparse
 
@@ -49,25 +52,33 @@ from vllm_tensafe.errors import (
     KeyHolderAuthError,
     KeyHolderError,
     KeyHolderUnavailableError,
+    ProtocolVersionError,
 )
-from vllm_tensafe.he.flooding import Flooder, round_to_grid
-from vllm_tensafe.he.keys import SecretKeySet
-from vllm_tensafe.he.packing import check_ciphertext, load_ciphertext
-from vllm_tensafe.he.service import REQUEST_CONTENT_TYPE, RESPONSE_CONTENT_TYPE
+from vllm_tensafe.he.flooding import flood_coefficients
+from vllm_tensafe.he.keys import PublicContext, SecretKeySet
+from vllm_tensafe.he.packing import check_ciphertext
+from vllm_tensafe.he.residues import ciphertext_from_residues, ciphertext_residues
+from vllm_tensafe.he.ring import Ring
 
 if TYPE_CHECKING:
     from vllm_tensafe.settings import TenSafeSettings
 
 log = logging.getLogger(__name__)
 
-REQUEST_MAGIC = b"TSKHREQ1"
-RESPONSE_MAGIC = b"TSKHRES1"
+PROTOCOL_VERSION = 2
+REQUEST_CONTENT_TYPE = "application/vnd.tensafe.decrypt-v2"
+RESPONSE_CONTENT_TYPE = "application/vnd.tensafe.reply-v2"
+REQUEST_MAGIC = b"TSKHREQ2"
+RESPONSE_MAGIC = b"TSKHRES2"
+_OLD_REQUEST_MAGIC = b"TSKHREQ1"
+_OLD_RESPONSE_MAGIC = b"TSKHRES1"
 
 MAX_ADAPTER_ID = 256
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _RESPONSE_HEAD = struct.Struct("<8sII")
+_CT_HEAD = struct.Struct("<BB")
 
 
 def check_adapter_id(adapter_id: object) -> str:
@@ -86,69 +97,161 @@ def check_adapter_id(adapter_id: object) -> str:
     return adapter_id
 
 
-def check_key_id(key_id: object) -> str:
-    if not isinstance(key_id, str) or len(key_id) != 64:
-        raise HEError(f"invalid key id {key_id!r}", "pass PublicContext.key_id (64 hex digits)")
+def _check_hex64(value: object, what: str, fix: str) -> str:
+    if not isinstance(value, str) or len(value) != 64:
+        raise HEError(f"invalid {what} {value!r}", fix)
     try:
-        bytes.fromhex(key_id)
+        bytes.fromhex(value)
     except ValueError:
+        raise HEError(f"invalid {what} {value!r}", fix) from None
+    return value.lower()
+
+
+def check_key_id(key_id: object) -> str:
+    return _check_hex64(key_id, "key id", "pass PublicContext.key_id (64 hex digits)")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """Who asks the key holder for what: the package's signed adapter name (the "adapter id"
+    everywhere), the CKKS key id of its public context and the SHA-256 of its signed manifest.
+    """
+
+    name: str
+    key_id: str
+    manifest_digest: str
+
+    def __post_init__(self) -> None:
+        check_adapter_id(self.name)
+        object.__setattr__(self, "key_id", check_key_id(self.key_id))
+        object.__setattr__(
+            self,
+            "manifest_digest",
+            _check_hex64(
+                self.manifest_digest,
+                "manifest digest",
+                "pass TsspPackage.manifest_digest (SHA-256 of the signed manifest, 64 hex)",
+            ),
+        )
+
+
+def _protocol_mismatch(theirs: int, side: str) -> ProtocolVersionError:
+    return ProtocolVersionError(
+        f"the {side} speaks key-holder protocol v{theirs}, this vllm-tensafe speaks "
+        f"v{PROTOCOL_VERSION}",
+        "run the same vllm-tensafe release on the host and the key holder",
+    )
+
+
+# --- ciphertexts on the wire ------------------------------------------------------------------
+
+
+def ciphertext_size(profile: Any) -> int:
+    """Bytes of one v2 request ciphertext for ``profile``."""
+    return _CT_HEAD.size + profile.ciphertext_bytes
+
+
+def encode_ciphertext(ct: Any) -> bytes:
+    """A SEAL product ciphertext as v2 wire bytes (its residues, scale and form)."""
+    scale_bits = math.log2(ct.scale)
+    if scale_bits != int(scale_bits) or not ct.is_ntt_form():
         raise HEError(
-            f"invalid key id {key_id!r}", "pass PublicContext.key_id (64 hex digits)"
-        ) from None
-    return key_id.lower()
+            f"ciphertext of scale {ct.scale!r} (NTT form: {ct.is_ntt_form()}) is not a product "
+            "of the delta engine",
+            "send only ciphertexts computed by vllm_tensafe.he.DeltaEngine",
+        )
+    head = _CT_HEAD.pack(int(scale_bits), 1)
+    return head + np.ascontiguousarray(ciphertext_residues(ct), dtype="<u8").tobytes()
 
 
-def encode_request(adapter_id: str, key_id: str, ciphertexts: Sequence[bytes]) -> bytes:
-    aid = check_adapter_id(adapter_id).encode("utf-8")
-    parts = [REQUEST_MAGIC, _U16.pack(len(aid)), aid, bytes.fromhex(check_key_id(key_id))]
-    parts.append(_U32.pack(len(ciphertexts)))
-    for blob in ciphertexts:
-        parts.append(_U32.pack(len(blob)))
-        parts.append(bytes(blob))
+def decode_ciphertext(ctx: PublicContext, blob: bytes | memoryview, what: str) -> Any:
+    """v2 wire bytes -> a validated SEAL ciphertext under ``ctx`` (ForeignCiphertextError)."""
+    profile = ctx.profile
+    fix = "send only ciphertexts computed by the vllm-tensafe delta engine for this key"
+    view = memoryview(blob)
+    if len(view) != ciphertext_size(profile):
+        raise ForeignCiphertextError(
+            f"{what} has {len(view)} bytes, a ciphertext of profile {profile.name!r} has "
+            f"{ciphertext_size(profile)}",
+            fix,
+        )
+    scale_bits, ntt = _CT_HEAD.unpack_from(view)
+    if ntt != 1 or scale_bits not in profile.accepted_scale_bits:
+        wanted = " or ".join(f"2^{b}" for b in profile.accepted_scale_bits)
+        raise ForeignCiphertextError(
+            f"{what} is not a protocol ciphertext for key {ctx.key_id[:16]}: scale "
+            f"2^{scale_bits} (wanted {wanted}), NTT flag {ntt}",
+            fix,
+        )
+    residues = np.frombuffer(view, dtype="<u8", offset=_CT_HEAD.size).reshape(
+        2, profile.data_primes, profile.poly_modulus_degree
+    )
+    moduli = np.array(
+        [m.value() for m in ctx.context.get_context_data(ctx.parms_id).parms().coeff_modulus()],
+        dtype=np.uint64,
+    )
+    if np.any(residues >= moduli[None, :, None]):
+        raise ForeignCiphertextError(f"{what} has residues not reduced mod their prime", fix)
+    return ciphertext_from_residues(ctx.context, ctx.parms_id, residues, 2.0**scale_bits)
+
+
+# --- requests and responses -------------------------------------------------------------------
+
+
+def encode_request(ref: AdapterRef, ciphertexts: Sequence[bytes]) -> bytes:
+    name = ref.name.encode("utf-8")
+    size = len(ciphertexts[0]) if ciphertexts else 0
+    if any(len(blob) != size for blob in ciphertexts):
+        raise HEError("ciphertexts of one request differ in size", "encode them with one profile")
+    parts = [
+        REQUEST_MAGIC,
+        _U16.pack(len(name)),
+        name,
+        bytes.fromhex(ref.key_id),
+        bytes.fromhex(ref.manifest_digest),
+        _U32.pack(len(ciphertexts)),
+        _U32.pack(size),
+    ]
+    parts.extend(bytes(blob) for blob in ciphertexts)
     return b"".join(parts)
 
 
-def decode_request(body: bytes, max_count: int) -> tuple[str, str, list[memoryview]]:
-    """Inverse of encode_request; HEError on anything malformed."""
+def decode_request(body: bytes, max_count: int) -> tuple[AdapterRef, list[memoryview]]:
+    """Inverse of encode_request; HEError on anything malformed, ProtocolVersionError for v1."""
     fix = "send requests made by vllm_tensafe.he.keyholder.RemoteKeyHolder"
     view = memoryview(body)
+    if bytes(view[:8]) == _OLD_REQUEST_MAGIC:
+        raise _protocol_mismatch(1, "host")
     if len(view) < len(REQUEST_MAGIC) + 2 or bytes(view[:8]) != REQUEST_MAGIC:
         raise HEError("not a decrypt request (bad magic)", fix)
     pos = len(REQUEST_MAGIC)
     (n,) = _U16.unpack_from(view, pos)
     pos += 2
-    if n == 0 or n > MAX_ADAPTER_ID or pos + n + 32 + 4 > len(view):
+    if n == 0 or n > MAX_ADAPTER_ID or pos + n + 64 + 8 > len(view):
         raise HEError("decrypt request has a malformed adapter id", fix)
     try:
-        adapter_id = check_adapter_id(bytes(view[pos : pos + n]).decode("utf-8"))
+        name = bytes(view[pos : pos + n]).decode("utf-8")
     except UnicodeDecodeError:
         raise HEError("adapter id is not valid UTF-8", fix) from None
     pos += n
     key_id = bytes(view[pos : pos + 32]).hex()
-    pos += 32
-    (count,) = _U32.unpack_from(view, pos)
-    pos += 4
+    digest = bytes(view[pos + 32 : pos + 64]).hex()
+    pos += 64
+    ref = AdapterRef(name, key_id, digest)
+    count, size = struct.unpack_from("<II", view, pos)
+    pos += 8
     if count == 0 or count > max_count:
         raise HEError(f"decrypt request carries {count} ciphertexts (1..{max_count})", fix)
-    blobs = []
-    for _ in range(count):
-        if pos + 4 > len(view):
-            raise HEError("decrypt request is truncated", fix)
-        (length,) = _U32.unpack_from(view, pos)
-        pos += 4
-        if pos + length > len(view):
-            raise HEError("decrypt request is truncated", fix)
-        blobs.append(view[pos : pos + length])
-        pos += length
-    if pos != len(view):
-        raise HEError("decrypt request has trailing bytes", fix)
-    return adapter_id, key_id, blobs
+    if size == 0 or pos + count * size != len(view):
+        raise HEError("decrypt request is truncated or has trailing bytes", fix)
+    blobs = [view[pos + i * size : pos + (i + 1) * size] for i in range(count)]
+    return ref, blobs
 
 
-def encode_response(values: Sequence[np.ndarray]) -> bytes:
-    if not values:
+def encode_response(replies: Sequence[np.ndarray]) -> bytes:
+    if not replies:
         return _RESPONSE_HEAD.pack(RESPONSE_MAGIC, 0, 0)
-    arr = np.stack([np.asarray(v, dtype="<f8") for v in values])
+    arr = np.stack([np.asarray(r, dtype="<u8") for r in replies])
     return _RESPONSE_HEAD.pack(RESPONSE_MAGIC, arr.shape[0], arr.shape[1]) + arr.tobytes()
 
 
@@ -161,27 +264,30 @@ def decode_response(data: bytes, expected_count: int) -> list[np.ndarray]:
 
     if len(data) < _RESPONSE_HEAD.size:
         raise bad("truncated")
-    magic, count, slots = _RESPONSE_HEAD.unpack_from(data)
+    magic, count, n = _RESPONSE_HEAD.unpack_from(data)
+    if magic == _OLD_RESPONSE_MAGIC:
+        raise _protocol_mismatch(1, "key holder")
     if magic != RESPONSE_MAGIC:
         raise bad("bad magic")
-    if count != expected_count or slots == 0:
+    if count != expected_count or n == 0:
         raise bad(f"{count} results for {expected_count} ciphertexts")
-    if len(data) != _RESPONSE_HEAD.size + 8 * count * slots:
+    if len(data) != _RESPONSE_HEAD.size + 8 * count * n:
         raise bad("wrong length")
-    arr = np.frombuffer(data, dtype="<f8", offset=_RESPONSE_HEAD.size).reshape(count, slots)
-    if not np.all(np.isfinite(arr)):
-        raise bad("non-finite values")
-    return [row.astype(np.float64) for row in arr]
+    arr = np.frombuffer(data, dtype="<u8", offset=_RESPONSE_HEAD.size).reshape(count, n)
+    return [row.astype(np.uint64) for row in arr]
+
+
+# --- key holders ------------------------------------------------------------------------------
 
 
 class KeyHolder(abc.ABC):
-    """Decrypts batches of masked product ciphertexts for one CKKS key."""
+    """Decrypts batches of the delta engine's ciphertexts for one CKKS key."""
 
     kind: str
 
     @abc.abstractmethod
-    def decrypt(self, adapter_id: str, key_id: str, ciphertexts: list[bytes]) -> list[np.ndarray]:
-        """Flooded, rounded slot values (one float64 array of slot_count per ciphertext)."""
+    def decrypt(self, ref: AdapterRef, ciphertexts: list[bytes]) -> list[np.ndarray]:
+        """One reply per ciphertext: S_m of its flooded decryption, a uint64 array of N."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections or key material."""
@@ -194,55 +300,48 @@ class KeyHolder(abc.ABC):
 
 
 class LocalKeyHolder(KeyHolder):
-    """Decrypts in this process. ``flooding=False`` exists for tests only (it leaks the key)."""
+    """Decrypts in this process: decrypt, inverse NTT, flood, modulus switch (ring.py).
+
+    It never decodes: what it returns is the flooded decryption switched to 64-bit
+    coefficients, a polynomial that says nothing about the key beyond the flood's
+    statistical distance, and (on the remote path, where the host pads every request)
+    nothing about the request either.
+    """
 
     kind = "local"
 
-    def __init__(self, secret: SecretKeySet, *, flooding: bool = True) -> None:
+    def __init__(self, secret: SecretKeySet) -> None:
         self._secret = secret
         self.ctx = secret.public_context()
         self.profile = self.ctx.profile
         self.key_id = secret.key_id
-        self.flooding = bool(flooding)
-        if not self.flooding:
-            log.warning(
-                "key holder %s runs WITHOUT noise flooding: its replies reveal the secret key. "
-                "Tests only.",
-                self.key_id[:16],
-            )
+        # Tests switch this off to show what flooding prevents; nothing else may.
+        self._flood = True
         self._decryptor = seal.Decryptor(self.ctx.context, secret.secret_key)
-        self._flooder = Flooder(self.ctx)
+        self._ring = Ring(self.ctx.context, self.ctx.parms_id, self.profile.poly_modulus_degree)
         self._plain = seal.Plaintext()
         self._lock = threading.Lock()
         self.ciphertexts_decrypted = 0
 
-    def _check_key(self, key_id: str) -> None:
-        if not isinstance(key_id, str) or key_id.lower() != self.key_id:
+    def _check_key(self, ref: AdapterRef) -> None:
+        if ref.key_id != self.key_id:
             raise ForeignCiphertextError(
-                f"ciphertexts declare key {str(key_id)[:16]}, this key holder holds "
+                f"ciphertexts declare key {ref.key_id[:16]}, this key holder holds "
                 f"{self.key_id[:16]}",
                 "route the adapter to the key holder of the key it was packed with",
             )
 
-    def decrypt(self, adapter_id: str, key_id: str, ciphertexts: list[bytes]) -> list[np.ndarray]:
-        self._check_key(key_id)
+    def decrypt(self, ref: AdapterRef, ciphertexts: list[bytes]) -> list[np.ndarray]:
+        self._check_key(ref)
         loaded = [
-            load_ciphertext(
-                self.ctx,
-                blob,
-                self.profile.accepted_scales,
-                f"ciphertext {i}",
-                ForeignCiphertextError,
-            )
+            decode_ciphertext(self.ctx, blob, f"ciphertext {i}")
             for i, blob in enumerate(ciphertexts)
         ]
         return self._decrypt_checked(loaded)
 
-    def _decrypt_ciphertexts(
-        self, adapter_id: str, key_id: str, ciphertexts: Sequence[Any]
-    ) -> list[np.ndarray]:
-        """In-process fast path: SEAL ciphertext objects, no serialisation."""
-        self._check_key(key_id)
+    def decrypt_ciphertexts(self, ref: AdapterRef, ciphertexts: Sequence[Any]) -> list[np.ndarray]:
+        """In-process path: SEAL ciphertext objects, no serialisation."""
+        self._check_key(ref)
         for i, ct in enumerate(ciphertexts):
             check_ciphertext(
                 ct,
@@ -254,23 +353,27 @@ class LocalKeyHolder(KeyHolder):
         return self._decrypt_checked(ciphertexts)
 
     def _decrypt_checked(self, ciphertexts: Sequence[Any]) -> list[np.ndarray]:
-        profile = self.profile
-        out = []
+        profile, ring = self.profile, self._ring
+        if not ciphertexts:
+            return []
         with self._lock:
-            sources = self._flooder.flooded_many(ciphertexts) if self.flooding else ciphertexts
-            for i, src in enumerate(sources):
-                self._decryptor.decrypt(src, self._plain)
-                values = np.asarray(self.ctx.encoder.decode_double(self._plain), dtype=np.float64)
-                # Checked on the flooded value, so the refusal reveals nothing the reply
-                # would not. A foreign key decrypts to noise uniform mod q: far out of range.
-                bound = profile.value_bound_at(math.log2(src.scale))
-                if not np.all(np.isfinite(values)) or np.abs(values).max() > bound:
-                    raise ForeignCiphertextError(
-                        f"ciphertext {i} decrypts outside the protocol range: it was not made "
-                        "under this key, is corrupted, or its delta overflowed",
-                        "send only ciphertexts computed by the delta engine for this key",
-                    )
-                out.append(round_to_grid(values, profile.grid) if self.flooding else values)
+            decrypted = np.empty((len(ciphertexts), ring.primes, ring.n), dtype=np.uint64)
+            scale_bits = []
+            for i, ct in enumerate(ciphertexts):
+                self._decryptor.decrypt(ct, self._plain)
+                decrypted[i] = _plain_residues(self._plain, ring)
+                scale_bits.append(round(math.log2(ct.scale)))
+            coefficients = ring.transform(decrypted, to_ntt=False)
+            out: list[np.ndarray] = [np.empty(0, dtype=np.uint64)] * len(ciphertexts)
+            for bits in sorted(set(scale_bits)):
+                rows = [i for i, b in enumerate(scale_bits) if b == bits]
+                x = coefficients[rows]
+                if self._flood:
+                    sigma = profile.flood_coefficient_sigma(bits)
+                    ring.add(x, flood_coefficients(ring, sigma, len(rows)))
+                replies = ring.switch(x, profile.reply_exponent(bits))
+                for row, reply in zip(rows, replies, strict=True):
+                    out[row] = reply
             self.ciphertexts_decrypted += len(out)
         return out
 
@@ -278,7 +381,13 @@ class LocalKeyHolder(KeyHolder):
         pass
 
     def __repr__(self) -> str:
-        return f"LocalKeyHolder(key_id={self.key_id[:16]}..., flooding={self.flooding})"
+        return f"LocalKeyHolder(key_id={self.key_id[:16]}...)"
+
+
+def _plain_residues(plain: Any, ring: Ring) -> np.ndarray:
+    from vllm_tensafe.he.residues import plaintext_residues
+
+    return plaintext_residues(plain, ring.primes)
 
 
 class RemoteKeyHolder(KeyHolder):
@@ -405,6 +514,12 @@ class RemoteKeyHolder(KeyHolder):
             fix = payload.get("fix")
         except (ValueError, UnicodeDecodeError, AttributeError):
             code, cause, fix = "", f"HTTP {status} from key holder {url}", None
+        if code == "protocol_version" or "vnd.tensafe.decrypt-v1" in f"{cause} {fix}":
+            return (
+                _protocol_mismatch(1, "key holder")
+                if code != "protocol_version"
+                else (ProtocolVersionError(cause, fix))
+            )
         if status in (401, 403) or code == "unauthorized":
             return KeyHolderAuthError(
                 f"key holder {url} refused the host's token: {cause}",
@@ -424,28 +539,28 @@ class RemoteKeyHolder(KeyHolder):
 
     # --- API -------------------------------------------------------------------------------
 
-    def decrypt(self, adapter_id: str, key_id: str, ciphertexts: list[bytes]) -> list[np.ndarray]:
-        check_adapter_id(adapter_id)
-        check_key_id(key_id)
+    def decrypt(self, ref: AdapterRef, ciphertexts: list[bytes]) -> list[np.ndarray]:
         out: list[np.ndarray] = []
         batch: list[bytes] = []
         size = 0
         for blob in ciphertexts:
             if batch and size + len(blob) > self.max_request_bytes:
-                out.extend(self._decrypt_batch(adapter_id, key_id, batch))
+                out.extend(self._decrypt_batch(ref, batch))
                 batch, size = [], 0
             batch.append(blob)
-            size += len(blob) + 4
+            size += len(blob)
         if batch:
-            out.extend(self._decrypt_batch(adapter_id, key_id, batch))
+            out.extend(self._decrypt_batch(ref, batch))
         return out
 
-    def _decrypt_batch(self, adapter_id: str, key_id: str, batch: list[bytes]) -> list[np.ndarray]:
-        body = encode_request(adapter_id, key_id, batch)
+    def _decrypt_batch(self, ref: AdapterRef, batch: list[bytes]) -> list[np.ndarray]:
+        body = encode_request(ref, batch)
         status, ctype, data = self._request("POST", "/v1/decrypt", body, REQUEST_CONTENT_TYPE)
         if status != 200:
             raise self._error(status, data, self.url)
         if not ctype.startswith(RESPONSE_CONTENT_TYPE):
+            if ctype.startswith("application/vnd.tensafe.values-v1"):
+                raise _protocol_mismatch(1, "key holder")
             raise KeyHolderError(
                 f"key holder {self.url} answered with content type {ctype!r}",
                 "check that the URL points at a vllm-tensafe key holder",

@@ -1,9 +1,10 @@
 """CKKS parameter profiles for HE-LoRA.
 
 A profile fixes everything both parties must agree on: ring degree, modulus chain, the scale of
-B' (``b_scale_bits``), of the host's U plaintexts (``u_scale_bits``), the host's mask width, the
-key holder's flooding and output grid. The numbers are derived in docs/he-scheme.md; the
-properties below are the same formulas, so code and document cannot drift apart.
+B' (``b_scale_bits``), of the host's U plaintexts (``u_scale_bits``), the key holder's flooding
+and the scale of its modulus-switched replies (``reply_scale_bits``). The numbers are derived in
+docs/he-scheme.md; the properties below are the same formulas, so code and document cannot
+drift apart.
 
 This module imports nothing from TenSEAL: settings and CLIs can list profiles cheaply.
 """
@@ -37,15 +38,15 @@ class HEProfile:
     coeff_mod_bit_sizes: tuple[int, ...]
     b_scale_bits: int
     u_scale_bits: int
-    mask_bits: int
     flood_bits: int
     security_bits: int
     # Largest per-token L2 norm of U the flooding is sized for; the delta engine scales a
     # token group down (and its result back up) when U is larger, so the bound always holds.
     u_norm_bits: int = 9
-    # The key holder rounds released values to multiples of 2**-grid_bits; at least the double
-    # resolution of a masked value (|value| < 2 * 2**mask_bits), so rounding is meaningful.
-    grid_bits: int = 21
+    # The key holder returns each decryption modulus-switched to scale ~2**reply_scale_bits
+    # (ring.py): coefficients of at most 64 bits, rounding error 2^-reply_scale_bits per
+    # coefficient, far below the flood.
+    reply_scale_bits: int = 32
     # Max absolute delta error this profile is documented and tested for (|delta| <= 8,
     # per-token ||U||_2 <= 2**u_norm_bits, ||B' row||_2 <= 1); see docs/he-scheme.md.
     tolerance: float = 1e-5
@@ -71,32 +72,28 @@ class HEProfile:
                 f"{self.security_bits}-bit security",
                 f"keep the total at or below {table[n]} bits",
             )
-        if self.grid_bits > 51 - self.mask_bits:
-            raise HEError(
-                f"profile {self.name!r}: grid 2^-{self.grid_bits} is finer than the double "
-                f"resolution of masked values (2^{self.mask_bits + 1 - 52})",
-                f"use grid_bits <= {51 - self.mask_bits}",
-            )
         if self.flood_bits < 40:
             raise HEError(
                 f"profile {self.name!r}: flood_bits={self.flood_bits} is below 40",
                 "flooding must exceed the noise bound by at least 2^40 (IND-CPA-D)",
             )
-        # Room for the mask plus a delta up to 3x the mask before decryption wraps.
-        if self.tiled_product_scale_bits is not None and (
-            self.value_bound_at(self.tiled_product_scale_bits) < 4.0 * self.mask_bound
-        ):
+        if not 24 <= self.reply_scale_bits <= 40:
             raise HEError(
-                f"profile {self.name!r}: tiled scale 2^{self.tiled_product_scale_bits} plus "
-                f"mask 2^{self.mask_bits} do not fit {self.data_modulus_bits} data-modulus bits",
-                "lower tile_u_scale_bits/tile_scale_bits",
+                f"profile {self.name!r}: reply_scale_bits={self.reply_scale_bits} outside 24..40",
+                "replies need 2^-24 resolution and room for the delta in 64 bits",
             )
-        if self.value_bound < 4.0 * self.mask_bound:
-            raise HEError(
-                f"profile {self.name!r}: scale 2^{self.product_scale_bits} plus mask "
-                f"2^{self.mask_bits} do not fit {self.data_modulus_bits} data-modulus bits",
-                "lower b_scale_bits/u_scale_bits/mask_bits or add a prime",
-            )
+        # Every accepted scale must leave room for a delta of at least 2^8 both before the
+        # decryption wraps mod Q and in the 64-bit reply, and a reply exponent m >= 1.
+        for bits in self.accepted_scale_bits:
+            if (
+                self.reply_exponent(bits) < 1
+                or min(self.value_bound_at(bits), self.reply_value_bound(bits)) < 2.0**8
+            ):
+                raise HEError(
+                    f"profile {self.name!r}: scale 2^{bits} does not fit "
+                    f"{self.data_modulus_bits} data-modulus bits and 64-bit replies",
+                    "lower b_scale_bits/u_scale_bits (or the tile scales) or add a prime",
+                )
 
     # --- sizes ---------------------------------------------------------------------------
 
@@ -144,23 +141,29 @@ class HEProfile:
         return self.b_scale_bits + self.tile_u_scale_bits + self.tile_scale_bits
 
     @property
-    def accepted_scales(self) -> tuple[float, ...]:
-        """Every scale a protocol ciphertext can have (exact powers of two)."""
+    def accepted_scale_bits(self) -> tuple[int, ...]:
+        """log2 of every scale a protocol ciphertext can have."""
         tiled = self.tiled_product_scale_bits
-        return (self.product_scale,) if tiled is None else (self.product_scale, 2.0**tiled)
+        return (self.product_scale_bits,) if tiled is None else (self.product_scale_bits, tiled)
 
     @property
-    def mask_bound(self) -> float:
-        """The host's mask is uniform in [-mask_bound, mask_bound] per slot."""
-        return 2.0**self.mask_bits
+    def accepted_scales(self) -> tuple[float, ...]:
+        """Every scale a protocol ciphertext can have (exact powers of two)."""
+        return tuple(2.0**bits for bits in self.accepted_scale_bits)
+
+    def reply_exponent(self, scale_bits: int) -> int:
+        """m of the key holder's modulus switch S_m for a ciphertext of scale 2**scale_bits:
+        the reply has scale 2^(scale_bits + m) / Q, about 2^reply_scale_bits."""
+        return self.reply_scale_bits + self.data_modulus_bits - scale_bits
+
+    def reply_value_bound(self, scale_bits: int) -> float:
+        """Largest |slot value| a reply of that scale carries without wrapping mod 2^64."""
+        bits = min(self.reply_exponent(scale_bits), 64)
+        return 2.0 ** (bits - 2 - self.reply_scale_bits)
 
     @property
     def u_norm_bound(self) -> float:
         return 2.0**self.u_norm_bits
-
-    @property
-    def grid(self) -> float:
-        return 2.0**-self.grid_bits
 
     @property
     def value_bound(self) -> float:
@@ -199,19 +202,40 @@ class HEProfile:
         return math.sqrt(self.poly_modulus_degree / 24.0) * (self.secret_embedding_bound + 1.0)
 
     @property
-    def noise_bound(self) -> float:
-        """Per-slot bound on the key-dependent noise of a legitimate product, value space.
+    def rerandomisation_noise_sigma(self) -> float:
+        """Std of the real part of a slot of the noise a re-randomisation adds, value space.
 
-        Slot noise = sum_j (Delta_U u_j) * sigma(e_j) / (Delta_B Delta_U), the e_j independent;
-        with ||u||_2 at most 2^u_norm_bits its real part has std at most
-        2^u_norm_bits * fresh_noise_sigma / Delta_B; NOISE_TAIL of those bound it.
+        The host adds (pk0 v, pk1 v + e1) (conceal.py): decryption gains e v + e1 s with v
+        and s ternary (P(!= 0) = 2/3), e (SEAL's, std 3.2) and e1 (std sqrt(21/2)): per
+        coefficient std sqrt(3.2^2 + 10.5) * sqrt(2N/3); a slot's real part sums N
+        coefficients, std sqrt(N/2) of that, over the smallest product scale.
         """
-        return NOISE_TAIL * self.fresh_noise_sigma * self.u_norm_bound / self.b_scale
+        n = self.poly_modulus_degree
+        per_coefficient = math.sqrt(3.2**2 + 10.5) * math.sqrt(2.0 * n / 3.0)
+        return math.sqrt(n / 2.0) * per_coefficient / self.product_scale
+
+    @property
+    def noise_bound(self) -> float:
+        """Per-slot bound on the key-dependent noise of a legitimate request, value space.
+
+        Product noise = sum_j (Delta_U u_j) * sigma(e_j) / (Delta_B Delta_U), the e_j
+        independent; with ||u||_2 at most 2^u_norm_bits its real part has std at most
+        2^u_norm_bits * fresh_noise_sigma / Delta_B. The re-randomisation adds its own
+        (about 2^-45 of it for ``default``). NOISE_TAIL of the sum bound it.
+        """
+        product = self.fresh_noise_sigma * self.u_norm_bound / self.b_scale
+        return NOISE_TAIL * (product + self.rerandomisation_noise_sigma)
 
     @property
     def flood_sigma(self) -> float:
         """Std of the key holder's flooding noise per slot (real part), value space."""
         return 2.0**self.flood_bits * self.noise_bound
+
+    def flood_coefficient_sigma(self, scale_bits: int) -> float:
+        """The flood's std per polynomial coefficient at scale 2**scale_bits: a slot's real
+        part sums N independent coefficients (std sqrt(N/2) of one), so this gives each slot
+        std ``flood_sigma``."""
+        return self.flood_sigma * 2.0**scale_bits / math.sqrt(self.poly_modulus_degree / 2.0)
 
     def describe(self) -> dict[str, object]:
         """JSON-able summary (for docs, manifests and `key-holder serve` logs)."""
@@ -225,10 +249,9 @@ class HEProfile:
             "u_scale_bits": self.u_scale_bits,
             "product_scale_bits": self.product_scale_bits,
             "tiled_product_scale_bits": self.tiled_product_scale_bits,
-            "mask_bits": self.mask_bits,
             "flood_bits": self.flood_bits,
             "u_norm_bits": self.u_norm_bits,
-            "grid_bits": self.grid_bits,
+            "reply_scale_bits": self.reply_scale_bits,
             "noise_bound_log2": round(math.log2(self.noise_bound), 2),
             "flood_sigma_log2": round(math.log2(self.flood_sigma), 2),
             "value_bound_log2": round(math.log2(self.value_bound), 2),
@@ -239,55 +262,48 @@ class HEProfile:
 PROFILES: dict[str, HEProfile] = {
     p.name: p
     for p in (
-        # N=8192 at the 128-bit limit (218 bits). Flood std 2^-27, precision set by the mask.
+        # N=8192 at the 128-bit limit (218 bits). Flood std 2^-25: it sets the precision.
         HEProfile(
             name="default",
             poly_modulus_degree=8192,
             coeff_mod_bit_sizes=(60, 60, 60, 38),
             b_scale_bits=90,
             u_scale_bits=34,
-            mask_bits=30,
             flood_bits=40,
             security_bits=128,
             u_norm_bits=9,
-            grid_bits=21,
             tolerance=1e-5,
-            # 90 + 26 + 30 = 146 bits: the mask still fits (value bound 2^32 = 4 * 2^30). The
-            # selectors' rounding adds ~sqrt(N/12) / 2^30 = 2.4e-8 relative error per slot
-            # (std), u's quantisation 2^-27 absolute.
+            # 90 + 26 + 30 = 146 bits (value bound 2^32). The selectors' rounding adds
+            # ~sqrt(N/12) / 2^30 = 2.4e-8 relative error per slot (std), u's quantisation
+            # 2^-27 absolute.
             tile_u_scale_bits=26,
             tile_scale_bits=30,
         ),
         # Two data primes instead of three: every product, encode and decryption is about a
-        # third cheaper. The 120-bit data modulus forces smaller scales and a narrower mask:
-        # ~1e-4 precision (below bf16 resolution) and weaker masking. Still >= 128-bit.
+        # third cheaper. The 120-bit data modulus forces smaller scales: ~1e-4 precision
+        # (below bf16 resolution) and replies bounded by 2^20. Still >= 128-bit.
         HEProfile(
             name="fast",
             poly_modulus_degree=8192,
             coeff_mod_bit_sizes=(60, 60, 40),
             b_scale_bits=78,
             u_scale_bits=20,
-            mask_bits=18,
             flood_bits=40,
             security_bits=128,
             u_norm_bits=5,
-            grid_bits=26,
             tolerance=1e-3,
         ),
-        # N=16384: 8192 slots (twice the tokens per ciphertext), larger scales, a slightly
-        # narrower mask for more double precision. 240 bits at N=16384 is far inside the
-        # 192-bit bound (305).
+        # N=16384: 8192 slots (twice the tokens per ciphertext), larger scales. 240 bits at
+        # N=16384 is far inside the 192-bit bound (305).
         HEProfile(
             name="precise",
             poly_modulus_degree=16384,
             coeff_mod_bit_sizes=(60, 60, 60, 60),
             b_scale_bits=100,
             u_scale_bits=40,
-            mask_bits=28,
             flood_bits=40,
             security_bits=192,
             u_norm_bits=9,
-            grid_bits=23,
             tolerance=1e-6,
         ),
     )

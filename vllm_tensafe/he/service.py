@@ -37,15 +37,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from vllm_tensafe.errors import ConfigError, ForeignCiphertextError, HEError
+from vllm_tensafe.errors import ConfigError, ForeignCiphertextError, HEError, ProtocolVersionError
 
 if TYPE_CHECKING:
+    from vllm_tensafe.he.keyholder import AdapterRef
     from vllm_tensafe.he.keys import SecretKeySet
 
 # TenSEAL (via keyholder/keys) is imported only when a service is built: registering the CLI
 # command must stay cheap (see vllm_tensafe/cli.py).
-REQUEST_CONTENT_TYPE = "application/vnd.tensafe.decrypt-v1"
-RESPONSE_CONTENT_TYPE = "application/vnd.tensafe.values-v1"
+# Wire protocol v2 (keyholder.py); kept as literals so the CLI need not import TenSEAL.
+REQUEST_CONTENT_TYPE = "application/vnd.tensafe.decrypt-v2"
+RESPONSE_CONTENT_TYPE = "application/vnd.tensafe.reply-v2"
+_V1_REQUEST_CONTENT_TYPE = "application/vnd.tensafe.decrypt-v1"
 
 audit = logging.getLogger("vllm_tensafe.key_holder")
 log = logging.getLogger(__name__)
@@ -115,7 +118,6 @@ class KeyHolderService:
         revoked_file: Path | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
-        flooding: bool = True,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
         from vllm_tensafe.he.keyholder import LocalKeyHolder, check_adapter_id
@@ -138,7 +140,7 @@ class KeyHolderService:
             raise ConfigError(
                 "TLS needs both a certificate and its key", "pass --tls-cert and --tls-key"
             )
-        self.holder = LocalKeyHolder(secret, flooding=flooding)
+        self.holder = LocalKeyHolder(secret)
         self.key_id = secret.key_id
         self.profile = secret.profile
         # Digests, so comparisons are constant-time and of equal length whatever was sent.
@@ -195,11 +197,10 @@ class KeyHolderService:
         )
         self._thread.start()
         audit.info(
-            "key holder started on %s key=%s profile=%s flooding=%s",
+            "key holder started on %s key=%s profile=%s protocol=v2",
             self.url,
             self.key_id[:16],
             self.profile.name,
-            self.holder.flooding,
         )
         return self.port
 
@@ -319,18 +320,21 @@ class KeyHolderService:
         from vllm_tensafe.he.keyholder import decode_request
 
         try:
-            adapter_id, key_id, blobs = decode_request(body, self._max_count)
+            ref, blobs = decode_request(body, self._max_count)
+        except ProtocolVersionError as exc:
+            raise _Refusal(400, "protocol_version", exc.cause, exc.fix or "") from None
         except HEError as exc:
             raise _Refusal(400, "bad_request", exc.cause, exc.fix or "") from None
         try:
-            return adapter_id, len(blobs), self._decrypt(adapter_id, key_id, blobs)
+            return ref.name, len(blobs), self._decrypt(ref, blobs)
         except _Refusal as refusal:
-            refusal.adapter, refusal.count = adapter_id, len(blobs)
+            refusal.adapter, refusal.count = ref.name, len(blobs)
             raise
 
-    def _decrypt(self, adapter_id: str, key_id: str, blobs: list[memoryview]) -> bytes:
+    def _decrypt(self, ref: AdapterRef, blobs: list[memoryview]) -> bytes:
         from vllm_tensafe.he.keyholder import encode_response
 
+        adapter_id, key_id = ref.name, ref.key_id
         count = len(blobs)
         if key_id != self.key_id:
             raise _Refusal(
@@ -349,7 +353,7 @@ class KeyHolderService:
         self._reserve(adapter_id, count)
         decrypted = False
         try:
-            values = self.holder.decrypt(adapter_id, key_id, [bytes(b) for b in blobs])
+            values = self.holder.decrypt(ref, [bytes(b) for b in blobs])
             decrypted = True
         except ForeignCiphertextError as exc:
             raise _Refusal(422, "foreign_ciphertext", exc.cause, exc.fix or "") from None
@@ -542,6 +546,14 @@ def _make_handler() -> type[BaseHTTPRequestHandler]:
             adapter, count = "-", 0
             try:
                 ctype = self.headers.get("Content-Type", "")
+                if ctype.startswith(_V1_REQUEST_CONTENT_TYPE):
+                    self.close_connection = True
+                    raise _Refusal(
+                        400,
+                        "protocol_version",
+                        "the host speaks key-holder protocol v1, this key holder speaks v2",
+                        "run the same vllm-tensafe release on the host and the key holder",
+                    )
                 if not ctype.startswith(REQUEST_CONTENT_TYPE):
                     self.close_connection = True
                     raise _Refusal(

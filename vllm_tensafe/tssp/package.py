@@ -88,6 +88,7 @@ class TsspPackage:
     name: str
     signer_key_id: str | None  # None only when opened with verify_signature=False
     manifest: dict[str, Any]
+    manifest_digest: str  # SHA-256 (hex) of the signed manifest bytes: names this version
     rank: int
     alpha: float
     scaling: float
@@ -144,6 +145,7 @@ class PackageSummary:
 class _Authenticated:
     manifest: Manifest
     manifest_dict: dict[str, Any]
+    manifest_digest: str
     signer_key_id: str | None
     signer_key_source: str | None
     verified: bool
@@ -209,7 +211,14 @@ def _authenticate(
         )
     validate_binding(manifest.base_model.model_dump())
     source = trust_store.source(signer) if (trust_store is not None and signer) else None
-    return _Authenticated(manifest, manifest_dict, signer, source, signer is not None)
+    return _Authenticated(
+        manifest,
+        manifest_dict,
+        hashlib.sha256(manifest_bytes).hexdigest(),
+        signer,
+        source,
+        signer is not None,
+    )
 
 
 def _check_sizes(reader: ContainerReader, manifest: Manifest) -> None:
@@ -371,6 +380,7 @@ def _open(
         name=manifest.name,
         signer_key_id=auth.signer_key_id,
         manifest=auth.manifest_dict,
+        manifest_digest=auth.manifest_digest,
         rank=lora.rank,
         alpha=lora.alpha,
         scaling=lora.scaling,

@@ -108,7 +108,7 @@ def _add_slot_delta(
     before = _usage(adapter.engine.stats)
     started = time.perf_counter()
     try:
-        results = adapter.engine.compute(adapter.adapter_id, items)
+        results = adapter.engine.compute(adapter.ref, items)
     except Exception as exc:
         # Never take the engine down with these tokens: record why, add no delta (a finite
         # value, so nothing unusual lands in the KV cache), and let the engine core fail this

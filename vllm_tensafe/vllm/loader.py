@@ -87,6 +87,7 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
         name=package.name,
         path=os.fspath(lora_request.lora_path),
         signer_key_id=package.signer_key_id,
+        manifest_digest=package.manifest_digest,
         rank=package.rank,
         matrices={name: entry.encrypted_b for name, entry in package.modules.items()},
         engine=runtime.engine_for(package),

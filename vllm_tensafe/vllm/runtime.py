@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from vllm_tensafe.settings import TenSafeSettings, load_settings
 
 if TYPE_CHECKING:
-    from vllm_tensafe.he import DeltaEngine, EncryptedMatrix, KeyHolder
+    from vllm_tensafe.he import AdapterRef, DeltaEngine, EncryptedMatrix, KeyHolder
     from vllm_tensafe.tssp import TrustStore, TsspPackage
 
 logger = logging.getLogger("vllm_tensafe.runtime")
@@ -28,6 +28,7 @@ class EncryptedAdapter:
     name: str
     path: str
     signer_key_id: str | None
+    manifest_digest: str
     rank: int
     matrices: dict[str, EncryptedMatrix]
     engine: DeltaEngine
@@ -46,6 +47,13 @@ class EncryptedAdapter:
     def adapter_id(self) -> str:
         # The key holder meters and revokes by this name; it is the package's signed name.
         return self.name
+
+    @property
+    def ref(self) -> AdapterRef:
+        """What the key holder is told on every decrypt: name, key id, manifest digest."""
+        from vllm_tensafe.he.keyholder import AdapterRef
+
+        return AdapterRef(self.name, self.engine.ctx.key_id, self.manifest_digest)
 
     def status(self) -> dict[str, object]:
         """What the adapter status route shows: identity, checks, usage. Never key material,
