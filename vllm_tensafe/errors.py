@@ -20,6 +20,11 @@ class ConfigError(TenSafeError, ValueError):
     """A TENSAFE_* variable or --tensafe-* flag has a value that cannot be used."""
 
 
+class AdapterPathRefusedError(TenSafeError):
+    """A runtime adapter request named a path outside the adapter folder, or a plaintext
+    adapter where only encrypted packages are allowed."""
+
+
 # --- TSSP package errors -------------------------------------------------------------------
 
 
