@@ -56,6 +56,10 @@ class BaseModelMismatchError(TsspError):
     """The package was made for a different base model (architecture or weight shapes)."""
 
 
+class PackageChangedError(TsspError):
+    """The package file of a loaded adapter was replaced on disk by a different package."""
+
+
 class UnsupportedAdapterError(TsspError):
     """The PEFT adapter uses a feature that cannot be served correctly (DoRA, lm_head, ...)."""
 

@@ -42,6 +42,9 @@ class EncryptedAdapter:
     he_seconds: float = 0.0
     key_holder_seconds: float = 0.0
     failures: int = 0
+    # Set when vLLM read the package again and could not use it (replaced, removed,
+    # corrupted): every request of the adapter then fails with this error (layers.py).
+    load_error: Exception | None = None
 
     @property
     def adapter_id(self) -> str:
