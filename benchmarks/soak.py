@@ -892,6 +892,53 @@ def fault_package_replaced(soak: Soak) -> dict[str, Any]:
     return {"outcomes": outcomes, **soak.check_background(bg.report)}
 
 
+def fault_runtime_churn(soak: Soak, cycles: int = 12) -> dict[str, Any]:
+    """Adapters loaded, used and unloaded at runtime again and again (each load is a new
+    adapter id for vLLM): every answer is right, and the worker's memory stays bounded by
+    the adapters vLLM keeps, not by how many were ever loaded."""
+    package = soak.workload.adapter_dir / "churn.tssp"
+    shutil.copy(soak.workload.packages[ENCRYPTED[0]], package)
+    want = soak.references.get(ENCRYPTED[0], PROMPTS[0], MAX_TOKENS)
+    client = make_client(soak.server)
+
+    def worker_rss() -> float:
+        return max(
+            v["rss_mib"]
+            for k, v in resources(soak.server, soak.key_holder).items()
+            if "Worker" in k
+        )
+
+    def cycle(i: int) -> None:
+        name = f"churn-{i}"
+        code, body = soak.http(
+            "/v1/load_lora_adapter", {"lora_name": name, "lora_path": package.name}
+        )
+        expect(code == 200, f"load {name}: {code} {body}")
+        answer = stream(client, name, PROMPTS[0], MAX_TOKENS)
+        expect(answer.error is None and answer.tokens == want, f"{name}: {answer.error}")
+        code, body = soak.http("/v1/unload_lora_adapter", {"lora_name": name})
+        expect(code == 200, f"unload {name}: {code} {body}")
+        for other in (*ENCRYPTED, PLAINTEXT):  # push it out of vLLM's adapter cache
+            stream(client, other, PROMPTS[1], 2)
+
+    for i in range(2):  # vLLM's cache and the allocator reach their steady size first
+        cycle(i)
+    before = worker_rss()
+    for i in range(2, cycles):
+        cycle(i)
+    after = worker_rss()
+    client.close()
+    package_mib = package.stat().st_size / 2**20
+    # Each cycle loads a new copy of a package_mib package: keeping them would add that much
+    # per cycle. Bound: two packages' worth, whatever the number of cycles.
+    expect(
+        after - before <= 2 * package_mib + RSS_GROWTH_SLACK_MIB / 2,
+        f"worker RSS {before:.0f} -> {after:.0f} MiB over {cycles - 2} load/unload cycles "
+        f"of a {package_mib:.0f} MiB package",
+    )
+    return {"cycles": cycles, "worker_rss_mib": [round(before), round(after)]}
+
+
 FAULTS: dict[str, Callable[[Soak], dict[str, Any]]] = {
     "key-holder-restart": fault_key_holder_restart,
     "key-holder-slow": fault_key_holder_slow,
@@ -899,6 +946,7 @@ FAULTS: dict[str, Callable[[Soak], dict[str, Any]]] = {
     "budget": fault_budget,
     "unload-in-use": fault_unload_in_use,
     "package-replaced": fault_package_replaced,
+    "runtime-churn": fault_runtime_churn,
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -84,7 +85,11 @@ class TenSafeRuntime:
         self._trust_store: TrustStore | None = None
         self._key_holder: KeyHolder | None = None
         self._engines: dict[str, DeltaEngine] = {}
-        self.adapters: dict[int, EncryptedAdapter] = {}
+        # Weak: an adapter lives as long as vLLM keeps its LoRA (loaded or cached) and no
+        # longer, so runtime loads and unloads never pile up B' ciphertexts here.
+        self.adapters: weakref.WeakValueDictionary[int, EncryptedAdapter] = (
+            weakref.WeakValueDictionary()
+        )
 
     @property
     def trust_store(self) -> TrustStore | None:
