@@ -226,7 +226,8 @@ class Workload:
 
 
 def _cli(*argv: str) -> None:
-    code = tensafe_cli(list(argv))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON report
+        code = tensafe_cli(list(argv))
     if code:
         raise SoakFailure(f"vllm-tensafe {' '.join(argv[:2])} failed with {code}")
 
@@ -278,6 +279,8 @@ def build_workload(workdir: Path, model: Path | None = None) -> Workload:
     host_token.write_text(TOKEN + "\n")
     key_holder_tokens = workdir / "key-holder-tokens"
     key_holder_tokens.write_text(TOKEN + "\n")
+    for secret_file in (host_token, key_holder_tokens):
+        secret_file.chmod(0o600)
     return Workload(
         workdir=workdir,
         model=model,
