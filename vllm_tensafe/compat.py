@@ -16,7 +16,6 @@ variables (``apply_environment``). Where the guide promised something that does 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -311,7 +310,7 @@ class TenSafeVLLMConfig(BaseModel):
 
     def to_engine_args(self) -> Any:
         """vLLM's own ``AsyncEngineArgs`` for this config."""
-        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm_tensafe.vllm import entrypoints
 
         kwargs: dict[str, Any] = {
             "model": self.model,
@@ -329,15 +328,15 @@ class TenSafeVLLMConfig(BaseModel):
             kwargs["block_size"] = self.block_size
         if self.enable_he_lora:
             kwargs["max_lora_rank"] = self.max_lora_rank()
-        return AsyncEngineArgs(**kwargs)
+        return entrypoints.async_engine_args(**kwargs)
 
     def lora_request(self) -> Any:
         """The ``LoRARequest`` of the configured encrypted adapter (None without one)."""
         if not self.he_lora_adapter_path:
             return None
-        from vllm.lora.request import LoRARequest
+        from vllm_tensafe.vllm import entrypoints
 
-        return LoRARequest(self.adapter_name, 1, self.he_lora_adapter_path)
+        return entrypoints.lora_request(self.adapter_name, 1, self.he_lora_adapter_path)
 
 
 def _config_error(exc: ValidationError) -> ConfigError:
@@ -389,9 +388,9 @@ class TenSafeAsyncEngine:
         from vllm_tensafe.plugin import register
 
         register()
-        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm_tensafe.vllm import entrypoints
 
-        self.engine = AsyncLLM.from_engine_args(self.config.to_engine_args())
+        self.engine = entrypoints.start_async_llm(self.config.to_engine_args())
         self.lora_request = self.config.lora_request()
 
     async def generate(
@@ -409,9 +408,9 @@ class TenSafeAsyncEngine:
                 "await engine.initialize() first",
             )
         if sampling_params is None:
-            from vllm import SamplingParams
+            from vllm_tensafe.vllm import entrypoints
 
-            sampling_params = SamplingParams()
+            sampling_params = entrypoints.sampling_params()
         async for output in self.engine.generate(
             prompt, sampling_params, request_id, lora_request=self.lora_request
         ):
@@ -470,43 +469,28 @@ class TenSafeVLLMServer:
 
     def cli_args(self) -> Any:
         """The ``vllm serve`` arguments for this config, parsed by vLLM's own parser."""
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
-
         from vllm_tensafe.plugin import register
+        from vllm_tensafe.vllm import entrypoints
 
         register()  # the parser learns the TenSafe flags; our settings go by environment
-        parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
         argv = [self.config.model, *self.extra_cli_args]
         request = self.config.lora_request()
         if request is not None:
             argv += ["--lora-modules", f"{request.lora_name}={request.lora_path}"]
-        args = parser.parse_args(argv)
-        args.model = self.config.model
-        engine_args = self.config.to_engine_args()
-        for item in dataclasses.fields(engine_args):
-            setattr(args, item.name, getattr(engine_args, item.name))
-        validate_parsed_serve_args(args)
-        return args
+        return entrypoints.serve_cli_args(argv, self.config.to_engine_args())
 
     async def build(self) -> Any:
         """Start vLLM's engine and build its app in the running loop. Idempotent."""
         if self._app is not None:
             return self._app
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-        from vllm.entrypoints.launchers.app import build_app
+        from vllm_tensafe.vllm import entrypoints
 
         self.config.check_package()
         self.config.apply_environment()
         self.args = self.cli_args()
         stack = contextlib.AsyncExitStack()
         try:
-            engine_client = await stack.enter_async_context(build_async_engine_client(self.args))
-            supported_tasks = await engine_client.get_supported_tasks()
-            app = build_app(self.args, supported_tasks, engine_client.model_config)
-            await init_app_state(engine_client, app.state, self.args, supported_tasks)
-            _override_health(app, self.config.model)
+            app = await entrypoints.build_app(self.args, stack, self.config.model)
         except BaseException:
             await stack.aclose()
             raise
@@ -533,42 +517,13 @@ class TenSafeVLLMServer:
         Runs through vLLM's own ``serve_http``, as ``vllm serve`` does: on a signal it stops the
         engine first (draining or aborting requests per vLLM's shutdown settings), then uvicorn.
         """
-        from vllm.entrypoints.launchers.launcher import serve_http
+        from vllm_tensafe.vllm import entrypoints
 
         app = await self.build()
         try:
-            shutdown = await serve_http(app, sock=None, host=host, port=port, **uvicorn_kwargs)
-            await shutdown
+            await entrypoints.serve_http(app, host, port, **uvicorn_kwargs)
         finally:
             await self.close()
-
-
-def _override_health(app: Any, model: str) -> None:
-    from fastapi.responses import JSONResponse
-    from fastapi.routing import APIRoute
-    from starlette.requests import Request
-
-    app.router.routes[:] = [
-        route
-        for route in app.router.routes
-        if not (isinstance(route, APIRoute) and route.path == "/health")
-    ]
-
-    async def health(raw_request: Request) -> JSONResponse:
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        client = raw_request.app.state.engine_client
-        try:
-            await client.check_health()
-        except EngineDeadError:
-            return JSONResponse({"status": "unhealthy", "model": model}, status_code=503)
-        return JSONResponse({"status": "healthy", "model": model})
-
-    # This module postpones annotations (strings); FastAPI needs the Request class itself to
-    # pass the request rather than read a query parameter named raw_request.
-    health.__annotations__ = {"raw_request": Request, "return": JSONResponse}
-    app.add_api_route("/health", health, methods=["GET"], include_in_schema=False)
-    app.openapi_schema = None
 
 
 # --- packages ----------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 vLLM calls ``register()`` in every process it starts (API server, engine core, workers),
 sometimes more than once, so it is idempotent. It always does two cheap things: route the
-plugin's log records through vLLM's log handler, and teach the stock argument parser the
-``--enable-tensafe`` / ``--tensafe-*`` flags (without that, the flag that turns TenSafe on could
-not exist). Everything else (TenSEAL, the LoRA loader and layer hooks) is installed only when
-TenSafe is enabled, by flag or ``TENSAFE_ENABLED``.
+plugin's log records through vLLM's log handler, and wrap vLLM's ``EngineArgs``
+(vllm_tensafe/vllm/cli_hooks.py) so the stock argument parser learns the ``--enable-tensafe`` /
+``--tensafe-*`` flags (without that, the flag that turns TenSafe on could not exist) and every
+engine build is guarded. Everything else (TenSEAL, the LoRA loader and layer hooks) is installed
+only when TenSafe is enabled, by flag or ``TENSAFE_ENABLED``. This module itself imports no
+vLLM: everything vLLM-specific is in vllm_tensafe/vllm/.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from vllm_tensafe.errors import ConfigError, TenSafeError
+from vllm_tensafe.errors import TenSafeError
 from vllm_tensafe.settings import (
     ENV_ONLY,
     ENV_PREFIX,
@@ -45,7 +47,9 @@ def register() -> None:
     global _registered
     if not _registered:
         _registered = True
-        _install_cli_hooks()
+        from vllm_tensafe.vllm.cli_hooks import install_cli_hooks
+
+        install_cli_hooks()
         _announce()
     if _env_enabled():
         activate()
@@ -245,58 +249,3 @@ def _local_model_config(model: str | None) -> dict[str, Any] | None:
         return None
     config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
     return config.get("text_config", config) if isinstance(config, dict) else None
-
-
-def _install_cli_hooks() -> None:
-    """Wrap EngineArgs so stock ``vllm serve`` learns the flags and applies them."""
-    try:
-        from vllm.engine.arg_utils import EngineArgs
-    except ImportError:  # vLLM not installed: the package still works as a library.
-        return
-
-    original_add = EngineArgs.add_cli_args
-    if getattr(original_add, "_tensafe", False):
-        return
-
-    def add_cli_args(parser: Any) -> Any:
-        parser = original_add(parser)
-        add_tensafe_args(parser)
-        return parser
-
-    add_cli_args._tensafe = True  # type: ignore[attr-defined]
-    EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
-
-    original_from = EngineArgs.from_cli_args.__func__  # type: ignore[attr-defined]
-
-    def from_cli_args(cls: type, args: argparse.Namespace) -> Any:
-        _announce()
-        try:
-            apply_cli_args(args)
-        except TenSafeError as exc:
-            # One clear line and a non-zero exit, before vLLM spends a minute starting up.
-            logger.error("%s", exc)
-            sys.stderr.write(f"vllm-tensafe: error: {exc}\n")
-            raise SystemExit(2) from None
-        return original_from(cls, args)
-
-    EngineArgs.from_cli_args = classmethod(from_cli_args)  # type: ignore[method-assign,assignment]
-
-    original_create = EngineArgs.create_engine_config
-
-    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
-        _announce()
-        # The Python API (vllm.LLM, AsyncLLM) never parses flags: settings come from TENSAFE_*.
-        if _any_tensafe_env():
-            try:
-                enabled = load_settings().enabled
-                if enabled:
-                    activate()
-            except ConfigError as exc:
-                logger.error("%s", exc)
-                raise
-            if enabled and not self.enable_lora:
-                logger.info("TENSAFE_ENABLED turns on enable_lora (encrypted adapters are LoRAs)")
-                self.enable_lora = True
-        return original_create(self, *args, **kwargs)
-
-    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]

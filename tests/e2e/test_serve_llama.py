@@ -162,6 +162,11 @@ def test_plugin_registered_in_api_server_and_worker(server: VllmServer) -> None:
     assert worker_lines, "the worker process did not activate TenSafe"
     # --tensafe-key-holder-timeout 7 beat TENSAFE_KEY_HOLDER_TIMEOUT=3 in the worker too.
     assert all("timeout 7.0s" in line for line in worker_lines)
+    # The graph guard saw the engine config before the engine existed, and the worker
+    # checked it again (on CPU vLLM runs no CUDA graphs: NONE).
+    assert "TenSafe graph guard: cudagraph_mode NONE" in log
+    assert "additional_config['tensafe'] is part of its key" in log
+    assert "TenSafe graph check in worker: cudagraph_mode=NONE" in log
 
 
 def test_health_and_models(server: VllmServer, client: Any) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import os
@@ -38,6 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vllm_tensafe.errors import ConfigError
+from vllm_tensafe.vllm import patches
 
 logger = logging.getLogger("vllm_tensafe.failures")
 
@@ -67,13 +71,24 @@ def current_engine_id() -> str:
     return _current_engine.get() or os.environ.get(ENGINE_ENV) or ANONYMOUS_ENGINE
 
 
+@functools.cache
+def _forward_context_api() -> tuple[Callable[[], bool], Callable[[], object]] | None:
+    try:
+        return (
+            patches.resolve("is_forward_context_available"),
+            patches.resolve("get_forward_context"),
+        )
+    except (ImportError, ConfigError):
+        return None
+
+
 def _forward_pass() -> object | None:
     """The forward pass running now: vLLM makes a new ForwardContext for each one."""
-    try:
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-    except ImportError:
-        return None
-    return get_forward_context() if is_forward_context_available() else None
+    api = _forward_context_api()
+    if api is None:
+        return None  # unknown: the worker asks the key holder again rather than skip
+    available, current = api
+    return current() if available() else None
 
 
 class FailureBoard:
@@ -251,18 +266,12 @@ def get_board() -> FailureBoard:
 
 
 def install_engine_core_hook() -> None:
-    try:
-        from vllm.v1.engine.core import EngineCore
-        from vllm.v1.executor.abstract import Executor
-    except ImportError:
-        return
-    for name in ("step", "step_with_batch_queue"):
-        original = getattr(EngineCore, name, None)
-        if original is None or getattr(original, "_tensafe", False):
-            continue
-        setattr(EngineCore, name, _wrap_step(original))
-    if not getattr(Executor.__init__, "_tensafe", False):
-        Executor.__init__ = _wrap_executor_init(Executor.__init__)  # type: ignore[method-assign]
+    """Required: without it a key-holder failure would leave the tokens computed without the
+    adapter's delta in the output. Idempotent."""
+    patches.check_names(["EngineCoreOutput", "EngineCoreOutputs", "FinishReason", "RequestStatus"])
+    for name in ("engine_core.step", "engine_core.step_with_batch_queue"):
+        patches.replace(name, _wrap_step)
+    patches.replace("executor.init", _wrap_executor_init)
 
 
 def _wrap_executor_init(original: Any) -> Any:
@@ -273,7 +282,6 @@ def _wrap_executor_init(original: Any) -> Any:
         self._tensafe_engine_id = engine_id
         original(self, vllm_config, *args, **kwargs)
 
-    __init__._tensafe = True  # type: ignore[attr-defined]
     return __init__
 
 
@@ -299,7 +307,6 @@ def _wrap_step(original: Any) -> Any:
             fail_adapter_requests(self.scheduler, outputs, encrypted, failures)
         return result
 
-    step._tensafe = True  # type: ignore[attr-defined]
     return step
 
 
@@ -335,8 +342,10 @@ def fail_adapter_requests(
     encrypted: dict[str, _Tracked],
     failures: dict[int, dict[str, Any]],
 ) -> list[str]:
-    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
-    from vllm.v1.request import RequestStatus
+    engine_core_output = patches.resolve("EngineCoreOutput")
+    engine_core_outputs = patches.resolve("EngineCoreOutputs")
+    finish_reason = patches.resolve("FinishReason")
+    request_status = patches.resolve("RequestStatus")
 
     lora_of = {req_id: item.lora_int_id for req_id, item in encrypted.items()}
     failed = {req_id for req_id, lora_id in lora_of.items() if lora_id in failures}
@@ -375,16 +384,16 @@ def fail_adapter_requests(
             batch.outputs = kept
     active = [req_id for req_id in failed if req_id in scheduler.requests]
     if active:
-        scheduler.finish_requests(active, RequestStatus.FINISHED_ERROR)
+        scheduler.finish_requests(active, request_status.FINISHED_ERROR)
     if outputs is not None:
         for req_id, client_index in client_of.items():
             batch = outputs.get(client_index)
             if batch is None:
-                batch = EngineCoreOutputs()
+                batch = engine_core_outputs()
                 outputs[client_index] = batch
             batch.outputs.append(
-                EngineCoreOutput(
-                    request_id=req_id, new_token_ids=[], finish_reason=FinishReason.ERROR
+                engine_core_output(
+                    request_id=req_id, new_token_ids=[], finish_reason=finish_reason.ERROR
                 )
             )
             finished = set(batch.finished_requests or ())
@@ -397,49 +406,53 @@ def fail_adapter_requests(
 
 
 def install_api_error_hook() -> None:
-    try:
-        from vllm.entrypoints.generate.base import serving as generate_serving
-        from vllm.exceptions import GenerationError, RetryableRequestError
-    except ImportError:
-        return
-    cls = _find_raise_owner(generate_serving)
-    if cls is None:
-        return
-    original = cls._raise_if_error
-    if getattr(original, "_tensafe", False):
-        return
+    """Optional: without it a failed encrypted-adapter request still fails, but as vLLM's
+    generic HTTP 500 instead of a 503/403 naming the key holder's error."""
+    patches.optional("generate.raise_if_error", _install_api_error_hook, _API_HOOK_EFFECT)
 
-    class EncryptedAdapterUnavailable(RetryableRequestError):
+
+_API_HOOK_EFFECT = (
+    "naming the key holder's error in the HTTP answer (a failed encrypted-adapter request "
+    "still fails, as vLLM's generic HTTP 500)"
+)
+
+
+def _install_api_error_hook() -> None:
+    from http import HTTPStatus
+
+    generation_error = patches.resolve("GenerationError")
+    retryable_error = patches.resolve("RetryableRequestError")
+
+    class EncryptedAdapterUnavailable(retryable_error):  # type: ignore[misc,valid-type]
         """The key holder could not be reached: retrying later may succeed (HTTP 503)."""
 
-    class EncryptedAdapterRefused(GenerationError):
+        def __init__(self, message: str) -> None:
+            super().__init__(message)
+            self.status_code = HTTPStatus.SERVICE_UNAVAILABLE
+
+    class EncryptedAdapterRefused(generation_error):  # type: ignore[misc,valid-type]
         """The key holder refused (revoked, budget, credentials): HTTP 403."""
 
         def __init__(self, message: str) -> None:
             super().__init__(message)
-            from http import HTTPStatus
-
             self.status_code = HTTPStatus.FORBIDDEN
 
-    def _raise_if_error(self: Any, finish_reason: str | None, request_id: str) -> None:
-        if finish_reason == "error":
-            record = get_board().pop_request_failure(request_id)
-            if record is not None:
-                message = (
-                    f"encrypted adapter {record['adapter']!r} failed: {record['message']}. "
-                    "Nothing was generated from the base model in its place."
-                )
-                if record.get("error") == "KeyHolderUnavailableError":
-                    raise EncryptedAdapterUnavailable(message)
-                raise EncryptedAdapterRefused(message)
-        original(self, finish_reason, request_id)
+    def wrap(original: Any) -> Any:
+        def _raise_if_error(
+            self: Any, finish_reason: str | None, request_id: str, *args: Any, **kwargs: Any
+        ) -> None:
+            if finish_reason == "error":
+                record = get_board().pop_request_failure(request_id)
+                if record is not None:
+                    message = (
+                        f"encrypted adapter {record['adapter']!r} failed: {record['message']}. "
+                        "Nothing was generated from the base model in its place."
+                    )
+                    if record.get("error") == "KeyHolderUnavailableError":
+                        raise EncryptedAdapterUnavailable(message)
+                    raise EncryptedAdapterRefused(message)
+            return original(self, finish_reason, request_id, *args, **kwargs)
 
-    _raise_if_error._tensafe = True  # type: ignore[attr-defined]
-    cls._raise_if_error = _raise_if_error
+        return _raise_if_error
 
-
-def _find_raise_owner(module: Any) -> Any:
-    for value in vars(module).values():
-        if isinstance(value, type) and "_raise_if_error" in vars(value):
-            return value
-    return None
+    patches.replace("generate.raise_if_error", wrap)

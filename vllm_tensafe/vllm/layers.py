@@ -6,14 +6,18 @@ nothing visible; this module adds the encrypted part: for the tokens mapped to t
 U = x·A'^T (read from vLLM's own stacked A, already sharded for tensor parallelism) and
 delta = U·B'^T through CKKS and the key holder, once per layer per engine step per adapter.
 
-The HE step is a registered torch custom op (``torch.ops.tensafe.he_lora_delta``): torch.compile
-sees an opaque call with a known output shape, so vLLM's default compilation works. It cannot
-be captured in a CUDA graph (it calls the key holder), which is why GPU users need
-``--enforce-eager`` or the op in ``compilation_config.splitting_ops`` (docs/architecture.md).
+The HE step is a registered torch custom op, ``torch.ops.tensafe.he_lora_delta(x, output,
+layer_name)``, that adds the encrypted delta into the layer's ``output`` in place. torch.compile
+sees an opaque call; vLLM's piecewise CUDA graphs stop at it (graph_safety.py makes it one of
+vLLM's splitting ops) and run it eagerly every step. It writes into ``output`` rather than
+returning a new tensor because the next graph piece reads its inputs from the addresses it was
+captured with, as vLLM's own attention ops do. Inside a CUDA graph capture it refuses to run:
+a replay would never call it, and the encrypted delta would silently be missing.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -23,8 +27,10 @@ import numpy as np
 import torch
 
 from vllm_tensafe import observability
-from vllm_tensafe.errors import TenSafeError
+from vllm_tensafe.errors import ConfigError, TenSafeError
+from vllm_tensafe.vllm import patches
 from vllm_tensafe.vllm.failures import get_board
+from vllm_tensafe.vllm.graph_safety import OP_NAME, verify_worker_config
 from vllm_tensafe.vllm.runtime import EncryptedAdapter
 
 logger = logging.getLogger("vllm_tensafe.layers")
@@ -52,23 +58,43 @@ def _slots(layer: Any) -> dict[int, EncryptedSlot]:
 # --- the custom op --------------------------------------------------------------------------
 
 
-@torch.library.custom_op("tensafe::he_lora_delta", mutates_args=())
-def he_lora_delta(x: torch.Tensor, layer_name: str, out_features: int) -> torch.Tensor:
-    """Encrypted-adapter delta for every token of ``x`` (zeros for other tokens)."""
-    layer = _LAYERS[layer_name]
-    return compute_layer_delta(layer, x, out_features)
+def _op_options() -> dict[str, Any]:
+    # cudagraph_unsafe: Inductor's graph partitioning leaves the op outside CUDA graphs. A
+    # torch without the tag (or without custom_op's tags) cannot partition safely;
+    # graph_safety.py then refuses use_inductor_graph_partition.
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    takes_tags = "tags" in inspect.signature(torch.library.custom_op).parameters
+    return {"tags": (tag,)} if tag is not None and takes_tags else {}
+
+
+def _under_stream_capture(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+@torch.library.custom_op("tensafe::he_lora_delta", mutates_args=("output",), **_op_options())
+def he_lora_delta(x: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+    """Add the encrypted adapters' delta to ``output`` for their tokens of ``x``, in place."""
+    if _under_stream_capture(output):
+        raise ConfigError(
+            f"{OP_NAME} ran inside a CUDA graph capture (layer {layer_name}): a replay would "
+            "skip it, and encrypted adapters would answer as the base model",
+            "start vLLM with --enforce-eager, or with PIECEWISE CUDA graphs "
+            f"(-cc.cudagraph_mode=PIECEWISE, with {OP_NAME} in splitting_ops; TenSafe sets "
+            "this up when it builds the engine config)",
+        )
+    add_layer_delta(_LAYERS[layer_name], x, output)
 
 
 @he_lora_delta.register_fake
-def _(x: torch.Tensor, layer_name: str, out_features: int) -> torch.Tensor:
-    return x.new_empty((x.shape[0], out_features))
+def _(x: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+    return None
 
 
-def compute_layer_delta(layer: Any, x: torch.Tensor, out_features: int) -> torch.Tensor:
-    delta = torch.zeros((x.shape[0], out_features), dtype=x.dtype, device=x.device)
+def add_layer_delta(layer: Any, x: torch.Tensor, output: torch.Tensor) -> None:
+    """Add each encrypted slot's delta to the rows of ``output`` of that slot's tokens."""
     slots = getattr(layer, "_tensafe_slots", None)
     if not slots:
-        return delta
+        return
     indices = layer.punica_wrapper.token_lora_indices
     n = min(x.shape[0], indices.shape[0])
     token_slots = indices[:n]
@@ -76,8 +102,7 @@ def compute_layer_delta(layer: Any, x: torch.Tensor, out_features: int) -> torch
         rows = (token_slots == slot).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        _add_slot_delta(layer, slot, entry, x.index_select(0, rows).float(), rows, delta)
-    return delta
+        _add_slot_delta(layer, slot, entry, x.index_select(0, rows).float(), rows, output)
 
 
 def _add_slot_delta(
@@ -86,7 +111,7 @@ def _add_slot_delta(
     entry: EncryptedSlot,
     xs: torch.Tensor,
     rows: torch.Tensor,
-    delta: torch.Tensor,
+    output: torch.Tensor,
 ) -> None:
     board = get_board()
     if board.has_adapter_failure(entry.adapter.lora_int_id):
@@ -141,9 +166,8 @@ def _add_slot_delta(
     for s, size in enumerate(layer.output_slices):
         shard = shards[s]
         if shard is not None:
-            delta[rows, offset : offset + size] += (
-                shard[:size].T.to(delta.dtype, copy=False).to(delta.device)
-            )
+            part = shard[:size].T.to(device=output.device, dtype=output.dtype)
+            output[rows, offset : offset + size] += part
         offset += size
 
 
@@ -182,64 +206,73 @@ def _account(
 
 
 def install_layer_hooks() -> None:
-    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
-    from vllm.lora.model_manager import LoRAModelManager
+    """Wrap vLLM's LoRA layer output and its adapter-slot bookkeeping. Idempotent."""
+    lora_layer = patches.resolve("BaseLinearLayerWithLoRA")
+    patches.replace("lora_apply_output", _wrap_apply_lora_to_output)
+    patches.replace("lora_create_modules", lambda original: _wrap_create(original, lora_layer))
+    patches.replace("lora_activate", _wrap_activate)
+    patches.replace("lora_deactivate", _wrap_deactivate)
+    patches.replace("lora_remove_all", _wrap_remove_all)
 
-    original_apply = BaseLinearLayerWithLoRA._apply_lora_to_output
-    if getattr(original_apply, "_tensafe", False):
-        return
 
-    def _apply_lora_to_output(self: Any, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        output = original_apply(self, x, output)
+def _wrap_apply_lora_to_output(original: Any) -> Any:
+    def _apply_lora_to_output(
+        self: Any, x: torch.Tensor, output: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        output = original(self, x, output, *args, **kwargs)
         name = getattr(self, "_tensafe_name", None)
         if name is None:
             return output
         flat_x = x.flatten(0, 1) if x.ndim == 3 else x
-        extra = torch.ops.tensafe.he_lora_delta(flat_x, name, output.shape[-1])
-        return output + extra.view(output.shape).to(output.dtype)
+        flat_out = output.flatten(0, 1) if output.ndim == 3 else output
+        torch.ops.tensafe.he_lora_delta(flat_x, flat_out, name)
+        return output
 
-    _apply_lora_to_output._tensafe = True  # type: ignore[attr-defined]
-    BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output  # type: ignore[method-assign]
+    return _apply_lora_to_output
 
-    original_create = LoRAModelManager._create_lora_modules
 
-    def _create_lora_modules(self: Any) -> None:
-        original_create(self)
+def _wrap_create(original: Any, lora_layer: type) -> Any:
+    def _create_lora_modules(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        # The worker's own check of the graph settings it was built with: an engine whose
+        # config skipped the guard (graph_safety.py) is refused before it serves anything.
+        verify_worker_config(patches.resolve("get_current_vllm_config_or_none")())
         for name, module in self.modules.items():
-            if isinstance(module, BaseLinearLayerWithLoRA):
+            if isinstance(module, lora_layer):
                 module._tensafe_name = name
                 module._tensafe_slots = {}
                 _LAYERS[name] = module
+        return result
 
-    LoRAModelManager._create_lora_modules = _create_lora_modules  # type: ignore[method-assign]
+    return _create_lora_modules
 
-    original_activate = LoRAModelManager.activate_adapter
 
-    def activate_adapter(self: Any, lora_id: int) -> bool:
-        activated = original_activate(self, lora_id)
+def _wrap_activate(original: Any) -> Any:
+    def activate_adapter(self: Any, lora_id: int, *args: Any, **kwargs: Any) -> bool:
+        activated = original(self, lora_id, *args, **kwargs)
         if activated:
             _bind_slot(self, lora_id)
         return activated
 
-    LoRAModelManager.activate_adapter = activate_adapter  # type: ignore[method-assign]
+    return activate_adapter
 
-    original_deactivate = LoRAModelManager._deactivate_adapter
 
-    def _deactivate_adapter(self: Any, lora_id: int) -> None:
+def _wrap_deactivate(original: Any) -> Any:
+    def _deactivate_adapter(self: Any, lora_id: int, *args: Any, **kwargs: Any) -> Any:
         if lora_id in self.lora_index_to_id:
             _clear_slot(self, self.lora_index_to_id.index(lora_id))
-        original_deactivate(self, lora_id)
+        return original(self, lora_id, *args, **kwargs)
 
-    LoRAModelManager._deactivate_adapter = _deactivate_adapter  # type: ignore[method-assign]
+    return _deactivate_adapter
 
-    original_remove_all = LoRAModelManager.remove_all_adapters
 
-    def remove_all_adapters(self: Any) -> None:
+def _wrap_remove_all(original: Any) -> Any:
+    def remove_all_adapters(self: Any, *args: Any, **kwargs: Any) -> Any:
         for index in range(len(self.lora_index_to_id)):
             _clear_slot(self, index)
-        original_remove_all(self)
+        return original(self, *args, **kwargs)
 
-    LoRAModelManager.remove_all_adapters = remove_all_adapters  # type: ignore[method-assign]
+    return remove_all_adapters
 
 
 def _bind_slot(manager: Any, lora_id: int) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vllm_tensafe.errors import PackageChangedError, TenSafeError, UnsupportedAdapterError
+from vllm_tensafe.vllm import patches
 from vllm_tensafe.vllm.runtime import EncryptedAdapter, get_runtime
 
 logger = logging.getLogger("vllm_tensafe.loader")
@@ -30,7 +31,7 @@ def is_tssp_path(path: str | os.PathLike[str] | None) -> bool:
 
 def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
     """``WorkerLoRAManager._load_adapter`` for ``.tssp`` paths. Raises TenSafeError subclasses."""
-    from vllm.lora.peft_helper import PEFTHelper
+    peft_helper_cls = patches.resolve("PEFTHelper")
 
     runtime = get_runtime()
     lora_config = manager.lora_config
@@ -73,7 +74,7 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
         "use_rslora": package.use_rslora,
         "vllm_max_position_embeddings": manager.max_position_embeddings,
     }
-    peft_helper = PEFTHelper.from_dict(peft_dict)
+    peft_helper = peft_helper_cls.from_dict(peft_dict)
     peft_helper.validate_legal(lora_config)
 
     supported = _expected_modules(manager)
@@ -162,7 +163,9 @@ def _lora_model(
     model = manager._adapter_manager.model
     hf_to_vllm_mapper = getattr(model, "hf_to_vllm_mapper", None)
     if hf_to_vllm_mapper is not None:
-        hf_to_vllm_mapper = hf_to_vllm_mapper.get_rename_mapper()
+        # The mapper without its stacking rules, as vLLM's own LoRA loader uses it (the
+        # method's name differs between vLLM versions: the patch table knows which).
+        hf_to_vllm_mapper = patches.resolve("lora_weights_mapper")(hf_to_vllm_mapper)
     return manager._lora_model_cls.from_lora_tensors(
         lora_model_id=lora_request.lora_int_id,
         tensors=tensors,
@@ -178,10 +181,9 @@ def _unusable_lora(
     manager: Any, lora_request: Any, known: _KnownPackage, error: TenSafeError
 ) -> Any:
     """A zero LoRA of the known shapes whose every use fails its requests with ``error``."""
-    from vllm.lora.peft_helper import PEFTHelper
-
+    peft_helper = patches.resolve("PEFTHelper").from_dict(known.peft)
     tensors = {key: torch.zeros(shape, dtype=torch.float32) for key, shape in known.shapes.items()}
-    lora = _lora_model(manager, lora_request, tensors, PEFTHelper.from_dict(known.peft))
+    lora = _lora_model(manager, lora_request, tensors, peft_helper)
     adapter = EncryptedAdapter(
         lora_int_id=lora_request.lora_int_id,
         name=known.name,
@@ -215,16 +217,18 @@ def _expected_modules(manager: Any) -> set[str]:
 
 
 def install_loader() -> None:
-    from vllm.lora.worker_manager import WorkerLoRAManager
+    """Send ``.tssp`` paths to ``load_encrypted_lora``; every other path to vLLM. Idempotent."""
+    patches.check_names(
+        ["PEFTHelper.from_dict", "PEFTHelper.validate_legal", "LoRAModel.from_lora_tensors"]
+    )
+    patches.resolve("lora_weights_mapper")
 
-    original = WorkerLoRAManager._load_adapter
-    if getattr(original, "_tensafe", False):
-        return
+    def wrap(original: Any) -> Any:
+        def _load_adapter(self: Any, lora_request: Any, *args: Any, **kwargs: Any) -> Any:
+            if is_tssp_path(lora_request.lora_path):
+                return load_encrypted_lora(self, lora_request)
+            return original(self, lora_request, *args, **kwargs)
 
-    def _load_adapter(self: Any, lora_request: Any) -> Any:
-        if is_tssp_path(lora_request.lora_path):
-            return load_encrypted_lora(self, lora_request)
-        return original(self, lora_request)
+        return _load_adapter
 
-    _load_adapter._tensafe = True  # type: ignore[attr-defined]
-    WorkerLoRAManager._load_adapter = _load_adapter  # type: ignore[method-assign]
+    patches.replace("loader", wrap)

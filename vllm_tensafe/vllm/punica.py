@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-_PATCHED_ATTR = "_tensafe_no_lora_fix"
+from vllm_tensafe.vllm import patches
 
 
 def _masked(op: Callable[..., Any]) -> Callable[..., Any]:
@@ -39,26 +39,30 @@ def _masked(op: Callable[..., Any]) -> Callable[..., Any]:
             **kwargs,
         )
 
-    setattr(wrapper, _PATCHED_ATTR, True)
-    wrapper.__name__ = op.__name__
-    wrapper.__doc__ = op.__doc__
     return wrapper
 
 
+_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+
+
 def install_no_lora_fix() -> bool:
-    """Patch the CPU torch ops and the CPU punica wrapper's references to them. Idempotent."""
-    try:
-        from vllm.lora.ops.torch_ops import lora_ops
-        from vllm.lora.punica_wrapper import punica_cpu
-    except ImportError:
+    """Patch the CPU torch ops and the CPU punica wrapper's references to them. Idempotent.
+
+    Only on vLLM's CPU platform, where these ops run (GPU Triton kernels skip -1 already).
+    There it is required: without it base-model tokens get an adapter's output.
+    """
+    if not patches.resolve("current_platform").is_cpu():
         return False
-    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
-        original = getattr(lora_ops, name)
-        if getattr(original, _PATCHED_ATTR, False):
-            continue
-        fixed = _masked(original)
-        # sgmv_* call bgmv_* through the module globals; punica_cpu imported the names.
-        setattr(lora_ops, name, fixed)
-        if hasattr(punica_cpu, name):
-            setattr(punica_cpu, name, fixed)
+    for name in _OPS:
+        # sgmv_* call bgmv_* through lora_ops' globals; punica_cpu imported the names, so
+        # both get the same wrapper.
+        fixed: list[Any] = []
+
+        def factory(original: Callable[..., Any], fixed: list[Any] = fixed) -> Any:
+            if not fixed:
+                fixed.append(_masked(original))
+            return fixed[0]
+
+        patches.replace(f"torch_ops.{name}", factory)
+        patches.replace(f"punica_cpu.{name}", factory)
     return True

@@ -16,6 +16,7 @@ from typing import Any
 from vllm_tensafe.containment import resolve_inside
 from vllm_tensafe.errors import AdapterPathRefusedError, ConfigError, TenSafeError
 from vllm_tensafe.settings import TenSafeSettings
+from vllm_tensafe.vllm import patches
 from vllm_tensafe.vllm.loader import TSSP_SUFFIX, is_tssp_path, text_config_dict
 from vllm_tensafe.vllm.runtime import get_runtime
 
@@ -54,26 +55,39 @@ def resolve_adapter_path(adapter_dir: Path, name: str) -> Path | None:
 
 
 def install_serving_hooks(settings: TenSafeSettings) -> None:
-    try:
-        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
-    except ImportError:
-        return
-    if settings.adapter_dir is not None:
-        from vllm import envs
+    """API-server checks of ``.tssp`` paths, and the ``TENSAFE_ADAPTER_DIR`` resolver.
 
-        if not envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
+    The resolver is required when ``TENSAFE_ADAPTER_DIR`` is set; the early checks are
+    optional (without them the worker still refuses a bad package, as an HTTP 500).
+    """
+    if settings.adapter_dir is not None:
+        if not patches.env_flag("VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
             raise ConfigError(
                 "--tensafe-adapter-dir / TENSAFE_ADAPTER_DIR needs vLLM's on-demand adapter "
                 "loading, which is off",
                 "set VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 in the server's environment",
             )
+        patches.resolve("create_error_response")
         _register_resolver(settings.adapter_dir)
+        patches.replace("serving.resolve_lora", _wrap_resolve_lora)
+        # Runtime loads and unloads stay inside the folder: required, never optional here.
+        patches.replace("serving.load_lora_adapter", _wrap_load_lora_adapter)
+        patches.replace("serving.unload_lora_adapter", _wrap_unload_lora_adapter)
 
-    original_load = OpenAIServingModels.load_lora_adapter
-    if getattr(original_load, "_tensafe", False):
-        return
+    def install_load_check() -> None:
+        patches.resolve("create_error_response")
+        patches.replace("serving.load_lora_adapter", _wrap_load_lora_adapter)
 
-    async def load_lora_adapter(self: Any, request: Any, base_model_name: str | None = None) -> Any:
+    patches.optional(
+        "serving.load_lora_adapter",
+        install_load_check,
+        "the API server's check of packages sent to /v1/load_lora_adapter (the worker still "
+        "refuses a bad package, but as an opaque HTTP 500 instead of a 400 naming the cause)",
+    )
+
+
+def _wrap_load_lora_adapter(original: Any) -> Any:
+    async def load_lora_adapter(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         contained = get_runtime().settings
         # vLLM loads --lora-modules through this method too: the operator's own list, exempt.
         static = {(m.name, m.path) for m in getattr(self, "static_lora_modules", None) or ()}
@@ -93,14 +107,13 @@ def install_serving_hooks(settings: TenSafeSettings) -> None:
             error = _check_or_error(request.lora_path, self.model_config.hf_config)
             if error is not None:
                 return error
-        return await original_load(self, request, base_model_name)
+        return await original(self, request, *args, **kwargs)
 
-    load_lora_adapter._tensafe = True  # type: ignore[attr-defined]
-    OpenAIServingModels.load_lora_adapter = load_lora_adapter  # type: ignore[method-assign]
+    return load_lora_adapter
 
-    original_unload = OpenAIServingModels.unload_lora_adapter
 
-    async def unload_lora_adapter(self: Any, request: Any) -> Any:
+def _wrap_unload_lora_adapter(original: Any) -> Any:
+    async def unload_lora_adapter(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         contained = get_runtime().settings
         loaded = self.lora_requests.get(request.lora_name) if request.lora_name else None
         if contained.adapter_dir is not None and loaded is not None:
@@ -115,13 +128,13 @@ def install_serving_hooks(settings: TenSafeSettings) -> None:
                         "restart the server without it in --lora-modules to remove it",
                     )
                 )
-        return await original_unload(self, request)
+        return await original(self, request, *args, **kwargs)
 
-    OpenAIServingModels.unload_lora_adapter = unload_lora_adapter  # type: ignore[method-assign]
+    return unload_lora_adapter
 
-    original_resolve = OpenAIServingModels.resolve_lora
 
-    async def resolve_lora(self: Any, lora_name: str) -> Any:
+def _wrap_resolve_lora(original: Any) -> Any:
+    async def resolve_lora(self: Any, lora_name: str, *args: Any, **kwargs: Any) -> Any:
         adapter_dir = get_runtime().settings.adapter_dir
         if adapter_dir is not None and lora_name not in self.lora_requests:
             path = resolve_adapter_path(adapter_dir, lora_name)
@@ -129,9 +142,9 @@ def install_serving_hooks(settings: TenSafeSettings) -> None:
                 error = _check_or_error(str(path), self.model_config.hf_config)
                 if error is not None:
                     return error
-        return await original_resolve(self, lora_name)
+        return await original(self, lora_name, *args, **kwargs)
 
-    OpenAIServingModels.resolve_lora = resolve_lora  # type: ignore[method-assign]
+    return resolve_lora
 
 
 def runtime_adapter_path(settings: TenSafeSettings, name: str, lora_path: str) -> Path:
@@ -165,8 +178,7 @@ def runtime_adapter_path(settings: TenSafeSettings, name: str, lora_path: str) -
 
 
 def _refusal(exc: AdapterPathRefusedError) -> Any:
-    from vllm.entrypoints.serve import create_error_response
-
+    create_error_response = patches.resolve("create_error_response")
     logger.warning("Refused runtime adapter request: %s", exc.cause)
     return create_error_response(
         message=str(exc), err_type="PermissionDenied", status_code=HTTPStatus.FORBIDDEN
@@ -174,7 +186,7 @@ def _refusal(exc: AdapterPathRefusedError) -> Any:
 
 
 def _check_or_error(path: str, hf_config: Any) -> Any:
-    from vllm.entrypoints.serve import create_error_response
+    create_error_response = patches.resolve("create_error_response")
 
     if not os.path.isfile(path):
         return create_error_response(
@@ -193,20 +205,21 @@ def _check_or_error(path: str, hf_config: Any) -> Any:
 
 
 def _register_resolver(adapter_dir: Path) -> None:
-    from vllm.lora.request import LoRARequest
-    from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+    lora_request_cls = patches.resolve("LoRARequest")
+    resolver_base = patches.resolve("LoRAResolver")
+    registry = patches.resolve("LoRAResolverRegistry")
 
-    if RESOLVER_NAME in LoRAResolverRegistry.get_supported_resolvers():
+    if RESOLVER_NAME in registry.get_supported_resolvers():
         return
 
-    class TsspResolver(LoRAResolver):
+    class TsspResolver(resolver_base):  # type: ignore[misc,valid-type]
         """Resolves ``model: NAME`` to ``TENSAFE_ADAPTER_DIR/NAME.tssp``."""
 
-        async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
             path = resolve_adapter_path(adapter_dir, lora_name)
             if path is None:
                 return None
             # vLLM's serving layer overwrites lora_int_id with its own counter.
-            return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
+            return lora_request_cls(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
 
-    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, TsspResolver())
+    registry.register_resolver(RESOLVER_NAME, TsspResolver())

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm.v1.metrics.loggers import StatLoggerBase
-
 from vllm_tensafe import observability
+from vllm_tensafe.vllm import patches
 
 
-class TenSafeStatLogger(StatLoggerBase):
+class TenSafeStatLogger(patches.resolve("StatLoggerBase")):  # type: ignore[misc]
     def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
         self.engine_index = engine_index
 

@@ -47,13 +47,15 @@ def worker_adapter_status(worker: Any) -> dict[str, Any]:
 
 
 def install_worker_status() -> None:
-    """Give vLLM's workers the ``tensafe_adapter_status`` RPC method. Idempotent."""
-    try:
-        from vllm.v1.worker.worker_base import WorkerBase
-    except ImportError:
-        return
-    if getattr(WorkerBase, WORKER_METHOD, None) is None:
-        setattr(WorkerBase, WORKER_METHOD, worker_adapter_status)
+    """Give vLLM's workers the ``tensafe_adapter_status`` RPC method. Idempotent. Optional:
+    without it the route answers 503 (vllm_tensafe/vllm/patches.py logs which part is off)."""
+    from vllm_tensafe.vllm import patches
+
+    patches.optional(
+        "worker.tensafe_adapter_status",
+        lambda: patches.add("worker.tensafe_adapter_status", worker_adapter_status),
+        f"GET {ROUTE} (it answers 503: the workers have no {WORKER_METHOD} method)",
+    )
 
 
 class TenSafeStatusPlugin:
