@@ -91,7 +91,7 @@ def main(config_path: str) -> None:
         use_tqdm=False,
     )
     together = [list(output.outputs[0].token_ids) for output in outputs]
-    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm_tensafe.vllm import patches
 
     print(
         json.dumps(
@@ -100,8 +100,8 @@ def main(config_path: str) -> None:
                 "alone": alone,
                 "together": together,
                 "first_step": steps[first_together] if len(steps) > first_together else None,
-                # What punica.py marks when it wraps vLLM's ops (the plugin is active here).
-                "no_lora_fix": bool(getattr(lora_ops.bgmv_shrink, "_tensafe_no_lora_fix", False)),
+                # Whether punica.py's wrapper is in place (the plugin is active here).
+                "no_lora_fix": patches.is_installed("torch_ops.bgmv_shrink"),
             }
         ),
         flush=True,
