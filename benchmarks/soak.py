@@ -257,7 +257,10 @@ def build_workload(workdir: Path, model: Path | None = None) -> Workload:
     # references are e-a's answers, computed while e-a is healthy (see TWINS).
     peft = {"e-a": a, "e-b": b, "e-revoke": a, "e-budget": a}
     plain = make_adapter(model, workdir / "peft" / "c", rank=8, alpha=16, seed=61)
-    package_dir = workdir / "packages"
+    from vllm_tensafe.tssp.format import FORMAT_VERSION
+
+    # Per format version: packages cached by an older version would be refused.
+    package_dir = workdir / f"packages-v{FORMAT_VERSION}"
     package_dir.mkdir(exist_ok=True)
     packages, secrets = {}, {}
     for name, adapter in peft.items():

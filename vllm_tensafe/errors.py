@@ -60,6 +60,14 @@ class PackageChangedError(TsspError):
     """The package file of a loaded adapter was replaced on disk by a different package."""
 
 
+class RollbackError(TsspError):
+    """A validly signed package older (lower adapter_version) than one already seen."""
+
+
+class PackageExpiredError(TsspError):
+    """The package's signed not_after date has passed."""
+
+
 class UnsupportedAdapterError(TsspError):
     """The PEFT adapter uses a feature that cannot be served correctly (DoRA, lm_head, ...)."""
 
@@ -81,6 +89,11 @@ class KeyHolderUnavailableError(KeyHolderError):
 
 class KeyHolderAuthError(KeyHolderError):
     """The key holder refused the host's credentials (HTTP 401/403)."""
+
+
+class KeyHolderForbiddenError(KeyHolderError):
+    """The key holder's policy refused the request: unknown adapter, a key or package version
+    not bound to it, or a token without the scope (HTTP 403 at the key holder)."""
 
 
 class AdapterRevokedError(KeyHolderError):

@@ -42,8 +42,11 @@ def packages(
     tiny_llama: Path, adapters: AdapterFactory, owner_keys: Keys, stranger_keys: Keys
 ) -> dict[str, Path]:
     peft = adapters.peft(tiny_llama, "llama-r8-qv", rank=8, alpha=16, seed=11)
-    foreign = adapters.root / "tssp" / f"{FAILING}.tssp"
+    from vllm_tensafe.tssp.format import FORMAT_VERSION
+
+    foreign = adapters.root / f"tssp-v{FORMAT_VERSION}" / f"{FAILING}.tssp"
     if not foreign.exists():
+        foreign.parent.mkdir(parents=True, exist_ok=True)
         code = tensafe_cli(
             [
                 "pack",
@@ -59,6 +62,7 @@ def packages(
                 "--name",
                 FAILING,
                 "--quiet",
+                "--allow-shared-key",  # the stranger's key signs other test packages too
             ]
         )
         assert code == 0

@@ -147,10 +147,11 @@ def _add_slot_delta(
         if not isinstance(exc, TenSafeError):
             logger.exception("HE delta failed for adapter %r", adapter.name)
         board.record_adapter_failure(adapter.lora_int_id, adapter.name, exc)
-        adapter.failures += 1
+        adapter.record_failure(exc)
         return
     finally:
         _account(adapter, before, time.perf_counter() - started)
+    adapter.revoked = False  # the key holder answered: not (or no longer) revoked
 
     # Full-width deltas, transposed to (d_out, T) so vLLM's own slice_lora_b can pick this
     # rank's shard exactly as it does for a plaintext B.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,13 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
             "start vLLM without --fully-sharded-loras",
         )
     model = manager._adapter_manager.model
+    started = time.perf_counter()
+    logger.info(
+        "Loading encrypted adapter %r for its first request in this worker: verifying the "
+        "package's signature and digests and reading its CKKS ciphertexts (once per worker; "
+        "later requests reuse them)",
+        lora_request.lora_name,
+    )
     known = _KNOWN.get(lora_request.lora_int_id)
     try:
         package = runtime.open_package(lora_request.lora_path, text_config_dict(model.config))
@@ -104,6 +113,7 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
         rank=package.rank,
         matrices={name: entry.encrypted_b for name, entry in package.modules.items()},
         engine=runtime.engine_for(package),
+        adapter_version=package.adapter_version,
         summary={
             "name": package.name,
             "signer_key_id": package.signer_key_id,
@@ -121,7 +131,10 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
         },
     )
     lora.tensafe_adapter = adapter  # read by the activation hook in layers.py
-    runtime.adapters[lora_request.lora_int_id] = adapter
+    # Every adapter ever loaded stays listed (status route), but its ciphertexts only as long
+    # as vLLM keeps its LoRA: runtime load/unload cycles would otherwise pile them up.
+    weakref.finalize(lora, adapter.release)
+    runtime.register(adapter)
     _KNOWN[lora_request.lora_int_id] = _KnownPackage(
         lora_int_id=lora_request.lora_int_id,
         name=package.name,
@@ -130,13 +143,16 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
         shapes={key: tuple(value.shape) for key, value in tensors.items()},
     )
     logger.info(
-        "Loaded encrypted adapter %r (id %d, rank %d, %d modules, signer %s) from %s",
+        "Loaded encrypted adapter %r version %d (id %d, rank %d, %d modules, signer %s) from %s "
+        "in %.1fs",
         package.name,
+        package.adapter_version,
         lora_request.lora_int_id,
         package.rank,
         len(package.modules),
         package.signer_key_id or "NOT VERIFIED",
         lora_request.lora_path,
+        time.perf_counter() - started,
     )
     return lora
 
@@ -197,7 +213,7 @@ def _unusable_lora(
         load_error=error,
     )
     lora.tensafe_adapter = adapter
-    get_runtime().adapters[lora_request.lora_int_id] = adapter
+    get_runtime().register(adapter)
     return lora
 
 
