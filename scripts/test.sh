@@ -21,6 +21,8 @@ done
 bash scripts/install.sh
 .venv/bin/ruff check vllm_tensafe tests benchmarks examples scripts
 if (( fast )); then
+  # The coverage-guided fuzzing runs 10 s here, 30 s in the full suite.
+  export TENSAFE_FUZZ_SECONDS="${TENSAFE_FUZZ_SECONDS:-10}"
   exec .venv/bin/python -m pytest -ra -m "not vllm and not slow" ${args[@]+"${args[@]}"}
 fi
 exec .venv/bin/python -m pytest -ra ${args[@]+"${args[@]}"}

@@ -20,9 +20,25 @@ E2E_DIR = Path(__file__).parent / "e2e"
 VLLM_TEST_TIMEOUT = 1200
 
 
+# Tests that start no vLLM but take seconds each (measured on the 2-core CI machine): the
+# fast lane (scripts/test.sh --fast, marker "slow" deselected) skips them, the full suite runs
+# them. Node-id prefixes, so a parametrized family is one entry.
+SLOW_TESTS = (
+    "tests/test_graph_safety.py::test_every_route_builds_a_guarded_config",  # ~18 s
+    "tests/test_settings.py::test_register_is_cheap_and_idempotent_when_disabled",  # ~13 s
+    "tests/tssp/test_fuzz.py::test_every_single_byte_flip_in_header_and_table_is_refused",
+    "tests/tssp/test_fuzz.py::test_resigned_mutated_payloads",  # ~11 s each
+    "tests/he/test_key_holder_privacy.py::test_attacks_learn_nothing_from_v2_requests[fused",
+    "tests/he/test_key_holder_privacy.py::test_attacks_learn_nothing_from_v2_requests[prefill",
+    "tests/key_holder/test_openapi_fuzz.py::",  # ~18 s (schemathesis)
+    "tests/key_holder/test_remote_client.py::test_client_certificates",  # ~10 s
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test under tests/e2e carries the vllm marker (the fast lane deselects by it), and
-    tests that start vLLM get a longer timeout than the default in pyproject.toml."""
+    """Every test under tests/e2e carries the vllm marker (the fast lane deselects by it),
+    tests that start vLLM get a longer timeout than the default in pyproject.toml, and the
+    tests in SLOW_TESTS get the slow marker."""
     unmarked = [
         item.nodeid
         for item in items
@@ -36,6 +52,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("vllm") and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(VLLM_TEST_TIMEOUT))
+        if item.nodeid.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
