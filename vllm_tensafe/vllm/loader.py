@@ -45,9 +45,9 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
     model = manager._adapter_manager.model
     started = time.perf_counter()
     logger.info(
-        "Loading encrypted adapter %r for its first request in this worker: verifying the "
-        "package's signature and digests and reading its CKKS ciphertexts (once per worker; "
-        "later requests reuse them)",
+        "Loading encrypted adapter %r in this worker: verifying the package's signature and "
+        "digests and reading its CKKS ciphertexts (again only after vLLM evicted it from its "
+        "adapter cache, --max-cpu-loras)",
         lora_request.lora_name,
     )
     known = _KNOWN.get(lora_request.lora_int_id)
