@@ -1,8 +1,28 @@
 #!/usr/bin/env bash
-# Install everything, then run the linters and the whole test suite (real vLLM included).
-# Extra arguments go to pytest, e.g. scripts/test.sh -k tssp
+# Install everything, then run the linters and the tests.
+#   scripts/test.sh          linters + the whole suite, real vLLM included (about 30 minutes
+#                            on 2 cores)
+#   scripts/test.sh --fast   linters + every test that starts no vLLM (under 3 minutes):
+#                            deselects the markers vllm and slow (pyproject.toml)
+# Other arguments go to pytest, e.g. scripts/test.sh -k tssp, scripts/test.sh --fast -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+fast=0
+args=()
+for arg in "$@"; do
+  if [[ "$arg" == --fast ]]; then
+    fast=1
+  else
+    args+=("$arg")
+  fi
+done
+
 bash scripts/install.sh
 .venv/bin/ruff check vllm_tensafe tests benchmarks examples scripts
-exec .venv/bin/python -m pytest -ra "$@"
+if (( fast )); then
+  # The coverage-guided fuzzing runs 10 s here, 30 s in the full suite.
+  export TENSAFE_FUZZ_SECONDS="${TENSAFE_FUZZ_SECONDS:-10}"
+  exec .venv/bin/python -m pytest -ra -m "not vllm and not slow" ${args[@]+"${args[@]}"}
+fi
+exec .venv/bin/python -m pytest -ra ${args[@]+"${args[@]}"}

@@ -14,6 +14,62 @@ import pytest
 
 from vllm_tensafe.cli import main as tensafe_cli
 
+E2E_DIR = Path(__file__).parent / "e2e"
+# pytest-timeout per test (fixture setup included) for tests that start vLLM: a module's first
+# test also pays for its server start (up to VllmServer's 300 s startup timeout).
+VLLM_TEST_TIMEOUT = 1200
+
+
+# Tests that start no vLLM but take seconds each (measured on the 2-core CI machine): the
+# fast lane (scripts/test.sh --fast, marker "slow" deselected) skips them, the full suite runs
+# them. Node-id prefixes, so a parametrized family is one entry.
+SLOW_TESTS = (
+    "tests/test_graph_safety.py::test_every_route_builds_a_guarded_config",  # ~18 s
+    "tests/test_settings.py::test_register_is_cheap_and_idempotent_when_disabled",  # ~13 s
+    "tests/tssp/test_fuzz.py::test_every_single_byte_flip_in_header_and_table_is_refused",
+    "tests/tssp/test_fuzz.py::test_resigned_mutated_payloads",  # ~11 s each
+    "tests/he/test_key_holder_privacy.py::test_attacks_learn_nothing_from_v2_requests[fused",
+    "tests/he/test_key_holder_privacy.py::test_attacks_learn_nothing_from_v2_requests[prefill",
+    "tests/key_holder/test_openapi_fuzz.py::",  # ~18 s (schemathesis)
+    "tests/key_holder/test_remote_client.py::test_client_certificates",  # ~10 s
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test under tests/e2e carries the vllm marker (the fast lane deselects by it),
+    tests that start vLLM get a longer timeout than the default in pyproject.toml, and the
+    tests in SLOW_TESTS get the slow marker."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if item.path.is_relative_to(E2E_DIR) and item.get_closest_marker("vllm") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests under tests/e2e start a real vLLM and must be marked "
+            "@pytest.mark.vllm (or pytestmark = pytest.mark.vllm): " + ", ".join(unmarked)
+        )
+    for item in items:
+        if item.get_closest_marker("vllm") and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(VLLM_TEST_TIMEOUT))
+        if item.nodeid.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _vllm_needs_the_marker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test without the vllm marker that starts a server fails at once: the fast lane
+    (``-m "not vllm"``) must never start one, and the lock rule depends on the marker."""
+    if request.node.get_closest_marker("vllm") is None:
+        from vllm_tensafe.server_process import VllmServer
+
+        def refuse(self: VllmServer) -> VllmServer:
+            raise AssertionError(
+                f"{request.node.nodeid} starts vLLM but is not marked @pytest.mark.vllm"
+            )
+
+        monkeypatch.setattr(VllmServer, "start", refuse)
+
 
 @dataclass(frozen=True)
 class Keys:

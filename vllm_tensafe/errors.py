@@ -20,6 +20,11 @@ class ConfigError(TenSafeError, ValueError):
     """A TENSAFE_* variable or --tensafe-* flag has a value that cannot be used."""
 
 
+class AdapterPathRefusedError(TenSafeError):
+    """A runtime adapter request named a path outside the adapter folder, or a plaintext
+    adapter where only encrypted packages are allowed."""
+
+
 # --- TSSP package errors -------------------------------------------------------------------
 
 
@@ -49,6 +54,10 @@ class UnsupportedVersionError(TsspError):
 
 class BaseModelMismatchError(TsspError):
     """The package was made for a different base model (architecture or weight shapes)."""
+
+
+class PackageChangedError(TsspError):
+    """The package file of a loaded adapter was replaced on disk by a different package."""
 
 
 class RollbackError(TsspError):

@@ -165,10 +165,19 @@ def add_tensafe_args(parser: argparse.ArgumentParser) -> None:
                 help=help_text,
             )
             continue
+        if field.annotation is bool:
+            # A switch that also takes a value: --tensafe-x alone means true.
+            group.add_argument(
+                flag_name(name),
+                dest=_dest(name),
+                nargs="?",
+                const="true",
+                default=None,
+                metavar="{true,false}",
+                help=help_text,
+            )
+            continue
         metavar = {
-            "verify_signature": "{true,false}",
-            "require_attestation": "{true,false}",
-            "allow_untested_vllm": "{true,false}",
             "key_holder": "{local,remote}",
             "profile": "{default,fast,precise}",
             "trusted_keys": "PUB[,PUB...]",

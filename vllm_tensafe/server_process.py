@@ -114,7 +114,7 @@ class VllmServer:
                 raise ServerStartError(
                     f"vllm serve exited with code {code} during startup", self.log(), code
                 )
-            if self.healthy():
+            if self.healthy(timeout=2.0):
                 return self
             time.sleep(0.5)
         self.stop()
@@ -124,9 +124,11 @@ class VllmServer:
             None,
         )
 
-    def healthy(self) -> bool:
+    def healthy(self, timeout: float = 30.0) -> bool:
+        """/health answers 200 within ``timeout`` seconds (generous by default: a busy server
+        still counts as healthy; start() polls with a short one)."""
         try:
-            with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"{self.base_url}/health", timeout=timeout) as response:
                 return response.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False

@@ -118,6 +118,12 @@ class TenSafeSettings(BaseSettings):
         None,
         description="Folder of NAME.tssp packages that requests for model NAME load on demand.",
     )
+    allow_plaintext_lora: bool = Field(
+        False,
+        description="With --tensafe-adapter-dir set: /v1/load_lora_adapter and "
+        "/v1/unload_lora_adapter also take plaintext (PEFT) adapters, still only from inside "
+        "that folder. Off: only .tssp packages.",
+    )
     profile: str = Field(
         "default",
         description=f"HE profile for new keys and packs: one of {', '.join(PROFILE_NAMES)}.",

@@ -65,3 +65,53 @@ def assert_same_completion(got: Completion, want: Completion, tol: float) -> Non
     )
     worst = max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True))
     assert worst <= tol, f"{got.model} vs {want.model} on {got.prompt!r}: logprob diff {worst}"
+
+
+class OpenWatch:
+    """Reports every open or read of some paths, by any process (Linux inotify).
+
+    The hostile-input tests use it to show that a refused path outside the adapter folder was
+    never opened: a stat is not reported (and not a read); an open, a read or a directory
+    listing is.
+    """
+
+    IN_ACCESS = 0x00000001
+    IN_OPEN = 0x00000020
+
+    def __init__(self, *paths: Any) -> None:
+        import ctypes
+        import os
+
+        self._os = os
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self.watched: dict[int, str] = {}
+        for path in paths:
+            wd = self._libc.inotify_add_watch(
+                self._fd, os.fsencode(str(path)), self.IN_OPEN | self.IN_ACCESS
+            )
+            if wd < 0:
+                raise OSError(ctypes.get_errno(), f"inotify_add_watch {path} failed")
+            self.watched[wd] = str(path)
+
+    def events(self) -> list[str]:
+        """Paths opened or read since the last call."""
+        import struct
+
+        seen = []
+        while True:
+            try:
+                data = self._os.read(self._fd, 65536)
+            except BlockingIOError:
+                return seen
+            offset = 0
+            while offset < len(data):
+                wd, _mask, _cookie, size = struct.unpack_from("iIII", data, offset)
+                name = data[offset + 16 : offset + 16 + size].rstrip(b"\0").decode()
+                seen.append(self.watched.get(wd, "?") + (f"/{name}" if name else ""))
+                offset += 16 + size
+
+    def close(self) -> None:
+        self._os.close(self._fd)

@@ -26,6 +26,10 @@ from vllm_tensafe.server_process import VllmServer
 
 pytestmark = pytest.mark.vllm
 
+# No request of this module can have taken longer than the module has existed: an upper bound
+# for the latency histogram that holds however slow the machine is.
+_MODULE_START = time.monotonic()
+
 BASE = "tiny-llama"
 REQUESTS_E8 = 3
 MAX_TOKENS = 6
@@ -201,8 +205,9 @@ def test_metrics_are_exported_from_every_process(
         # The API server checks each static package at startup, the worker opens it to load.
         ("tensafe_vllm_tssp_verifications_total", (("outcome", "ok"),)): 4,
     }
-    # Dumps are written every second: wait for the last requests to reach them.
-    deadline = time.monotonic() + 30
+    # Dumps are written every second: wait for the last requests to reach them (generous
+    # deadline: a busy machine may delay the writer thread; a pass never waits for it).
+    deadline = time.monotonic() + 180
     while True:
         dumps = _read_dumps(dump_prefix)
         got = {key: _total(dumps, key[0], **dict(key[1])) for key in want}
@@ -215,7 +220,8 @@ def test_metrics_are_exported_from_every_process(
     statuses = {p["attributes"]["status"] for p in api["metrics"]["tensafe_vllm_requests_total"]}
     assert statuses == {"length"}  # ignore_eos: every request ran to max_tokens
     latency = api["metrics"]["tensafe_vllm_latency_seconds"][0]
-    assert latency["count"] == requests and 0 < latency["min"] <= latency["max"] < 120
+    assert latency["count"] == requests and 0 < latency["min"] <= latency["max"]
+    assert latency["max"] <= time.monotonic() - _MODULE_START  # seconds, not milliseconds
     kv = api["metrics"]["tensafe_vllm_kv_cache_utilization"][0]["value"]
     assert 0.0 <= kv <= 1.0
     # HE work happens in the engine's worker, not in the API server.

@@ -248,12 +248,19 @@ def test_demo_adapter_streaming_chat(client: Any) -> None:
 
 
 def test_runtime_load_and_unload(
-    server: VllmServer, client: Any, llama_adapters: dict[str, Path], sequential: dict
+    server: VllmServer,
+    client: Any,
+    llama_adapters: dict[str, Path],
+    sequential: dict,
+    adapter_dir: Path,
 ) -> None:
+    # With TENSAFE_ADAPTER_DIR set, runtime loads come from that folder only
+    # (tests/e2e/test_hostile_input.py attacks that).
+    shutil.copy(llama_adapters["e8"], adapter_dir / "late-package.tssp")
     status, body = _post(
         server,
         "/v1/load_lora_adapter",
-        {"lora_name": "late", "lora_path": str(llama_adapters["e8"])},
+        {"lora_name": "late", "lora_path": "late-package.tssp"},
     )
     assert status == 200, body
     prompt = PROMPTS[0]
@@ -267,14 +274,14 @@ def test_runtime_load_and_unload(
 
 def test_runtime_load_refuses_bad_packages(
     server: VllmServer,
-    tmp_path: Path,
     llama_adapters: dict[str, Path],
     adapters: AdapterFactory,
     stranger_keys: Keys,
     tiny_llama: Path,
     tiny_qwen2: Path,
+    adapter_dir: Path,
 ) -> None:
-    tampered = tmp_path / "tampered.tssp"
+    tampered = adapter_dir / "tampered.tssp"  # inside the folder: runtime loads come from it
     data = bytearray(llama_adapters["e8"].read_bytes())
     data[len(data) // 2] ^= 0x01
     tampered.write_bytes(bytes(data))
@@ -283,15 +290,19 @@ def test_runtime_load_refuses_bad_packages(
     )
     qwen_adapter = adapters.peft(tiny_qwen2, "qwen2-r8-qv", seed=21)
     for_qwen = adapters.package(qwen_adapter, tiny_qwen2, "qwen-e8")
+    shutil.copy(untrusted, adapter_dir / "untrusted.tssp")
+    shutil.copy(for_qwen, adapter_dir / "for-qwen.tssp")
     cases = {
         "tampered": (tampered, "digest"),
-        "untrusted": (untrusted, "not trusted"),
-        "wrong base": (for_qwen, "base model"),
-        "missing": (tmp_path / "nope.tssp", "does not exist"),
+        "untrusted": (adapter_dir / "untrusted.tssp", "not trusted"),
+        "wrong base": (adapter_dir / "for-qwen.tssp", "base model"),
+        "missing": (adapter_dir / "nope.tssp", "does not exist"),
     }
     for label, (path, needle) in cases.items():
         status, body = _post(
-            server, "/v1/load_lora_adapter", {"lora_name": f"bad-{label}", "lora_path": str(path)}
+            server,
+            "/v1/load_lora_adapter",
+            {"lora_name": f"bad-{label.replace(' ', '-')}", "lora_path": str(path)},
         )
         assert status in (400, 404), (label, status, body)
         message = json.loads(body)["error"]["message"]

@@ -151,8 +151,11 @@ def pack_adapter(
     )
     total = sum(ciphertext_count(ctx, m.d_out, adapter.rank) for m in adapter.modules.values())
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    spool = BlobSpool(out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        spool = BlobSpool(out.parent)
+    except OSError as exc:
+        raise _write_error(out, exc) from exc
     try:
         a_mixed: dict[str, Any] = {}
         modules: dict[str, Any] = {}
@@ -240,5 +243,15 @@ def pack_adapter(
                 LORA_B: [index, spool.path],
             },
         )
+    except OSError as exc:  # disk full, quota, read-only: the temporary files are removed
+        raise _write_error(out, exc) from exc
     finally:
         spool.discard()
+
+
+def _write_error(out: Path, exc: OSError) -> TsspError:
+    return TsspError(
+        f"cannot write TSSP package {out}: {exc.strerror or exc}; no partial package was left "
+        "(a package already at that path is unchanged)",
+        "free space on that file system (or fix its permissions), or write elsewhere with -o",
+    )

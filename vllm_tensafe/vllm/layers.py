@@ -119,6 +119,12 @@ def _add_slot_delta(
         # failed after the step and these tokens are discarded, so the key holder is not
         # asked again (its first error stands).
         return
+    if entry.adapter.load_error is not None:
+        # Its package could not be read again: fail its requests, add nothing.
+        board.record_adapter_failure(
+            entry.adapter.lora_int_id, entry.adapter.name, entry.adapter.load_error
+        )
+        return
     rank = entry.adapter.rank
     items = []
     targeted = []
@@ -279,6 +285,12 @@ def _bind_slot(manager: Any, lora_id: int) -> None:
             continue
         if adapter is None:
             module._tensafe_slots.pop(index, None)
+            continue
+        if adapter.load_error is not None:
+            # No weights to add; registered in every layer so that its tokens are failed.
+            module._tensafe_slots[index] = EncryptedSlot(
+                adapter=adapter, slices=[None] * module.n_slices
+            )
             continue
         sub_modules = manager.packed_modules.get(name, [name])
         slices = [adapter.matrices.get(sub) for sub in sub_modules]

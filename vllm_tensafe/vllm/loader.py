@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vllm_tensafe.errors import UnsupportedAdapterError
+from vllm_tensafe.errors import PackageChangedError, TenSafeError, UnsupportedAdapterError
 from vllm_tensafe.vllm import patches
 from vllm_tensafe.vllm.runtime import EncryptedAdapter, get_runtime
 
@@ -43,22 +45,45 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
     model = manager._adapter_manager.model
     started = time.perf_counter()
     logger.info(
-        "Loading encrypted adapter %r for its first request in this worker: verifying the "
-        "package's signature and digests and reading its CKKS ciphertexts (once per worker; "
-        "later requests reuse them)",
+        "Loading encrypted adapter %r in this worker: verifying the package's signature and "
+        "digests and reading its CKKS ciphertexts (again only after vLLM evicted it from its "
+        "adapter cache, --max-cpu-loras)",
         lora_request.lora_name,
     )
-    package = runtime.open_package(lora_request.lora_path, text_config_dict(model.config))
+    known = _KNOWN.get(lora_request.lora_int_id)
+    try:
+        package = runtime.open_package(lora_request.lora_path, text_config_dict(model.config))
+        if (
+            known is not None
+            and not getattr(lora_request, "load_inplace", False)
+            and package.manifest_digest != known.manifest_digest
+        ):
+            raise PackageChangedError(
+                f"the package {lora_request.lora_path} changed on disk after adapter "
+                f"{known.name!r} was loaded from it (manifest sha256 {known.manifest_digest[:16]}"
+                f", now {package.manifest_digest[:16]})",
+                "restore the file, or load the new one explicitly (/v1/load_lora_adapter with "
+                "load_inplace, or a restart)",
+            )
+    except TenSafeError as exc:
+        if known is None or getattr(lora_request, "load_inplace", False):
+            raise  # a first or explicit load: refused to its caller, as before
+        # vLLM reads the path again after evicting the adapter from its cache, inside a model
+        # step: raising here would end the engine and every request on it. Fail this adapter's
+        # requests instead, through the same per-request path as a key-holder failure.
+        logger.error(
+            "Encrypted adapter %r (id %d) is unusable: %s", known.name, known.lora_int_id, exc
+        )
+        return _unusable_lora(manager, lora_request, known, exc)
 
-    peft_helper = peft_helper_cls.from_dict(
-        {
-            "r": package.rank,
-            "lora_alpha": package.alpha,
-            "target_modules": list(package.target_modules),
-            "use_rslora": package.use_rslora,
-            "vllm_max_position_embeddings": manager.max_position_embeddings,
-        }
-    )
+    peft_dict = {
+        "r": package.rank,
+        "lora_alpha": package.alpha,
+        "target_modules": list(package.target_modules),
+        "use_rslora": package.use_rslora,
+        "vllm_max_position_embeddings": manager.max_position_embeddings,
+    }
+    peft_helper = peft_helper_cls.from_dict(peft_dict)
     peft_helper.validate_legal(lora_config)
 
     supported = _expected_modules(manager)
@@ -78,21 +103,7 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
             (entry.d_out, package.rank), dtype=torch.float32
         )
 
-    lora_model_cls = manager._lora_model_cls
-    hf_to_vllm_mapper = getattr(model, "hf_to_vllm_mapper", None)
-    if hf_to_vllm_mapper is not None:
-        # The mapper without its stacking rules, as vLLM's own LoRA loader uses it (the
-        # method's name differs between vLLM versions: the patch table knows which).
-        hf_to_vllm_mapper = patches.resolve("lora_weights_mapper")(hf_to_vllm_mapper)
-    lora = lora_model_cls.from_lora_tensors(
-        lora_model_id=lora_request.lora_int_id,
-        tensors=tensors,
-        peft_helper=peft_helper,
-        device="cpu",
-        dtype=lora_config.lora_dtype,
-        model_vocab_size=manager.vocab_size,
-        weights_mapper=hf_to_vllm_mapper,
-    )
+    lora = _lora_model(manager, lora_request, tensors, peft_helper)
     adapter = EncryptedAdapter(
         lora_int_id=lora_request.lora_int_id,
         name=package.name,
@@ -120,7 +131,17 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
         },
     )
     lora.tensafe_adapter = adapter  # read by the activation hook in layers.py
+    # Every adapter ever loaded stays listed (status route), but its ciphertexts only as long
+    # as vLLM keeps its LoRA: runtime load/unload cycles would otherwise pile them up.
+    weakref.finalize(lora, adapter.release)
     runtime.register(adapter)
+    _KNOWN[lora_request.lora_int_id] = _KnownPackage(
+        lora_int_id=lora_request.lora_int_id,
+        name=package.name,
+        manifest_digest=package.manifest_digest,
+        peft=peft_dict,
+        shapes={key: tuple(value.shape) for key, value in tensors.items()},
+    )
     logger.info(
         "Loaded encrypted adapter %r version %d (id %d, rank %d, %d modules, signer %s) from %s "
         "in %.1fs",
@@ -133,6 +154,66 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
         lora_request.lora_path,
         time.perf_counter() - started,
     )
+    return lora
+
+
+@dataclass(frozen=True)
+class _KnownPackage:
+    """What a worker remembers of a package it loaded (no weights): enough to recognise the
+    same package when vLLM reads the path again, and to stand in for it if it cannot."""
+
+    lora_int_id: int
+    name: str
+    manifest_digest: str
+    peft: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+
+
+# lora_int_id -> the package first loaded under it, in this worker process.
+_KNOWN: dict[int, _KnownPackage] = {}
+
+
+def _lora_model(
+    manager: Any, lora_request: Any, tensors: dict[str, torch.Tensor], peft_helper: Any
+) -> Any:
+    model = manager._adapter_manager.model
+    hf_to_vllm_mapper = getattr(model, "hf_to_vllm_mapper", None)
+    if hf_to_vllm_mapper is not None:
+        # The mapper without its stacking rules, as vLLM's own LoRA loader uses it (the
+        # method's name differs between vLLM versions: the patch table knows which).
+        hf_to_vllm_mapper = patches.resolve("lora_weights_mapper")(hf_to_vllm_mapper)
+    return manager._lora_model_cls.from_lora_tensors(
+        lora_model_id=lora_request.lora_int_id,
+        tensors=tensors,
+        peft_helper=peft_helper,
+        device="cpu",
+        dtype=manager.lora_config.lora_dtype,
+        model_vocab_size=manager.vocab_size,
+        weights_mapper=hf_to_vllm_mapper,
+    )
+
+
+def _unusable_lora(
+    manager: Any, lora_request: Any, known: _KnownPackage, error: TenSafeError
+) -> Any:
+    """A zero LoRA of the known shapes whose every use fails its requests with ``error``."""
+    peft_helper = patches.resolve("PEFTHelper").from_dict(known.peft)
+    tensors = {key: torch.zeros(shape, dtype=torch.float32) for key, shape in known.shapes.items()}
+    lora = _lora_model(manager, lora_request, tensors, peft_helper)
+    adapter = EncryptedAdapter(
+        lora_int_id=lora_request.lora_int_id,
+        name=known.name,
+        path=os.fspath(lora_request.lora_path),
+        signer_key_id=None,
+        manifest_digest=known.manifest_digest,
+        rank=int(known.peft["r"]),
+        matrices={},
+        engine=None,  # type: ignore[arg-type]  # never asked: load_error fails first
+        summary={"name": known.name, "load_error": str(error)},
+        load_error=error,
+    )
+    lora.tensafe_adapter = adapter
+    get_runtime().register(adapter)
     return lora
 
 

@@ -46,6 +46,9 @@ class EncryptedAdapter:
     # The last key-holder refusal, and whether it said "revoked" (cleared by a success).
     last_error: str | None = None
     revoked: bool = False
+    # Set when vLLM read the package again and could not use it (replaced, removed,
+    # corrupted): every request of the adapter then fails with this error (layers.py).
+    load_error: Exception | None = None
 
     @property
     def adapter_id(self) -> str:
@@ -65,6 +68,11 @@ class EncryptedAdapter:
         self.failures += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
         self.revoked = isinstance(exc, AdapterRevokedError)
+
+    def release(self) -> None:
+        """vLLM dropped this adapter's LoRA (evicted it from its cache, or removed it): free
+        the B' ciphertexts and keep the record. A later use loads the package again."""
+        self.matrices = {}
 
     def carry_usage(self, previous: EncryptedAdapter) -> None:
         """Continue the counters of the same package loaded before (vLLM evicted and reloaded

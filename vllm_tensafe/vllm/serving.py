@@ -13,7 +13,8 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-from vllm_tensafe.errors import ConfigError, TenSafeError
+from vllm_tensafe.containment import resolve_inside
+from vllm_tensafe.errors import AdapterPathRefusedError, ConfigError, TenSafeError
 from vllm_tensafe.settings import TenSafeSettings
 from vllm_tensafe.vllm import patches
 from vllm_tensafe.vllm.loader import TSSP_SUFFIX, is_tssp_path, text_config_dict
@@ -38,7 +39,8 @@ def resolve_adapter_path(adapter_dir: Path, name: str) -> Path | None:
     unchecked; here a separator, "..", an absolute path or a symlink leading out is refused.
     """
     if not _SAFE_NAME.fullmatch(name) or ".." in name:
-        logger.warning("Refusing adapter name %r: not a plain adapter name", name)
+        # The name is the client's: log a bounded prefix of it, never all of it.
+        logger.warning("Refusing adapter name %r: not a plain adapter name", name[:80])
         return None
     root = adapter_dir.resolve()
     candidate = adapter_dir / f"{name}{TSSP_SUFFIX}"
@@ -68,6 +70,9 @@ def install_serving_hooks(settings: TenSafeSettings) -> None:
         patches.resolve("create_error_response")
         _register_resolver(settings.adapter_dir)
         patches.replace("serving.resolve_lora", _wrap_resolve_lora)
+        # Runtime loads and unloads stay inside the folder: required, never optional here.
+        patches.replace("serving.load_lora_adapter", _wrap_load_lora_adapter)
+        patches.replace("serving.unload_lora_adapter", _wrap_unload_lora_adapter)
 
     def install_load_check() -> None:
         patches.resolve("create_error_response")
@@ -83,6 +88,21 @@ def install_serving_hooks(settings: TenSafeSettings) -> None:
 
 def _wrap_load_lora_adapter(original: Any) -> Any:
     async def load_lora_adapter(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        contained = get_runtime().settings
+        # vLLM loads --lora-modules through this method too: the operator's own list, exempt.
+        static = {(m.name, m.path) for m in getattr(self, "static_lora_modules", None) or ()}
+        if (
+            contained.adapter_dir is not None
+            and request.lora_name
+            and request.lora_path
+            and (request.lora_name, request.lora_path) not in static
+        ):
+            try:
+                path = runtime_adapter_path(contained, request.lora_name, request.lora_path)
+            except AdapterPathRefusedError as exc:
+                return _refusal(exc)
+            # Load what was checked: the real path inside the folder, no link, no "..".
+            request = request.model_copy(update={"lora_path": str(path)})
         if is_tssp_path(request.lora_path):
             error = _check_or_error(request.lora_path, self.model_config.hf_config)
             if error is not None:
@@ -90,6 +110,27 @@ def _wrap_load_lora_adapter(original: Any) -> Any:
         return await original(self, request, *args, **kwargs)
 
     return load_lora_adapter
+
+
+def _wrap_unload_lora_adapter(original: Any) -> Any:
+    async def unload_lora_adapter(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        contained = get_runtime().settings
+        loaded = self.lora_requests.get(request.lora_name) if request.lora_name else None
+        if contained.adapter_dir is not None and loaded is not None:
+            try:
+                runtime_adapter_path(contained, loaded.lora_name, loaded.lora_path)
+            except AdapterPathRefusedError:
+                return _refusal(
+                    AdapterPathRefusedError(
+                        f"adapter {request.lora_name!r} was not loaded from the adapter folder "
+                        "(--tensafe-adapter-dir), and only adapters from there are unloaded "
+                        "at runtime",
+                        "restart the server without it in --lora-modules to remove it",
+                    )
+                )
+        return await original(self, request, *args, **kwargs)
+
+    return unload_lora_adapter
 
 
 def _wrap_resolve_lora(original: Any) -> Any:
@@ -104,6 +145,44 @@ def _wrap_resolve_lora(original: Any) -> Any:
         return await original(self, lora_name, *args, **kwargs)
 
     return resolve_lora
+
+
+def runtime_adapter_path(settings: TenSafeSettings, name: str, lora_path: str) -> Path:
+    """What ``/v1/load_lora_adapter`` may load for (``name``, ``lora_path``) when
+    ``TENSAFE_ADAPTER_DIR`` is set: the real path inside that folder, a ``.tssp`` package
+    unless plaintext adapters are allowed. Raises AdapterPathRefusedError, whose message is
+    the same for every path outside the folder (nothing outside is looked at)."""
+    assert settings.adapter_dir is not None
+    if not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise AdapterPathRefusedError(
+            "lora_name must be a plain adapter name: 1 to 128 letters, digits, '_', '-' or "
+            "'.', starting with a letter or digit, without '..'",
+            "choose such a name",
+        )
+    path = resolve_inside(settings.adapter_dir, lora_path)
+    if path is None:
+        raise AdapterPathRefusedError(
+            "lora_path must name an adapter inside the adapter folder "
+            "(--tensafe-adapter-dir); paths outside it, and links leading out of it, are "
+            "refused",
+            "copy the adapter into that folder and pass its path relative to the folder",
+        )
+    if not is_tssp_path(path) and not settings.allow_plaintext_lora:
+        raise AdapterPathRefusedError(
+            "this server loads only encrypted .tssp packages at runtime, not plaintext "
+            "LoRA adapters",
+            "pack the adapter (vllm-tensafe pack), or allow plaintext adapters from the "
+            "folder with --tensafe-allow-plaintext-lora / TENSAFE_ALLOW_PLAINTEXT_LORA=true",
+        )
+    return path
+
+
+def _refusal(exc: AdapterPathRefusedError) -> Any:
+    create_error_response = patches.resolve("create_error_response")
+    logger.warning("Refused runtime adapter request: %s", exc.cause)
+    return create_error_response(
+        message=str(exc), err_type="PermissionDenied", status_code=HTTPStatus.FORBIDDEN
+    )
 
 
 def _check_or_error(path: str, hf_config: Any) -> Any:
