@@ -71,10 +71,21 @@ sys.exit(args.handler(args))
 
 def start_service(secret: Any, workdir: Path) -> tuple[subprocess.Popen[str], str]:
     """`key-holder serve` in a child process; returns it and its URL."""
+    import json
+
     secret_path, token_path = workdir / "bench.secret", workdir / "tokens"
     secret.save(secret_path)
     token_path.write_text(TOKEN + "\n")
     token_path.chmod(0o600)
+    # No package here: a policy file binds the benchmark's adapter name to its key.
+    policy = workdir / "adapters.json"
+    ref = _ref(secret)
+    policy.write_text(
+        json.dumps(
+            {"adapters": [{"name": ref.name, "key_id": ref.key_id,
+                           "manifests": [{"digest": ref.manifest_digest}]}]}
+        )
+    )  # fmt: skip
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -88,6 +99,10 @@ def start_service(secret: Any, workdir: Path) -> tuple[subprocess.Popen[str], st
             "0",
             "--token-file",
             str(token_path),
+            "--adapters",
+            str(policy),
+            "--audit-log",
+            str(workdir / "audit.jsonl"),
         ],
         stderr=subprocess.PIPE,
         text=True,

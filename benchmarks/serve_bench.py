@@ -84,6 +84,9 @@ VARIANTS = ("base", "plaintext", "he-local", "he-remote")
 PROMPT = "Once upon a time in a quiet village by the sea, there lived"
 
 
+BENCH_TOKEN = "bench-token-0123456789"
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -292,7 +295,8 @@ def prepare(workdir: Path, model_name: str, adapter_name: str) -> dict[str, Path
                 "pack", str(adapter), "--base-model", str(model),
                 "--signing-key", str(keys.with_suffix(".key")),
                 "--he-public", str(keys.with_suffix(".public")),
-                "-o", str(package), "--name", "bench",
+                # One name per package: hosts keep the newest version seen per name.
+                "-o", str(package), "--name", f"bench-{model_name}-{adapter_name}",
             ]
         )  # fmt: skip
         if code:
@@ -329,7 +333,7 @@ def server_for(
             args += ["--tensafe-he-secret", str(keys.with_suffix(".secret"))]
         else:
             token = keys.parent / "host-token"
-            token.write_text("bench-token\n")
+            token.write_text(f"{BENCH_TOKEN}\n")
             args += ["--tensafe-key-holder", "remote",
                      "--tensafe-key-holder-url", f"http://127.0.0.1:{kh_port}",
                      "--tensafe-key-holder-token-file", str(token)]  # fmt: skip
@@ -429,10 +433,17 @@ def main() -> int:
     kh_port = None
     if "he-remote" in variants:
         from vllm_tensafe.he import KeyHolderService, SecretKeySet
+        from vllm_tensafe.he.service import AdapterPolicy, TokenStore
+        from vllm_tensafe.tssp import TrustStore
 
         kh_port = free_port()
+        trust = TrustStore.from_files([paths["keys"].with_suffix(".pub")])
         service = KeyHolderService(
-            SecretKeySet.load(paths["keys"].with_suffix(".secret")), {"bench-token"}, port=kh_port
+            SecretKeySet.load(paths["keys"].with_suffix(".secret")),
+            AdapterPolicy.from_packages([paths["package"]], trust),
+            TokenStore.from_secrets([BENCH_TOKEN]),
+            port=kh_port,
+            audit_log=workdir / "key-holder-audit.jsonl",
         )
         service.start()
 

@@ -3,10 +3,17 @@
 #
 #   bash examples/pack_adapter.sh ADAPTER_DIR BASE_MODEL_DIR OUT_DIR [NAME]
 #
-# Writes OUT_DIR/owner.key (Ed25519 signing key: keep it), owner.pub (give it to hosts),
-# owner.secret (CKKS secret key: only the key holder may hold it), owner.public (CKKS public
-# context, used to encrypt) and OUT_DIR/NAME.tssp (give it to hosts). Existing keys are reused,
-# so packing a second adapter keeps the same owner identity.
+# Writes, in OUT_DIR:
+#   owner.key / owner.pub    Ed25519 signing key (keep owner.key; give owner.pub to hosts),
+#                            made once and reused for every adapter of this owner
+#   NAME.secret / NAME.public  this adapter's own CKKS key pair (one key per adapter: a remote
+#                            key holder refuses a key shared by two adapters); NAME.secret
+#                            goes only to the key holder
+#   NAME.records.json        which adapter the key encrypts and the last version packed
+#   NAME.tssp                the package (give it to hosts); NAME is its adapter id
+#   NAME.inspect.json        what the package declares (vllm-tensafe inspect --json)
+# Running it again re-packs NAME with the next adapter_version (hosts and key holders refuse
+# the older package once they have seen the newer one).
 set -euo pipefail
 
 if [ "$#" -lt 3 ]; then
@@ -23,13 +30,14 @@ mkdir -p "$out"
 owner="$out/owner"
 # Ed25519 signing key pair: hosts trust packages signed by owner.key through owner.pub.
 [ -f "$owner.key" ] || "$tensafe" keygen signing --out "$owner"
-# CKKS key pair: B is encrypted under owner.public; owner.secret stays with the key holder.
-[ -f "$owner.secret" ] || "$tensafe" keygen he --out "$owner"
+# This adapter's CKKS key pair: B is encrypted under NAME.public; NAME.secret stays with the
+# key holder.
+[ -f "$out/$name.secret" ] || "$tensafe" keygen he --out "$out/$name"
 
 "$tensafe" pack "$adapter" \
     --base-model "$base_model" \
     --signing-key "$owner.key" \
-    --he-public "$owner.public" \
+    --he-public "$out/$name.public" \
     --name "$name" \
     -o "$out/$name.tssp" --force
 

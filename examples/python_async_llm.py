@@ -1,7 +1,7 @@
 """Serve an encrypted adapter with vLLM's ``AsyncLLM`` (the engine behind ``vllm serve``).
 
     python examples/python_async_llm.py --model MODEL_DIR --package ADAPTER.tssp \
-        --trusted-key owner.pub --he-secret owner.secret
+        --trusted-key owner.pub --he-secret ADAPTER.secret
 
 Streams the encrypted adapter's answer token by token, then prints it as JSON.
 """
@@ -63,6 +63,8 @@ def main() -> None:
         TENSAFE_HE_SECRET=args.he_secret,
     )
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # vLLM (and its engine processes) log to stdout by default; stdout is for the JSON.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     print(json.dumps(asyncio.run(run(args))))
 
 

@@ -1,11 +1,12 @@
 """Serve an encrypted adapter with the stock vLLM Python API: ``vllm.LLM`` + ``LoRARequest``.
 
     python examples/python_llm_api.py --model MODEL_DIR --package ADAPTER.tssp \
-        --trusted-key owner.pub --he-secret owner.secret [--plain-adapter PEFT_DIR]
+        --trusted-key owner.pub --he-secret ADAPTER.secret [--plain-adapter PEFT_DIR]
 
 TenSafe is configured through TENSAFE_* variables (the Python API parses no flags); a .tssp
 path in a LoRARequest is then served like any adapter path. With --plain-adapter the same
-adapter is also served in plaintext for comparison. Prints one JSON object.
+adapter is also served in plaintext for comparison. Prints one JSON object on stdout (vLLM's
+logs go to stderr).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main() -> None:
         TENSAFE_HE_SECRET=args.he_secret,
     )
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # small CPU machines
+    # vLLM (and its engine processes) log to stdout by default; stdout is for the JSON.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest

@@ -1,7 +1,7 @@
 """The original TenSafe guide's engine API over stock vLLM: ``TenSafeAsyncEngine``.
 
     python examples/tensafe_async_engine.py --model MODEL_DIR --package ADAPTER.tssp \
-        --trusted-key owner.pub --he-secret owner.secret
+        --trusted-key owner.pub --he-secret ADAPTER.secret
 
 ``TenSafeVLLMConfig`` takes the guide's fields; ``initialize()`` verifies the package and checks
 it against the config (a contradiction is refused, never overridden), then starts vLLM's own
@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=10)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # small CPU machines
+    # vLLM (and its engine processes) log to stdout by default; stdout is for the JSON.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     print(json.dumps(asyncio.run(run(args))))
 
 

@@ -1,7 +1,7 @@
 """The original TenSafe guide's server API over stock vLLM: ``TenSafeVLLMServer``.
 
     python examples/tensafe_server.py --model MODEL_DIR --package ADAPTER.tssp \
-        --trusted-key owner.pub --he-secret owner.secret [--port 8000]
+        --trusted-key owner.pub --he-secret ADAPTER.secret [--port 8000]
 
 Serves vLLM's own OpenAI-compatible app (the adapter as a LoRA named --adapter-name) until
 Ctrl-C. ``GET /health`` answers ``{"status": "healthy", "model": ...}`` as in the guide; query the

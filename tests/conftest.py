@@ -63,6 +63,29 @@ def _keys(folder: Path, name: str) -> Keys:
     )
 
 
+def adapter_keys(artifacts: Path, owner: Keys, name: str) -> Keys:
+    """The owner's signing key with a CKKS key pair of this adapter's own."""
+    folder = artifacts / "keys"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / f"{name}.secret").exists():
+        assert tensafe_cli(["keygen", "he", "--out", str(folder / name)]) == 0
+    return Keys(
+        signing_key=owner.signing_key,
+        signing_pub=owner.signing_pub,
+        he_secret=folder / f"{name}.secret",
+        he_public=folder / f"{name}.public",
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _version_ledger(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The hosts' rollback ledger (highest adapter_version per name) of this test run only,
+    not the user's ~/.local/state: test packages of one name are re-made between runs."""
+    os.environ.setdefault(
+        "TENSAFE_VERSION_FILE", str(tmp_path_factory.mktemp("state") / "adapter-versions.json")
+    )
+
+
 @pytest.fixture(scope="session")
 def owner_keys(artifacts: Path) -> Keys:
     """The adapter owner's signing key and CKKS key pair (the host trusts this signer)."""
@@ -106,10 +129,18 @@ class AdapterFactory:
         )
 
     def package(
-        self, adapter_dir: Path, model_dir: Path, name: str, keys: Keys | None = None
+        self,
+        adapter_dir: Path,
+        model_dir: Path,
+        name: str,
+        keys: Keys | None = None,
+        folder: str = "",
     ) -> Path:
+        from vllm_tensafe.tssp.format import FORMAT_VERSION
+
         keys = keys or self.keys
-        out = self.root / "tssp" / f"{name}.tssp"
+        # Per format version: packages cached by an older version would be refused.
+        out = self.root / f"tssp-v{FORMAT_VERSION}" / folder / f"{name}.tssp"
         if not out.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
             code = tensafe_cli(
@@ -127,6 +158,9 @@ class AdapterFactory:
                     "--name",
                     name,
                     "--quiet",
+                    # One owner key for many test adapters: fine for a local key holder; the
+                    # remote key-holder tests give each adapter its own key (adapter_keys).
+                    "--allow-shared-key",
                 ]
             )
             assert code == 0

@@ -169,15 +169,24 @@ def _adapter(lora_id: int, name: str) -> Any:
     )
 
 
-def test_runtime_status_lists_resident_adapters_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runtime_status_keeps_evicted_adapters_and_their_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vllm_tensafe.errors import AdapterRevokedError
     from vllm_tensafe.vllm.runtime import TenSafeRuntime
 
     runtime = TenSafeRuntime(SimpleNamespace(key_holder="remote"))  # type: ignore[arg-type]
-    runtime.adapters = {1: _adapter(1, "a"), 2: _adapter(2, "b")}
+    runtime.register(_adapter(1, "a"))
+    runtime.register(_adapter(2, "b"))
     assert [a["name"] for a in runtime.adapter_status()] == ["a", "b"]
-    only = runtime.adapter_status({2})
-    assert [a["name"] for a in only] == ["b"]
-    assert only[0]["usage"]["ciphertexts_sent"] == 12  # type: ignore[index]
+    listed = runtime.adapter_status({2})  # vLLM evicted "a": still listed, not resident
+    assert [(a["name"], a["resident"]) for a in listed] == [("a", False), ("b", True)]
+    # vLLM loads "a" again (a new object): the counters continue, they do not restart.
+    runtime.adapters[1].record_failure(AdapterRevokedError("revoked", "ask"))
+    runtime.register(_adapter(1, "a"))
+    (a,) = [s for s in runtime.adapter_status({1, 2}) if s["name"] == "a"]
+    assert a["usage"]["ciphertexts_sent"] == 24 and a["usage"]["failures"] == 1  # type: ignore[index]
+    assert a["revoked"] is True and "AdapterRevokedError" in str(a["last_error"])
 
 
 async def test_route_answers_rank_zero_with_served_names(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,7 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
     from vllm_tensafe import demo
 
     demo.add_commands(subparsers)
+    flags = subparsers.add_parser(
+        "flags",
+        help="list vllm serve's --tensafe-* flags with their variables and defaults (instant)",
+        description="The TenSafe flags of the stock `vllm serve`, as `vllm serve --help=tensafe` "
+        "shows them once vLLM has loaded (which takes vLLM a while).",
+    )
+    flags.set_defaults(handler=_flags)
     return parser
+
+
+def _flags(args: argparse.Namespace) -> int:
+    from vllm_tensafe.plugin import add_tensafe_args
+
+    parser = argparse.ArgumentParser(
+        prog="vllm serve", usage="vllm serve MODEL [--enable-tensafe] [--tensafe-* ...]"
+    )
+    add_tensafe_args(parser)
+    parser.print_help()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,6 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `vllm-tensafe inspect --json | head`: the reader left; that is not an error. Point
+        # stdout at /dev/null so the interpreter's final flush does not raise again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

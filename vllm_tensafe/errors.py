@@ -51,6 +51,14 @@ class BaseModelMismatchError(TsspError):
     """The package was made for a different base model (architecture or weight shapes)."""
 
 
+class RollbackError(TsspError):
+    """A validly signed package older (lower adapter_version) than one already seen."""
+
+
+class PackageExpiredError(TsspError):
+    """The package's signed not_after date has passed."""
+
+
 class UnsupportedAdapterError(TsspError):
     """The PEFT adapter uses a feature that cannot be served correctly (DoRA, lm_head, ...)."""
 
@@ -72,6 +80,11 @@ class KeyHolderUnavailableError(KeyHolderError):
 
 class KeyHolderAuthError(KeyHolderError):
     """The key holder refused the host's credentials (HTTP 401/403)."""
+
+
+class KeyHolderForbiddenError(KeyHolderError):
+    """The key holder's policy refused the request: unknown adapter, a key or package version
+    not bound to it, or a token without the scope (HTTP 403 at the key holder)."""
 
 
 class AdapterRevokedError(KeyHolderError):

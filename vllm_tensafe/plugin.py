@@ -144,21 +144,24 @@ def _route_logs_through_vllm() -> bool:
 
 
 def add_tensafe_args(parser: argparse.ArgumentParser) -> None:
-    """Add the TenSafe flags. Defaults are None so an unset flag leaves TENSAFE_* in charge."""
+    """Add the TenSafe flags. An unset flag sets nothing (argparse.SUPPRESS), so TENSAFE_*
+    stays in charge; the help names the setting's real default instead of "None"."""
     if any(action.dest == "enable_tensafe" for action in parser._actions):
         return
     group = parser.add_argument_group(_GROUP_TITLE, _GROUP_DESCRIPTION)
     for name, field in TenSafeSettings.model_fields.items():
         if name in ENV_ONLY:
             continue
-        help_text = f"{field.description} [env: {env_name(name)}]"
+        help_text = (
+            f"{field.description} [env: {env_name(name)}; default: {_shown_default(name)}]"
+        ).replace("%", "%%")
         if name == "enabled":
             group.add_argument(
                 flag_name(name),
                 dest="enable_tensafe",
                 action="store_const",
                 const="true",
-                default=None,
+                default=argparse.SUPPRESS,
                 help=help_text,
             )
             continue
@@ -174,10 +177,17 @@ def add_tensafe_args(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             flag_name(name),
             dest=_dest(name),
-            default=None,
+            default=argparse.SUPPRESS,
             metavar=metavar,
             help=help_text,
         )
+
+
+def _shown_default(name: str) -> str:
+    default = TenSafeSettings.model_fields[name].get_default(call_default_factory=True)
+    if default in (None, []):
+        return "unset"
+    return str(default).lower() if isinstance(default, bool) else str(default)
 
 
 def _dest(field: str) -> str:
@@ -203,6 +213,12 @@ def apply_cli_args(args: argparse.Namespace) -> TenSafeSettings | None:
         args.enable_lora = True
     activate()
     check_static_packages(args)
+    if settings.key_holder == "remote":
+        # Health, protocol, TLS (CA, subjectAltName), token and the packages' keys, before
+        # vLLM spends a minute loading the model.
+        from vllm_tensafe.he.remote import check_key_holder
+
+        check_key_holder(settings, [m.path for m in getattr(args, "lora_modules", None) or []])
     return settings
 
 

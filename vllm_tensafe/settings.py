@@ -37,7 +37,8 @@ class TenSafeSettings(BaseSettings):
     trusted_keys: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Ed25519 public keys (PEM files, comma-separated) whose signatures are "
-        "trusted. A key carried inside a package never counts.",
+        "trusted; PUB=PATTERN trusts PUB only for adapter names matching the glob PATTERN "
+        "(e.g. owner.pub=sql-*). A key carried inside a package never counts.",
     )
     verify_signature: bool = Field(
         True,
@@ -70,6 +71,15 @@ class TenSafeSettings(BaseSettings):
         None,
         description="CA bundle to verify the remote key holder's TLS certificate.",
     )
+    key_holder_client_cert: Path | None = Field(
+        None,
+        description="PEM client certificate the host presents to a key holder that requires "
+        "client certificates (mTLS); needs key_holder_client_key.",
+    )
+    key_holder_client_key: Path | None = Field(
+        None,
+        description="PEM private key of key_holder_client_cert.",
+    )
     key_holder_timeout: float = Field(
         10.0,
         gt=0,
@@ -101,6 +111,12 @@ class TenSafeSettings(BaseSettings):
         "adapter is bound and keep Dec(B') (B' in the clear up to CKKS noise) in device "
         "memory, halving the per-token products. Off: B' stays encrypted and is decrypted "
         "per step with the secret key.",
+    )
+    version_file: Path | None = Field(
+        None,
+        description="File keeping the highest adapter_version seen per adapter name; older "
+        "packages are refused (rollback). Unset: $XDG_STATE_HOME/vllm-tensafe/"
+        "adapter-versions.json (~/.local/state/...).",
     )
     adapter_dir: Path | None = Field(
         None,
@@ -137,12 +153,21 @@ class TenSafeSettings(BaseSettings):
     @field_validator("trusted_keys")
     @classmethod
     def _keys_exist(cls, value: list[Path]) -> list[Path]:
-        for path in value:
+        from vllm_tensafe.tssp.signing import parse_trusted_key
+
+        for entry in value:
+            path, _pattern = parse_trusted_key(entry)
             if not path.is_file():
                 raise ValueError(f"trusted key file {str(path)!r} does not exist")
         return value
 
-    @field_validator("he_secret", "key_holder_token_file", "key_holder_ca")
+    @field_validator(
+        "he_secret",
+        "key_holder_token_file",
+        "key_holder_ca",
+        "key_holder_client_cert",
+        "key_holder_client_key",
+    )
     @classmethod
     def _file_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
@@ -190,6 +215,11 @@ class TenSafeSettings(BaseSettings):
             raise ValueError(
                 "key_holder is 'remote' but no key_holder_token_file is set "
                 "(--tensafe-key-holder-token-file / TENSAFE_KEY_HOLDER_TOKEN_FILE)"
+            )
+        if (self.key_holder_client_cert is None) != (self.key_holder_client_key is None):
+            raise ValueError(
+                "a key-holder client certificate needs its key and the reverse "
+                "(--tensafe-key-holder-client-cert and --tensafe-key-holder-client-key)"
             )
         if self.key_holder == "local" and self.he_secret is None:
             raise ValueError(

@@ -44,6 +44,18 @@ def test_serve_help_lists_the_flags() -> None:
     for flag in ("--enable-tensafe", "--tensafe-trusted-keys", "--tensafe-key-holder-url"):
         assert flag in out
     assert "TENSAFE_ENABLED" in out
+    # Real defaults, not argparse's "(default: None)" (an unset flag leaves TENSAFE_* in
+    # charge, so the flags' own default is "not given").
+    assert "(default: None)" not in out  # the output lists only the matching (TenSafe) flags
+    flat = " ".join(out.split())
+    for shown in (
+        "TENSAFE_KEY_HOLDER; default: local]",
+        "TENSAFE_KEY_HOLDER_TIMEOUT; default: 10.0]",
+        "TENSAFE_KEY_HOLDER_RETRIES; default: 2]",
+        "TENSAFE_VERIFY_SIGNATURE; default: true]",
+        "TENSAFE_PROFILE; default: default]",
+    ):
+        assert shown in flat, shown
 
 
 def test_console_script_version() -> None:

@@ -26,9 +26,10 @@ def _run(script: str, *args: str, timeout: float = 600) -> dict:
         env={**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert lines, proc.stdout[-3000:]
-    return json.loads(lines[-1])
+    # stdout holds the one JSON result and nothing else (vLLM's logs go to stderr).
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("{"), proc.stdout[-3000:]
+    return json.loads(lines[0])
 
 
 @pytest.fixture(scope="module")

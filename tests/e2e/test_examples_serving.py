@@ -1,9 +1,10 @@
 """The shell and serving examples, run as a user would, on the tiny demo model.
 
-pack_adapter.sh makes the owner's keys and the package; serve_local.sh and
-remote_key_holder.sh start the stock ``vllm serve``; openai_chat_stream.py queries them;
-tensafe_server.py and tensafe_async_engine.py are the guide's API. Each serving example
-starts its own real vLLM (that is what it demonstrates), so this module starts three.
+pack_adapter.sh makes the owner's keys and the package; serve_local.sh starts the stock
+``vllm serve``; openai_chat_stream.py queries it; tensafe_server.py and tensafe_async_engine.py
+are the guide's API. Each serving example starts its own real vLLM (that is what it
+demonstrates), so this module starts two. The remote key holder's example runs in
+test_remote_path.py (TLS, revocation, status route).
 """
 
 from __future__ import annotations
@@ -136,8 +137,10 @@ def packed(demo: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
 
 def test_pack_adapter_sh(packed: dict[str, Path]) -> None:
     owner = packed["owner"]
-    for suffix in (".key", ".pub", ".secret", ".public"):
+    for suffix in (".key", ".pub"):  # the owner's signing key, one for all adapters
         assert owner.with_name(f"owner{suffix}").is_file()
+    for suffix in (".secret", ".public"):  # this adapter's own CKKS key
+        assert owner.with_name(f"demo{suffix}").is_file()
     summary = json.loads(packed["package"].with_name("demo.inspect.json").read_text())
     assert summary["manifest"]["name"] == "demo"
     assert "valid" in summary["signature"]
@@ -173,54 +176,6 @@ def test_serve_local_sh_and_openai_streaming_chat(packed: dict[str, Path], tmp_p
         server.stop()
 
 
-def test_remote_key_holder_sh(packed: dict[str, Path], tmp_path: Path) -> None:
-    from vllm_tensafe.testing import DEMO_ANSWER
-
-    tokens = tmp_path / "tokens"  # the owner's list of accepted host tokens
-    tokens.write_text("host-token-for-the-example\n")
-    host_token = tmp_path / "host-token"  # the host's own copy of its token
-    host_token.write_text("host-token-for-the-example\n")
-    kh_port, port = free_port(), free_port()
-    script = str(EXAMPLES / "remote_key_holder.sh")
-    owner = Background(
-        ["bash", script, "owner", str(packed["owner"]), str(tokens), str(kh_port)],
-        tmp_path / "key_holder.log",
-    )
-    host: Background | None = None
-    try:
-        owner.wait_http(f"http://127.0.0.1:{kh_port}/health", timeout=60)
-        host = Background(
-            [
-                "bash",
-                script,
-                "host",
-                str(packed["model"]),
-                str(packed["package"]),
-                str(packed["owner"].with_name("owner.pub")),
-                f"http://127.0.0.1:{kh_port}",
-                str(host_token),
-                str(port),
-                "--",
-                *CPU_ARGS,
-            ],
-            tmp_path / "host.log",
-        )
-        host.wait_http(f"http://127.0.0.1:{port}/health")
-        answer = _chat(port, "demo")
-        assert answer["text"].strip() == DEMO_ANSWER
-        status = _get_json(f"http://127.0.0.1:{port}/v1/tensafe/adapters")
-        assert status["key_holder"] == "remote"
-        assert status["adapters"][0]["usage"]["ciphertexts_sent"] > 0
-        assert "host-token-for-the-example" not in json.dumps(status)
-        # The owner's audit log saw the host's decryptions (and never the token).
-        audit = owner.log.read_text(errors="replace")
-        assert 'adapter="demo"' in audit and "host-token-for-the-example" not in audit
-    finally:
-        if host is not None:
-            host.stop()
-        owner.stop()
-
-
 def test_tensafe_server_py(packed: dict[str, Path], tmp_path: Path) -> None:
     from vllm_tensafe.testing import DEMO_ANSWER
 
@@ -236,7 +191,7 @@ def test_tensafe_server_py(packed: dict[str, Path], tmp_path: Path) -> None:
             "--trusted-key",
             str(packed["owner"].with_name("owner.pub")),
             "--he-secret",
-            str(packed["owner"].with_name("owner.secret")),
+            str(packed["owner"].with_name("demo.secret")),
             "--adapter-name",
             "secret-word",
             "--port",

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import AdapterFactory, Keys
+from tests.conftest import AdapterFactory, Keys, adapter_keys
 from tests.e2e.helpers import LOGPROB_TOL, PROMPTS, assert_same_completion, complete
 from vllm_tensafe.server_process import VllmServer, free_port
 
@@ -24,31 +24,48 @@ pytestmark = pytest.mark.vllm
 BASE = "tiny-llama"
 TOKEN = "host-token-for-tests"
 TIMEOUT = 3.0
+ENCRYPTED = ("e8", "e-budget", "e-revoke")
 
 
 class KeyHolderHarness:
-    """The owner's key-holder service on loopback, which the tests can stop and replace."""
+    """The owner's key-holder service on loopback, which the tests can stop and replace.
 
-    def __init__(self, secret_path: Path, port: int) -> None:
+    It holds one CKKS key per adapter (the key holder refuses a key shared by two adapters)
+    and keeps its audit log across restarts, so budgets and revocations survive them.
+    """
+
+    def __init__(self, keys: dict[str, Keys], packages: list[Path], audit: Path, port: int) -> None:
         from vllm_tensafe.he import SecretKeySet
 
-        self.secret = SecretKeySet.load(secret_path)
+        self.secrets = [SecretKeySet.load(k.he_secret) for k in keys.values()]
+        self.signing_pub = next(iter(keys.values())).signing_pub
+        self.packages = packages
+        self.audit = audit
         self.port = port
         self.service: Any = None
         self._blackhole: socket.socket | None = None
         self._held: list[socket.socket] = []
 
     def start(self) -> None:
-        from vllm_tensafe.he import KeyHolderService
+        from vllm_tensafe.he.service import AdapterPolicy, KeyHolderService, TokenStore
+        from vllm_tensafe.tssp import TrustStore
 
+        policy = AdapterPolicy.from_packages(
+            self.packages, TrustStore.from_files([self.signing_pub])
+        )
+        policy.adapters["e-budget"].budget = 10
         self.service = KeyHolderService(
-            self.secret, {TOKEN}, port=self.port, budgets={"e-budget": 10}
+            self.secrets,
+            policy,
+            TokenStore.from_secrets([TOKEN]),
+            port=self.port,
+            audit_log=self.audit,
         )
         assert self.service.start() == self.port
 
     def stop(self) -> None:
         if self.service is not None:
-            self.service.stop()
+            self.service.close()
             self.service = None
 
     def blackhole(self) -> None:
@@ -85,19 +102,28 @@ class KeyHolderHarness:
 
 
 @pytest.fixture(scope="module")
-def packages(tiny_llama: Path, adapters: AdapterFactory) -> dict[str, Path]:
+def keys(artifacts: Path, owner_keys: Keys) -> dict[str, Keys]:
+    return {name: adapter_keys(artifacts, owner_keys, f"kh-{name}") for name in ENCRYPTED}
+
+
+@pytest.fixture(scope="module")
+def packages(tiny_llama: Path, adapters: AdapterFactory, keys: dict[str, Keys]) -> dict[str, Path]:
     peft = adapters.peft(tiny_llama, "llama-r8-qv", rank=8, alpha=16, seed=11)
     return {
         "p8": peft,
-        "e8": adapters.package(peft, tiny_llama, "e8"),
-        "e-budget": adapters.package(peft, tiny_llama, "e-budget"),
-        "e-revoke": adapters.package(peft, tiny_llama, "e-revoke"),
+        **{
+            name: adapters.package(peft, tiny_llama, name, keys=keys[name], folder="kh")
+            for name in ENCRYPTED
+        },
     }
 
 
 @pytest.fixture(scope="module")
-def key_holder(owner_keys: Keys) -> Iterator[KeyHolderHarness]:
-    harness = KeyHolderHarness(owner_keys.he_secret, free_port())
+def key_holder(
+    keys: dict[str, Keys], packages: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[KeyHolderHarness]:
+    audit = tmp_path_factory.mktemp("key-holder") / "audit.jsonl"
+    harness = KeyHolderHarness(keys, [packages[n] for n in ENCRYPTED], audit, free_port())
     harness.start()
     yield harness
     harness.end_blackhole()

@@ -20,7 +20,7 @@ DOMAIN = b"tssp-manifest-v1\x00"
 def build_container(
     entries: list[tuple[bytes | str, bytes]],
     *,
-    version: int = 1,
+    version: int = 2,
     count: int | None = None,
     reserved: int = 0,
     magic: bytes = MAGIC,

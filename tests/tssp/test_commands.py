@@ -217,6 +217,8 @@ def test_pack_refusal_via_cli(
         "-o",
         tmp_path / "d.tssp",
         "-q",
+        "--key-records",
+        tmp_path / "records.json",
     )
     assert code == 1 and "DoRA" in err and "Fix:" in err
     assert not (tmp_path / "d.tssp").exists()

@@ -74,9 +74,16 @@ def test_not_tssp(write, data: bytes, match: str) -> None:
 
 
 def test_unsupported_version(write) -> None:
-    for version in (0, 2, 0xFFFF):
+    for version in (0, 3, 0xFFFF):
         with pytest.raises(UnsupportedVersionError, match=f"format version {version}"):
             _open(write(build_container(_members(), version=version)))
+
+
+def test_version_1_package_names_the_fix(write) -> None:
+    # Version 1 had no adapter_version (no rollback protection): re-pack, not upgrade.
+    with pytest.raises(UnsupportedVersionError, match="format version 1") as info:
+        _open(write(build_container(_members(), version=1)))
+    assert "re-pack" in str(info.value) and "adapter_version" in str(info.value)
 
 
 def test_reserved_must_be_zero(write) -> None:
@@ -85,7 +92,7 @@ def test_reserved_must_be_zero(write) -> None:
 
 
 def test_too_many_members_refused_before_reading_table(write) -> None:
-    data = MAGIC + struct.pack(">HHI", 1, 0xFFFF, 0)
+    data = MAGIC + struct.pack(">HHI", 2, 0xFFFF, 0)
     with pytest.raises(MalformedPackageError, match=r"claims 65535 entries"):
         _open(write(data))
 

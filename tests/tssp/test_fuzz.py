@@ -56,7 +56,7 @@ def test_arbitrary_bytes(tmp_path: Path, trust: Any, data: bytes) -> None:
 def test_valid_header_arbitrary_table(
     tmp_path: Path, trust: Any, count: int, table: bytes, tail: bytes
 ) -> None:
-    _refused(tmp_path / "f.tssp", MAGIC + struct.pack(">HHI", 1, count, 0) + table + tail, trust)
+    _refused(tmp_path / "f.tssp", MAGIC + struct.pack(">HHI", 2, count, 0) + table + tail, trust)
 
 
 MUTATION = st.one_of(

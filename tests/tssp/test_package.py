@@ -538,7 +538,17 @@ def test_blob_of_another_module(package_bytes: bytes, signer: Any, trust: TrustS
 
 MANIFEST_EDITS = [
     ("extra_field", lambda m: m.update(extra=1), MalformedPackageError, "extra"),
-    ("version", lambda m: m.update(format_version=2), UnsupportedVersionError, "version 2"),
+    ("version", lambda m: m.update(format_version=3), UnsupportedVersionError, "version 3"),
+    ("old_version", lambda m: m.update(format_version=1), UnsupportedVersionError, "re-pack"),
+    ("no_adapter_version", lambda m: m.pop("adapter_version"), MalformedPackageError, "adapter"),
+    ("adapter_version0", lambda m: m.update(adapter_version=0), MalformedPackageError, "adapter"),
+    ("null_expiry", lambda m: m.update(not_after=None), MalformedPackageError, "not_after"),
+    (
+        "bad_expiry",
+        lambda m: m.update(not_after="2025-02-30T00:00:00Z"),
+        MalformedPackageError,
+        "not_after",
+    ),
     ("format", lambda m: m.update(format="zip"), MalformedPackageError, "format"),
     ("rank0", lambda m: m["lora"].update(rank=0), MalformedPackageError, "rank"),
     ("rank_str", lambda m: m["lora"].update(rank="8"), MalformedPackageError, "rank"),

@@ -17,7 +17,7 @@ _EXPORTS = {
     "AdapterRef": "keyholder",
     "KeyHolder": "keyholder",
     "LocalKeyHolder": "keyholder",
-    "RemoteKeyHolder": "keyholder",
+    "RemoteKeyHolder": "remote",
     "key_holder_from_settings": "keyholder",
     "PublicContext": "keys",
     "SecretKeySet": "keys",
@@ -61,12 +61,12 @@ if TYPE_CHECKING:
         AdapterRef,
         KeyHolder,
         LocalKeyHolder,
-        RemoteKeyHolder,
         key_holder_from_settings,
     )
     from vllm_tensafe.he.keys import PublicContext, SecretKeySet, generate_keys, write_keypair
     from vllm_tensafe.he.packing import EncryptedMatrix, ciphertext_count, encrypt_matrix
     from vllm_tensafe.he.profiles import DEFAULT_PROFILE, PROFILES, HEProfile, get_profile
+    from vllm_tensafe.he.remote import RemoteKeyHolder
     from vllm_tensafe.he.service import KeyHolderService
 
 

@@ -1,8 +1,9 @@
 """Key holders: whoever holds the CKKS secret key and decrypts the host's delta batches.
 
 ``LocalKeyHolder`` runs in the host process (the key is in host memory: adapters are protected at
-rest and in transit only). ``RemoteKeyHolder`` talks to ``vllm-tensafe key-holder serve``: the
-host never holds the key; every decryption is authenticated, metered, audited and revocable.
+rest and in transit only). ``RemoteKeyHolder`` (remote.py) talks to ``vllm-tensafe key-holder
+serve`` (service/): the host never holds the key; every decryption is authenticated, checked
+against the key holder's adapter policy, metered, audited and revocable.
 
 Wire protocol v2 (docs/he-scheme.md, "What the key holder sees"): the host sends re-randomised
 ciphertexts whose c0 carries a uniform pad, so each decryption is a uniform polynomial to the
@@ -26,32 +27,22 @@ from __future__ import annotations
 
 import abc
 import hmac
-import http.client
-import json
 import logging
 import math
-import socket
-import ssl
 import struct
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlparse
 
 import numpy as np
 import tenseal.sealapi as seal
 
 from vllm_tensafe.errors import (
-    AdapterRevokedError,
-    BudgetExhaustedError,
     ConfigError,
     ForeignCiphertextError,
     HEError,
-    KeyHolderAuthError,
     KeyHolderError,
-    KeyHolderUnavailableError,
     ProtocolVersionError,
 )
 from vllm_tensafe.he.flooding import flood_coefficients
@@ -73,7 +64,7 @@ RESPONSE_MAGIC = b"TSKHRES2"
 _OLD_REQUEST_MAGIC = b"TSKHREQ1"
 _OLD_RESPONSE_MAGIC = b"TSKHRES1"
 
-MAX_ADAPTER_ID = 256
+MAX_ADAPTER_ID = 128  # bytes of an adapter name (tssp/manifest.py NAME_RE)
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -82,18 +73,12 @@ _CT_HEAD = struct.Struct("<BB")
 
 
 def check_adapter_id(adapter_id: object) -> str:
-    if (
-        not isinstance(adapter_id, str)
-        or not adapter_id
-        or len(adapter_id.encode("utf-8")) > MAX_ADAPTER_ID
-        or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in adapter_id)
-        or adapter_id != adapter_id.strip()
-    ):
-        raise HEError(
-            f"invalid adapter id {adapter_id!r}",
-            f"use a non-empty printable id of at most {MAX_ADAPTER_ID} bytes without "
-            "surrounding whitespace",
-        )
+    """An adapter name (the package's signed ``name``): the one rule of tssp/manifest.py."""
+    from vllm_tensafe.tssp.manifest import NAME_RULE, is_adapter_name
+
+    if not is_adapter_name(adapter_id):
+        raise HEError(f"invalid adapter name {str(adapter_id)[:140]!r}", f"use {NAME_RULE}")
+    assert isinstance(adapter_id, str)
     return adapter_id
 
 
@@ -390,216 +375,6 @@ def _plain_residues(plain: Any, ring: Ring) -> np.ndarray:
     return plaintext_residues(plain, ring.primes)
 
 
-class RemoteKeyHolder(KeyHolder):
-    """Client of ``vllm-tensafe key-holder serve`` (stdlib http.client, keep-alive)."""
-
-    kind = "remote"
-    # Stay well below the service's request limit; one compute() may span several requests.
-    max_request_bytes = 48 << 20
-
-    def __init__(
-        self,
-        url: str,
-        token: str,
-        *,
-        timeout: float = 10.0,
-        retries: int = 2,
-        ca_file: str | None = None,
-    ) -> None:
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ConfigError(
-                f"key holder URL {url!r} is not an http(s) URL with a host",
-                "use e.g. https://keyholder.example:8443",
-            )
-        if not token or any(ch.isspace() for ch in token):
-            raise ConfigError(
-                "key holder token is empty or contains whitespace",
-                "put the bearer token alone in the token file",
-            )
-        if not (timeout > 0 and math.isfinite(timeout)):
-            raise ConfigError(f"key holder timeout {timeout!r} must be > 0", "use e.g. 10")
-        if retries < 0:
-            raise ConfigError(f"key holder retries {retries!r} must be >= 0", "use e.g. 2")
-        self.url = url.rstrip("/")
-        self._host = parsed.hostname
-        self._port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        self._base = parsed.path.rstrip("/")
-        self._https = parsed.scheme == "https"
-        self._token = token
-        self.timeout = float(timeout)
-        self.retries = int(retries)
-        self._ssl: ssl.SSLContext | None = None
-        if self._https:
-            self._ssl = ssl.create_default_context(cafile=ca_file)
-        elif ca_file:
-            log.warning("key holder CA file %s is ignored for a plain http:// URL", ca_file)
-        self._conn: http.client.HTTPConnection | None = None
-        self._lock = threading.Lock()
-
-    # --- transport -------------------------------------------------------------------------
-
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            conn: http.client.HTTPConnection
-            if self._https:
-                conn = http.client.HTTPSConnection(
-                    self._host, self._port, timeout=self.timeout, context=self._ssl
-                )
-            else:
-                conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
-            conn.connect()
-            # One small request per layer per step: Nagle + delayed ACK would add ~40 ms each.
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._conn = conn
-        return self._conn
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            finally:
-                self._conn = None
-
-    def _request(
-        self, method: str, path: str, body: bytes | None = None, content_type: str | None = None
-    ) -> tuple[int, str, bytes]:
-        headers = {"Authorization": f"Bearer {self._token}", "Connection": "keep-alive"}
-        if content_type:
-            headers["Content-Type"] = content_type
-        deadline_note = f"{self.timeout:g}s"
-        last: BaseException | None = None
-        with self._lock:
-            for attempt in range(self.retries + 1):
-                try:
-                    conn = self._connection()
-                    conn.request(method, self._base + path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                    if resp.will_close:
-                        self._drop()
-                    return resp.status, resp.getheader("Content-Type", ""), data
-                except TimeoutError:
-                    # Not retried: a retry could double the wait beyond the caller's timeout.
-                    self._drop()
-                    raise KeyHolderUnavailableError(
-                        f"key holder {self.url} did not answer within {deadline_note}",
-                        "check the key holder's health and load, or raise "
-                        "TENSAFE_KEY_HOLDER_TIMEOUT",
-                    ) from None
-                except ssl.SSLError as exc:
-                    self._drop()
-                    raise KeyHolderUnavailableError(
-                        f"TLS with key holder {self.url} failed: {exc}",
-                        "check TENSAFE_KEY_HOLDER_CA and the key holder's certificate",
-                    ) from None
-                except (OSError, http.client.HTTPException) as exc:
-                    # Refused, reset, or a stale keep-alive connection: reconnect and retry.
-                    self._drop()
-                    last = exc
-                    if attempt < self.retries:
-                        time.sleep(min(0.05 * (2**attempt), 0.5))
-        raise KeyHolderUnavailableError(
-            f"key holder {self.url} is unreachable after {self.retries + 1} attempts: "
-            f"{type(last).__name__}: {last}",
-            "start the key holder (vllm-tensafe key-holder serve) or fix TENSAFE_KEY_HOLDER_URL",
-        )
-
-    @staticmethod
-    def _error(status: int, data: bytes, url: str) -> KeyHolderError:
-        try:
-            payload = json.loads(data.decode("utf-8"))
-            code = str(payload.get("error", ""))
-            cause = str(payload.get("cause", "")) or f"HTTP {status}"
-            fix = payload.get("fix")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            code, cause, fix = "", f"HTTP {status} from key holder {url}", None
-        if code == "protocol_version" or "vnd.tensafe.decrypt-v1" in f"{cause} {fix}":
-            return (
-                _protocol_mismatch(1, "key holder")
-                if code != "protocol_version"
-                else (ProtocolVersionError(cause, fix))
-            )
-        if status in (401, 403) or code == "unauthorized":
-            return KeyHolderAuthError(
-                f"key holder {url} refused the host's token: {cause}",
-                fix or "put a token the key holder accepts in TENSAFE_KEY_HOLDER_TOKEN_FILE",
-            )
-        if code == "adapter_revoked":
-            return AdapterRevokedError(cause, fix or "ask the adapter owner")
-        if code == "budget_exhausted":
-            return BudgetExhaustedError(cause, fix or "ask the adapter owner for more budget")
-        if code == "foreign_ciphertext":
-            return ForeignCiphertextError(cause, fix)
-        if status >= 500:
-            return KeyHolderUnavailableError(
-                f"key holder {url} failed: {cause}", fix or "check the key holder's log"
-            )
-        return KeyHolderError(f"key holder {url} refused the request: {cause}", fix)
-
-    # --- API -------------------------------------------------------------------------------
-
-    def decrypt(self, ref: AdapterRef, ciphertexts: list[bytes]) -> list[np.ndarray]:
-        out: list[np.ndarray] = []
-        batch: list[bytes] = []
-        size = 0
-        for blob in ciphertexts:
-            if batch and size + len(blob) > self.max_request_bytes:
-                out.extend(self._decrypt_batch(ref, batch))
-                batch, size = [], 0
-            batch.append(blob)
-            size += len(blob)
-        if batch:
-            out.extend(self._decrypt_batch(ref, batch))
-        return out
-
-    def _decrypt_batch(self, ref: AdapterRef, batch: list[bytes]) -> list[np.ndarray]:
-        body = encode_request(ref, batch)
-        status, ctype, data = self._request("POST", "/v1/decrypt", body, REQUEST_CONTENT_TYPE)
-        if status != 200:
-            raise self._error(status, data, self.url)
-        if not ctype.startswith(RESPONSE_CONTENT_TYPE):
-            if ctype.startswith("application/vnd.tensafe.values-v1"):
-                raise _protocol_mismatch(1, "key holder")
-            raise KeyHolderError(
-                f"key holder {self.url} answered with content type {ctype!r}",
-                "check that the URL points at a vllm-tensafe key holder",
-            )
-        return decode_response(data, len(batch))
-
-    def _json(self, method: str, path: str) -> dict[str, Any]:
-        status, _, data = self._request(method, path)
-        if status != 200:
-            raise self._error(status, data, self.url)
-        try:
-            payload = json.loads(data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            raise KeyHolderError(
-                f"key holder {self.url} sent a malformed JSON reply", "check the key holder"
-            ) from None
-        if not isinstance(payload, dict):
-            raise KeyHolderError(f"key holder {self.url} sent unexpected JSON", "check it")
-        return payload
-
-    def health(self) -> dict[str, Any]:
-        return self._json("GET", "/health")
-
-    def adapter_status(self, adapter_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/adapters/{quote(check_adapter_id(adapter_id), safe='')}")
-
-    def revoke(self, adapter_id: str) -> dict[str, Any]:
-        return self._json(
-            "POST", f"/v1/adapters/{quote(check_adapter_id(adapter_id), safe='')}/revoke"
-        )
-
-    def close(self) -> None:
-        with self._lock:
-            self._drop()
-
-    def __repr__(self) -> str:
-        return f"RemoteKeyHolder(url={self.url!r})"
-
-
 def token_fingerprint(token: str) -> str:
     """Identifies a token in logs without revealing it."""
     import hashlib
@@ -646,11 +421,15 @@ def key_holder_from_settings(settings: TenSafeSettings) -> KeyHolder:
                 "key_holder is 'remote' but the URL or token file is missing",
                 "set TENSAFE_KEY_HOLDER_URL and TENSAFE_KEY_HOLDER_TOKEN_FILE",
             )
+        from vllm_tensafe.he.remote import RemoteKeyHolder
+
         return RemoteKeyHolder(
             settings.key_holder_url,
             read_token_file(settings.key_holder_token_file),
             timeout=settings.key_holder_timeout,
             retries=settings.key_holder_retries,
             ca_file=str(settings.key_holder_ca) if settings.key_holder_ca else None,
+            client_cert=settings.key_holder_client_cert,
+            client_key=settings.key_holder_client_key,
         )
     raise ConfigError(f"unknown key holder kind {settings.key_holder!r}", "use 'local' or 'remote'")

@@ -11,7 +11,9 @@ Modules, one job each:
 * ``lora_a``      the A' member (safetensors)
 * ``ciphertexts`` the B' member (index + EncryptedMatrix blobs)
 * ``pack``        adapter -> package (owner side)
+* ``records``     the owner's key records: one CKKS key per adapter, next adapter_version
 * ``package``     package -> verified objects (host side)
+* ``versions``    rollback protection: the highest adapter_version seen per name
 * ``commands``    the ``vllm-tensafe keygen/pack/verify/inspect`` subcommands
 
 Names are exported lazily, so importing this package (which ``vllm-tensafe --help`` does)
@@ -28,9 +30,11 @@ if TYPE_CHECKING:
     from vllm_tensafe.tssp.package import (
         ModuleEntry,
         PackageSummary,
+        SignedManifest,
         TsspPackage,
         inspect_package,
         open_package,
+        read_signed_manifest,
         verify_package,
     )
     from vllm_tensafe.tssp.signing import (
@@ -40,11 +44,15 @@ if TYPE_CHECKING:
         load_signing_key,
         write_signing_keypair,
     )
+    from vllm_tensafe.tssp.versions import VersionLedger
 
 _EXPORTS = {
     "ModuleEntry": "package",
     "PackageSummary": "package",
+    "SignedManifest": "package",
     "TsspPackage": "package",
+    "read_signed_manifest": "package",
+    "VersionLedger": "versions",
     "inspect_package": "package",
     "open_package": "package",
     "verify_package": "package",
@@ -59,14 +67,17 @@ _EXPORTS = {
 __all__ = [
     "ModuleEntry",
     "PackageSummary",
+    "SignedManifest",
     "TrustStore",
     "TsspPackage",
+    "VersionLedger",
     "inspect_package",
     "key_id",
     "load_public_key",
     "load_signing_key",
     "open_package",
     "pack_adapter",
+    "read_signed_manifest",
     "verify_package",
     "write_signing_keypair",
 ]

@@ -223,6 +223,33 @@ def _add_pack(subparsers: Any) -> None:
         help="adapter name in the package (default: NAME of NAME.tssp); the name clients request",
     )
     pack.add_argument(
+        "--adapter-version",
+        type=int,
+        metavar="N",
+        help="version of this adapter (1, 2, ...); hosts and key holders keep the highest "
+        "version they have seen per adapter name and refuse older packages (rollback). "
+        "Default: one more than the highest recorded for this name in the key records.",
+    )
+    pack.add_argument(
+        "--not-after",
+        metavar="DATE",
+        help="expiry, UTC: YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ; after it hosts and key holders "
+        "refuse the package (default: no expiry).",
+    )
+    pack.add_argument(
+        "--key-records",
+        metavar="FILE",
+        help="the owner's key records: which adapter name each CKKS key encrypts and the "
+        "highest version packed per name (default: PREFIX.records.json beside --he-public).",
+    )
+    pack.add_argument(
+        "--allow-shared-key",
+        action="store_true",
+        help="let this CKKS key encrypt adapters of several names. Only for a local key "
+        "holder: a remote key holder refuses a key bound to two adapters, because a host that "
+        "recovers that key would read both (docs/threat-model.md).",
+    )
+    pack.add_argument(
         "--no-mix",
         action="store_true",
         help="do not mix A and B with a random matrix (debugging only: the host "
@@ -248,33 +275,92 @@ def _load_public_context(path: str) -> Any:
 
 
 def _pack(args: argparse.Namespace) -> int:
-    from vllm_tensafe.tssp.pack import pack_adapter
+    from vllm_tensafe.tssp.pack import default_name, pack_adapter
+    from vllm_tensafe.tssp.records import KeyRecords, default_records_path
     from vllm_tensafe.tssp.signing import load_signing_key
 
     out = Path(args.output)
     _refuse_existing([out], args.force)
     signing_key = load_signing_key(args.signing_key, _passphrase(args.passphrase_env))
     ctx = _load_public_context(args.he_public)
+    name = args.name if args.name is not None else default_name(out)
+    records = KeyRecords(args.key_records or default_records_path(args.he_public))
+    others = records.other_names(ctx.key_id, name)
+    if others and not args.allow_shared_key:
+        raise TsspError(
+            f"CKKS key {ctx.key_id[:16]} ({args.he_public}) already encrypts adapter "
+            f"{others[0]!r} (key records {records.path}); one key per adapter keeps a key that a "
+            "host recovers from exposing any other adapter",
+            "make a key for this adapter (vllm-tensafe keygen he --out NEW) and pack with "
+            "--he-public NEW.public; or pass --allow-shared-key if only a local key holder "
+            "will serve them",
+        )
+    version = args.adapter_version or records.next_version(name)
+    highest = records.versions.get(name)
+    if highest is not None and version < highest:
+        raise TsspError(
+            f"adapter {name!r} was already packed with version {highest} (key records "
+            f"{records.path}); hosts that saw it refuse older versions",
+            f"pass --adapter-version {highest + 1} (or leave it out to get the next one)",
+        )
     path = pack_adapter(
         args.adapter_dir,
         args.base_model,
         signing_key=signing_key,
         public_context=ctx,
         out_path=out,
-        name=args.name,
+        name=name,
         mix=not args.no_mix,
         progress=not args.quiet,
+        adapter_version=version,
+        not_after=_not_after(args.not_after),
     )
+    records.record(ctx.key_id, name, version)
     from vllm_tensafe.tssp.package import read_manifest
 
     manifest = read_manifest(path)
     print(
-        f"wrote {path}: adapter {manifest['name']!r}, {len(manifest['modules'])} modules, "
-        f"rank {manifest['lora']['rank']}, "
+        f"wrote {path}: adapter {manifest['name']!r} version {manifest['adapter_version']}, "
+        f"{len(manifest['modules'])} modules, rank {manifest['lora']['rank']}, "
         f"{sum(m['ciphertexts'] for m in manifest['modules'].values())} ciphertexts, "
         f"{path.stat().st_size} bytes, signer key id {manifest['signer_key_id']}"
     )
+    print(size_note(manifest, ctx.profile, path.stat().st_size))
     return 0
+
+
+def size_note(manifest: dict[str, Any], profile: Any, size: int) -> str:
+    """Why a package is so much larger than the adapter (it is the encryption, not waste)."""
+    rank = manifest["lora"]["rank"]
+    modules = manifest["modules"].values()
+    plain = sum(4 * rank * (m["d_in"] + m["d_out"]) for m in modules)  # A and B in float32
+    cts = sum(m["ciphertexts"] for m in modules)
+    ratio = size / plain if plain else float("inf")
+    return (
+        f"size: {_human(size)}, about {ratio:,.0f}x the adapter's {_human(plain)} of float32 "
+        f"weights. B' is encrypted as {cts} CKKS ciphertexts of "
+        f"{_human(profile.ciphertext_bytes)} each (ring degree {profile.poly_modulus_degree}, "
+        f"{profile.data_primes} primes, profile {profile.name}); a ciphertext is that large "
+        f"whatever it holds (up to {profile.slot_count} values), so small adapters grow most. "
+        "A' is stored in plaintext. This is the cost of keeping B' encrypted, not a defect."
+    )
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _not_after(value: str | None) -> str | None:
+    if value is None:
+        return None
+    text = value.strip()
+    if len(text) == 10:  # a date: the end of that day, UTC
+        text += "T23:59:59Z"
+    return text
 
 
 # --- verify ----------------------------------------------------------------------------------
@@ -352,7 +438,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"package:     {report['path']} ({report['size_bytes']} bytes, format version "
         f"{report['format_version']})",
         f"signature:   {report['signature']}",
-        f"adapter:     {m['name']} (created {m['created']} by {m['tool']})",
+        f"adapter:     {m['name']} version {m['adapter_version']} (created {m['created']} by "
+        f"{m['tool']}; expires {m.get('not_after') or 'never'})",
+        f"manifest:    sha256 {report['manifest_digest']}",
         f"signer:      key id {m['signer_key_id']}",
         f"lora:        rank {lora['rank']}, alpha {lora['alpha']:g}, scaling {lora['scaling']:g} "
         f"(folded into B'), rsLoRA {'yes' if lora['use_rslora'] else 'no'}, "

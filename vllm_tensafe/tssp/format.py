@@ -4,8 +4,8 @@ Byte layout (docs/tssp-format.md is the normative description; this module must 
 
     offset  size  field
     0       8     magic  b"\\x89TSSP\\r\\n\\x1a"
-    8       2     format version, unsigned big-endian (1)
-    10      2     member count, unsigned big-endian (5 in version 1)
+    8       2     format version, unsigned big-endian (2)
+    10      2     member count, unsigned big-endian (5 in versions 1 and 2)
     12      4     reserved, must be zero
     16      40*n  member table: name (32 bytes, ASCII, NUL-padded) + size (u64 big-endian)
     ...           member data, in table order, no gaps; the file ends right after the last one
@@ -36,7 +36,8 @@ from typing import BinaryIO
 from vllm_tensafe.errors import MalformedPackageError, TsspError, UnsupportedVersionError
 
 MAGIC = b"\x89TSSP\r\n\x1a"
-FORMAT_VERSION = 1
+# Version 2: the manifest gained adapter_version and not_after (rollback protection).
+FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (FORMAT_VERSION,)
 
 _HEADER = struct.Struct(">8sHHI")
@@ -50,7 +51,7 @@ SIGNATURE = "signature"
 HE_CONTEXT = "he_context"
 LORA_A = "lora_a.safetensors"
 LORA_B = "lora_b.he"
-# The only members, in the only order a version-1 file may list them.
+# The only members, in the only order a file may list them (versions 1 and 2).
 MEMBER_ORDER: tuple[str, ...] = (MANIFEST, SIGNATURE, HE_CONTEXT, LORA_A, LORA_B)
 # The members whose digest the manifest carries (everything except itself and the signature).
 DIGESTED_MEMBERS: tuple[str, ...] = (HE_CONTEXT, LORA_A, LORA_B)
@@ -72,6 +73,22 @@ TOTAL_LIMIT = 68 * GiB
 MAX_TABLE_ENTRIES = 16
 
 _CHUNK = 4 * MiB
+
+
+def unsupported_version(version: int, what: str = "format version") -> UnsupportedVersionError:
+    """The refusal of a package of another format version; the fix depends on which side is
+    older (an old package is re-packed, a new one needs a newer vllm-tensafe)."""
+    cause = (
+        f"Invalid TSSP package: {what} {version} is not supported (this vllm-tensafe reads "
+        f"version {FORMAT_VERSION})"
+    )
+    if version < FORMAT_VERSION:
+        return UnsupportedVersionError(
+            cause,
+            "re-pack the adapter with `vllm-tensafe pack` (version 2 adds the signed "
+            "adapter_version that hosts and key holders use against rollback)",
+        )
+    return UnsupportedVersionError(cause, "upgrade vllm-tensafe to read this package")
 
 
 @dataclass(frozen=True)
@@ -149,11 +166,7 @@ def parse_layout(head: bytes, file_size: int) -> ContainerLayout:
             "pass a .tssp file made by `vllm-tensafe pack`",
         )
     if version not in SUPPORTED_VERSIONS:
-        raise UnsupportedVersionError(
-            f"Invalid TSSP package: format version {version} is not supported (this "
-            f"vllm-tensafe reads version {', '.join(map(str, SUPPORTED_VERSIONS))})",
-            "upgrade vllm-tensafe, or re-pack the adapter with this version",
-        )
+        raise unsupported_version(version)
     if reserved != 0:
         raise MalformedPackageError(
             f"Invalid TSSP package: reserved header field is {reserved:#x}, must be 0",

@@ -13,17 +13,39 @@ unambiguous:
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
+from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from vllm_tensafe.errors import MalformedPackageError, UnsupportedVersionError
-from vllm_tensafe.tssp.format import DIGESTED_MEMBERS, FORMAT_VERSION, MEMBER_LIMITS
+from vllm_tensafe.errors import MalformedPackageError
+from vllm_tensafe.tssp.format import (
+    DIGESTED_MEMBERS,
+    FORMAT_VERSION,
+    MEMBER_LIMITS,
+    unsupported_version,
+)
 
 MANIFEST_DOMAIN = "tssp"
+# The one definition of an adapter name ("adapter id"): the package's signed ``name``. The
+# key holder meters, revokes and audits by it, vLLM serves it as a model name, and it appears
+# in URLs, flags and line-based files, so it is short, ASCII and has no separators, spaces or
+# line breaks of any kind (U+2028 included). Use ``is_adapter_name`` (fullmatch): ``NAME_RE``
+# keeps ``^...$`` for pydantic's pattern, and Python's ``$`` also matches before a final "\n".
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RULE = "1-128 characters from A-Z a-z 0-9 . _ - starting with a letter or digit"
+# Glob patterns over adapter names (signer pins, token scopes): the name characters plus * ?.
+NAME_PATTERN_RE = re.compile(r"^[A-Za-z0-9._*?-]{1,128}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 # Module names after normalisation (PEFT's "base_model.model." prefix removed).
 MODULE_RE = re.compile(
@@ -38,7 +60,28 @@ MAX_MODULES = 8192
 MAX_RANK = 4096
 MAX_DIM = 1 << 20
 
+MAX_ADAPTER_VERSION = (1 << 53) - 1  # exact in every JSON reader
+DATETIME_RE = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$"
+
 _FIX = "re-create the package with `vllm-tensafe pack`"
+
+
+def is_adapter_name(name: object) -> bool:
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
+
+
+def is_name_pattern(pattern: object) -> bool:
+    return isinstance(pattern, str) and NAME_PATTERN_RE.fullmatch(pattern) is not None
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Glob match (``*`` any run, ``?`` one character), case-sensitive, on whole names."""
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def parse_utc(text: str) -> datetime:
+    """``YYYY-MM-DDTHH:MM:SSZ`` (the manifest's form) as an aware UTC datetime."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 class ManifestError(MalformedPackageError):
@@ -150,7 +193,12 @@ class Manifest(_Strict):
     format: Literal["tssp"]
     format_version: int
     name: str = Field(pattern=NAME_RE.pattern)
-    created: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+    # Monotonic per adapter name: hosts and key holders keep the highest version they have
+    # seen and refuse older ones (a validly signed old package is a rollback).
+    adapter_version: int = Field(ge=1, le=MAX_ADAPTER_VERSION)
+    created: str = Field(pattern=DATETIME_RE)
+    # Optional expiry (UTC): after it, hosts and key holders refuse the package.
+    not_after: str | None = Field(default=None, pattern=DATETIME_RE)
     tool: str = Field(max_length=128)
     signer_key_id: str = Field(pattern=HEX64_RE.pattern)
     lora: LoraSection
@@ -158,6 +206,21 @@ class Manifest(_Strict):
     he: HESection
     modules: dict[str, ModuleSection] = Field(min_length=1, max_length=MAX_MODULES)
     members: dict[str, MemberDigest]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_null_expiry(cls, value: Any) -> Any:
+        # "No expiry" has one form, the absent field: a null would be a second byte form.
+        if isinstance(value, dict) and "not_after" in value and value["not_after"] is None:
+            raise ValueError("not_after must be a date-time or absent, not null")
+        return value
+
+    @field_validator("not_after")
+    @classmethod
+    def _real_date(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_utc(value)  # 2025-02-30 matches the pattern but is no date
+        return value
 
     @field_validator("modules")
     @classmethod
@@ -177,12 +240,9 @@ class Manifest(_Strict):
 
 def validate_manifest(obj: dict[str, Any]) -> Manifest:
     """Check a parsed manifest against the schema and its internal consistency."""
-    if obj.get("format_version") != FORMAT_VERSION and isinstance(obj.get("format_version"), int):
-        raise UnsupportedVersionError(
-            f"Invalid TSSP package: manifest format version {obj['format_version']} is not "
-            f"supported (this vllm-tensafe reads version {FORMAT_VERSION})",
-            "upgrade vllm-tensafe, or re-pack the adapter with this version",
-        )
+    version = obj.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version != FORMAT_VERSION:
+        raise unsupported_version(version, "manifest format version")
     try:
         manifest = Manifest.model_validate(obj)
     except (ValidationError, RecursionError) as exc:

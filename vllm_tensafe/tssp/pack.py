@@ -35,9 +35,12 @@ from vllm_tensafe.tssp.format import (
     write_container,
 )
 from vllm_tensafe.tssp.manifest import (
-    NAME_RE,
+    MAX_ADAPTER_VERSION,
+    NAME_RULE,
     canonical_json,
+    is_adapter_name,
     parse_canonical_json,
+    parse_utc,
     validate_manifest,
 )
 from vllm_tensafe.tssp.mixing import mix_factors, new_generator
@@ -93,12 +96,17 @@ def pack_adapter(
     name: str | None = None,
     mix: bool = True,
     progress: bool = True,
+    adapter_version: int = 1,
+    not_after: str | None = None,
 ) -> Path:
     """Write ``out_path`` (a .tssp file) and return its path.
 
     ``name`` is the adapter name the package declares (default: the file name without
     ``.tssp``); it must match ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` because it becomes a model
-    name in URLs and CLI flags. ``mix=False`` stores A as is (A' = A); only for debugging.
+    name in URLs and CLI flags, and it is the "adapter id" key holders meter and revoke by.
+    ``adapter_version`` must grow with each new package of the same name (hosts and key holders
+    refuse older ones); ``not_after`` (``YYYY-MM-DDTHH:MM:SSZ``) is an optional expiry.
+    ``mix=False`` stores A as is (A' = A); only for debugging.
     """
     from tqdm import tqdm
 
@@ -107,12 +115,24 @@ def pack_adapter(
 
     out = Path(out_path)
     adapter_name = name if name is not None else default_name(out)
-    if not NAME_RE.match(adapter_name):
+    if not is_adapter_name(adapter_name):
         raise TsspError(
             f"adapter name {adapter_name[:140]!r} is not allowed",
-            "use 1-128 characters from A-Z a-z 0-9 . _ - starting with a letter or digit "
-            "(pass --name)",
+            f"use {NAME_RULE} (pass --name)",
         )
+    if isinstance(adapter_version, bool) or not 1 <= adapter_version <= MAX_ADAPTER_VERSION:
+        raise TsspError(
+            f"adapter version {adapter_version!r} is not allowed",
+            f"use an integer from 1 to {MAX_ADAPTER_VERSION} (pass --adapter-version)",
+        )
+    if not_after is not None:
+        try:
+            parse_utc(not_after)
+        except (TypeError, ValueError):
+            raise TsspError(
+                f"expiry {not_after!r} is not a UTC date-time",
+                "use YYYY-MM-DDTHH:MM:SSZ or YYYY-MM-DD (pass --not-after)",
+            ) from None
     base_config = load_base_config(base_model_dir)
     adapter = read_adapter(adapter_dir, base_config)
     binding = make_binding(base_config, adapter.modules, adapter.base_model_name_or_path)
@@ -168,6 +188,7 @@ def pack_adapter(
             "format": "tssp",
             "format_version": FORMAT_VERSION,
             "name": adapter_name,
+            "adapter_version": int(adapter_version),
             "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "tool": f"vllm-tensafe {__version__}",
             "signer_key_id": key_id(signing_key.public_key()),
@@ -188,6 +209,7 @@ def pack_adapter(
                 "public_key_id": ctx.key_id,
             },
             "modules": modules,
+            **({"not_after": not_after} if not_after is not None else {}),
             "members": {
                 HE_CONTEXT: {
                     "sha256": hashlib.sha256(context_bytes).hexdigest(),

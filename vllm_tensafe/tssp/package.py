@@ -6,11 +6,16 @@ parser of payload formats (safetensors, SEAL) before it is known to be what the 
 1. container structure and size limits (format.py) -> MalformedPackageError, UnsupportedVersionError
 2. signature over the exact manifest bytes by a key in the caller's trust store
    -> SignatureError, UntrustedSignerError
-3. canonical manifest + schema + self-consistency (manifest.py, base_model.py)
+3. canonical manifest + schema + self-consistency (manifest.py, base_model.py); the signer's
+   name pin (a key trusted for ``sql-*`` cannot sign ``billing``) -> UntrustedSignerError;
+   expiry (``not_after``) -> PackageExpiredError
 4. size and SHA-256 of every other member against the manifest -> DigestMismatchError
 5. (optional) base-model binding against the caller's config.json -> BaseModelMismatchError
 6. payloads: public context (must hold no secret key), A' tensors, ciphertext index and blobs,
    each cross-checked against the manifest -> MalformedPackageError
+
+With a ``VersionLedger`` (versions.py), a package older than the highest ``adapter_version``
+already accepted for its name is refused last -> RollbackError, and a newer one raises the mark.
 
 Every failure is a TsspError subclass whose message names the cause and the fix; any other
 exception escaping a parser is converted, so callers never see anything else.
@@ -22,6 +27,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +37,9 @@ from vllm_tensafe.errors import (
     DigestMismatchError,
     HEError,
     MalformedPackageError,
+    PackageExpiredError,
     SignatureError,
+    TenSafeError,
     TsspError,
     UntrustedSignerError,
 )
@@ -52,12 +60,14 @@ from vllm_tensafe.tssp.manifest import (
     HEX64_RE,
     Manifest,
     parse_canonical_json,
+    parse_utc,
     validate_manifest,
 )
 from vllm_tensafe.tssp.signing import TrustStore, signature_valid
 
 if TYPE_CHECKING:
     from vllm_tensafe.he import EncryptedMatrix, PublicContext
+    from vllm_tensafe.tssp.versions import VersionLedger
 
 logger = logging.getLogger("vllm_tensafe.tssp")
 
@@ -100,6 +110,8 @@ class TsspPackage:
     signature_verified: bool
     size_bytes: int
     mixed: bool = True
+    adapter_version: int = 1
+    not_after: str | None = None
 
     def check_base_model(self, config: dict[str, Any]) -> None:
         """Raise BaseModelMismatchError unless ``config`` (HF config.json) is the bound model."""
@@ -128,13 +140,17 @@ class PackageSummary:
     created: str
     size_bytes: int
     manifest: dict[str, Any] = field(repr=False)
+    manifest_digest: str = ""
+    adapter_version: int = 1
+    not_after: str | None = None
 
     def line(self) -> str:
         base = f"{self.base_architecture} {self.base_fingerprint[:12]}"
         if self.base_model_checked:
             base += " (matches --base-model)"
         return (
-            f"OK {self.path.name}: adapter {self.name!r}, signed by trusted key "
+            f"OK {self.path.name}: adapter {self.name!r} version {self.adapter_version}, "
+            f"signed by trusted key "
             f"{self.signer_key_id[:16]} ({self.signer_key_source}), rank {self.rank}, "
             f"{self.module_count} modules ({', '.join(self.target_modules)}), base {base}, "
             f"HE profile {self.he_profile}, {self.size_bytes} bytes"
@@ -209,16 +225,42 @@ def _authenticate(
             f"{signer}, but the manifest names {manifest.signer_key_id})",
             _FIX_INTACT,
         )
+    if (
+        signer is not None
+        and trust_store is not None
+        and not trust_store.allows(signer, manifest.name)
+    ):
+        raise UntrustedSignerError(
+            f"Invalid TSSP package: signer key {signer} ({trust_store.source(signer)}) is "
+            f"trusted only for adapter names {', '.join(trust_store.pins(signer) or ())}; "
+            f"this package is named {manifest.name!r}",
+            "get the package signed by a key trusted for this name, or add a pin for it: "
+            "--tensafe-trusted-keys PUB=PATTERN (for vllm-tensafe verify: --trusted-keys)",
+        )
+    _check_expiry(manifest)
     validate_binding(manifest.base_model.model_dump())
     source = trust_store.source(signer) if (trust_store is not None and signer) else None
-    return _Authenticated(
-        manifest,
-        manifest_dict,
-        hashlib.sha256(manifest_bytes).hexdigest(),
-        signer,
-        source,
-        signer is not None,
-    )
+    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    return _Authenticated(manifest, manifest_dict, digest, signer, source, signer is not None)
+
+
+def _check_expiry(manifest: Manifest) -> None:
+    if manifest.not_after is not None and datetime.now(UTC) > parse_utc(manifest.not_after):
+        raise PackageExpiredError(
+            f"Invalid TSSP package: adapter {manifest.name!r} version "
+            f"{manifest.adapter_version} expired at {manifest.not_after} (its signed not_after)",
+            "ask the adapter owner for a newer package",
+        )
+
+
+def _observe_version(versions: VersionLedger | None, auth: _Authenticated, path: object) -> None:
+    if versions is not None:
+        versions.observe(
+            auth.manifest.name,
+            auth.manifest.adapter_version,
+            auth.manifest_digest,
+            f"package {Path(str(path)).name}",
+        )
 
 
 def _check_sizes(reader: ContainerReader, manifest: Manifest) -> None:
@@ -326,11 +368,16 @@ def open_package(
     trust_store: TrustStore | None,
     verify_signature: bool = True,
     base_model_config: dict[str, Any] | None = None,
+    versions: VersionLedger | None = None,
 ) -> TsspPackage:
-    """Verify and load a package. Nothing is deserialised before it is authenticated."""
+    """Verify and load a package. Nothing is deserialised before it is authenticated.
+
+    ``versions``: refuse a package older than the highest version seen for its name (and
+    record this one), after every other check passed.
+    """
     try:
-        return _open(path, trust_store, verify_signature, base_model_config)
-    except TsspError:
+        return _open(path, trust_store, verify_signature, base_model_config, versions)
+    except TenSafeError:  # TsspError, or ConfigError from the version ledger
         raise
     except (Exception, RecursionError) as exc:
         raise _guard(path, exc) from exc
@@ -341,6 +388,7 @@ def _open(
     trust_store: TrustStore | None,
     verify_signature: bool,
     base_model_config: dict[str, Any] | None,
+    versions: VersionLedger | None,
 ) -> TsspPackage:
     with ContainerReader(path) as reader:
         auth = _authenticate(reader, trust_store, verify_signature)
@@ -375,6 +423,7 @@ def _open(
         for name, m in manifest.modules.items()
     }
     lora = manifest.lora
+    _observe_version(versions, auth, path)
     return TsspPackage(
         path=Path(path),
         name=manifest.name,
@@ -392,6 +441,8 @@ def _open(
         signature_verified=auth.verified,
         size_bytes=size,
         mixed=lora.mixed,
+        adapter_version=manifest.adapter_version,
+        not_after=manifest.not_after,
     )
 
 
@@ -400,6 +451,7 @@ def verify_package(
     *,
     trust_store: TrustStore,
     base_model_config: dict[str, Any] | None = None,
+    versions: VersionLedger | None = None,
 ) -> PackageSummary:
     """Everything ``open_package`` checks except deserialising the ciphertexts.
 
@@ -407,8 +459,8 @@ def verify_package(
     package size.
     """
     try:
-        return _verify(path, trust_store, base_model_config)
-    except TsspError:
+        return _verify(path, trust_store, base_model_config, versions)
+    except TenSafeError:  # TsspError, or ConfigError from the version ledger
         raise
     except (Exception, RecursionError) as exc:
         raise _guard(path, exc) from exc
@@ -418,6 +470,7 @@ def _verify(
     path: str | os.PathLike[str],
     trust_store: TrustStore,
     base_model_config: dict[str, Any] | None,
+    versions: VersionLedger | None,
 ) -> PackageSummary:
     if trust_store is None:
         raise TsspError(
@@ -445,6 +498,7 @@ def _verify(
     if base_model_config is not None:
         check_binding(binding, base_model_config)
     _load_context(ctx_bytes, manifest)
+    _observe_version(versions, auth, path)
     assert auth.signer_key_id is not None  # verify always checks the signature
     return PackageSummary(
         path=Path(path),
@@ -465,7 +519,64 @@ def _verify(
         created=manifest.created,
         size_bytes=size,
         manifest=auth.manifest_dict,
+        manifest_digest=auth.manifest_digest,
+        adapter_version=manifest.adapter_version,
+        not_after=manifest.not_after,
     )
+
+
+@dataclass(frozen=True)
+class SignedManifest:
+    """What a key holder needs of a package: its authenticated identity, not its payloads."""
+
+    path: Path
+    name: str
+    adapter_version: int
+    not_after: str | None
+    key_id: str  # the CKKS public key id the package's B' is encrypted under
+    manifest_digest: str
+    signer_key_id: str
+
+
+def read_signed_manifest(
+    path: str | os.PathLike[str], *, trust_store: TrustStore
+) -> SignedManifest:
+    """Container structure, signature by a trusted key (and its name pin), schema and expiry
+    of a package's manifest. The members are not read: a key holder binds names, keys and
+    manifest digests, and never needs the ciphertexts."""
+    try:
+        with ContainerReader(path) as reader:
+            auth = _authenticate(reader, trust_store, True)
+    except TenSafeError:  # TsspError, or ConfigError from the version ledger
+        raise
+    except (Exception, RecursionError) as exc:
+        raise _guard(path, exc) from exc
+    manifest = auth.manifest
+    assert auth.signer_key_id is not None
+    return SignedManifest(
+        path=Path(path),
+        name=manifest.name,
+        adapter_version=manifest.adapter_version,
+        not_after=manifest.not_after,
+        key_id=manifest.he.public_key_id,
+        manifest_digest=auth.manifest_digest,
+        signer_key_id=auth.signer_key_id,
+    )
+
+
+def read_manifest_digest(path: str | os.PathLike[str]) -> tuple[str, str, str]:
+    """(adapter name, CKKS key id, manifest digest) of a package, NOT authenticated: what a host
+    puts in its decrypt requests (open_package authenticates the same bytes)."""
+    try:
+        with ContainerReader(path) as reader:
+            manifest_bytes = reader.read(MANIFEST)
+        manifest = validate_manifest(parse_canonical_json(manifest_bytes))
+    except TenSafeError:  # TsspError, or ConfigError from the version ledger
+        raise
+    except (Exception, RecursionError) as exc:
+        raise _guard(path, exc) from exc
+    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    return manifest.name, manifest.he.public_key_id, digest
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -475,7 +586,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
             manifest_dict = parse_canonical_json(reader.read(MANIFEST))
         validate_manifest(manifest_dict)
         return manifest_dict
-    except TsspError:
+    except TenSafeError:  # TsspError, or ConfigError from the version ledger
         raise
     except (Exception, RecursionError) as exc:
         raise _guard(path, exc) from exc
@@ -492,7 +603,7 @@ def inspect_package(
     """
     try:
         return _inspect(path, trust_store)
-    except TsspError:
+    except TenSafeError:  # TsspError, or ConfigError from the version ledger
         raise
     except (Exception, RecursionError) as exc:
         raise _guard(path, exc) from exc
@@ -505,7 +616,9 @@ def _inspect(path: str | os.PathLike[str], trust_store: TrustStore | None) -> di
     else:
         signature = "not checked (pass --trusted-keys to verify)"
     with ContainerReader(path) as reader:
-        manifest_dict = parse_canonical_json(reader.read(MANIFEST))
+        manifest_bytes = reader.read(MANIFEST)
+        manifest_digest = hashlib.sha256(manifest_bytes).hexdigest()
+        manifest_dict = parse_canonical_json(manifest_bytes)
         manifest = validate_manifest(manifest_dict)
         digests: dict[str, str] = {}
         for name in DIGESTED_MEMBERS:
@@ -521,6 +634,7 @@ def _inspect(path: str | os.PathLike[str], trust_store: TrustStore | None) -> di
     return {
         "path": str(path),
         "format_version": version,
+        "manifest_digest": manifest_digest,
         "size_bytes": size,
         "signature": signature,
         "member_sizes": members,

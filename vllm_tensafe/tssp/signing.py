@@ -169,23 +169,62 @@ def write_signing_keypair(
 # --- trust store -----------------------------------------------------------------------------
 
 
-class TrustStore:
-    """The signer keys a caller trusts, by key id. Built from PEM files only."""
+def parse_trusted_key(spec: str | os.PathLike[str]) -> tuple[Path, str | None]:
+    """``PATH`` or ``PATH=PATTERN``: a trusted key file, optionally pinned to adapter names.
 
-    def __init__(self, keys: dict[str, tuple[Ed25519PublicKey, str]] | None = None) -> None:
+    ``owner.pub=sql-*`` trusts owner.pub only for packages whose name matches ``sql-*``. The
+    pattern is a glob over adapter names (``*``, ``?``); list a key several times to give it
+    several patterns. A spec whose part after the last ``=`` is not a pattern is a plain path.
+    """
+    from vllm_tensafe.tssp.manifest import is_name_pattern
+
+    text = os.fspath(spec)
+    path, sep, pattern = text.rpartition("=")
+    if sep and path and is_name_pattern(pattern):
+        return Path(path), pattern
+    return Path(text), None
+
+
+class TrustStore:
+    """The signer keys a caller trusts, by key id, each optionally pinned to adapter names.
+
+    Built from PEM files only. A key without a pin may sign any adapter name; a pinned key only
+    names matching one of its patterns (so a key trusted for ``sql-*`` cannot sign ``billing``).
+    """
+
+    def __init__(
+        self,
+        keys: dict[str, tuple[Ed25519PublicKey, str]] | None = None,
+        pins: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
         self._keys: dict[str, tuple[Ed25519PublicKey, str]] = dict(keys or {})
+        # Key id -> allowed name patterns; a key absent here is unpinned.
+        self._pins: dict[str, tuple[str, ...]] = dict(pins or {})
 
     @classmethod
     def from_files(cls, paths: Iterable[str | os.PathLike[str]]) -> TrustStore:
+        """Entries are ``PATH`` or ``PATH=PATTERN`` (see ``parse_trusted_key``)."""
         keys: dict[str, tuple[Ed25519PublicKey, str]] = {}
-        for path in paths:
+        patterns: dict[str, set[str]] = {}
+        unpinned: set[str] = set()
+        for entry in paths:
+            path, pattern = parse_trusted_key(entry)
             key = load_public_key(path)
-            keys[key_id(key)] = (key, str(path))
-        return cls(keys)
+            kid = key_id(key)
+            keys[kid] = (key, str(path))
+            if pattern is None:
+                unpinned.add(kid)
+            else:
+                patterns.setdefault(kid, set()).add(pattern)
+        # A key listed once without a pin is trusted for every name.
+        pins = {kid: tuple(sorted(p)) for kid, p in patterns.items() if kid not in unpinned}
+        return cls(keys, pins)
 
     @classmethod
-    def from_keys(cls, keys: Iterable[Ed25519PublicKey]) -> TrustStore:
-        return cls({key_id(k): (k, "<in memory>") for k in keys})
+    def from_keys(
+        cls, keys: Iterable[Ed25519PublicKey], pins: dict[str, tuple[str, ...]] | None = None
+    ) -> TrustStore:
+        return cls({key_id(k): (k, "<in memory>") for k in keys}, pins)
 
     @property
     def key_ids(self) -> set[str]:
@@ -198,6 +237,19 @@ class TrustStore:
     def source(self, kid: str) -> str | None:
         entry = self._keys.get(kid)
         return entry[1] if entry else None
+
+    def pins(self, kid: str) -> tuple[str, ...] | None:
+        """The name patterns ``kid`` may sign (None: any name)."""
+        return self._pins.get(kid)
+
+    def allows(self, kid: str, adapter_name: str) -> bool:
+        """Whether ``kid`` is trusted to sign a package named ``adapter_name``."""
+        from vllm_tensafe.tssp.manifest import name_matches
+
+        if kid not in self._keys:
+            return False
+        patterns = self._pins.get(kid)
+        return patterns is None or any(name_matches(adapter_name, p) for p in patterns)
 
     def keys(self) -> list[tuple[str, Ed25519PublicKey]]:
         return [(kid, entry[0]) for kid, entry in self._keys.items()]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_tensafe.errors import ConfigError
 from vllm_tensafe.vllm import patches
 
 logger = logging.getLogger("vllm_tensafe.failures")
@@ -278,20 +279,19 @@ def _install_api_error_hook() -> None:
 
     generation_error = patches.resolve("GenerationError")
     retryable_error = patches.resolve("RetryableRequestError")
+    graceful = _graceful_bases(generation_error)
 
-    class EncryptedAdapterUnavailable(retryable_error):  # type: ignore[misc,valid-type]
+    class EncryptedAdapterUnavailable(retryable_error, *graceful):  # type: ignore[misc,valid-type]
         """The key holder could not be reached: retrying later may succeed (HTTP 503)."""
 
         def __init__(self, message: str) -> None:
-            super().__init__(message)
-            self.status_code = HTTPStatus.SERVICE_UNAVAILABLE
+            _init_error(self, retryable_error, message, HTTPStatus.SERVICE_UNAVAILABLE, graceful)
 
-    class EncryptedAdapterRefused(generation_error):  # type: ignore[misc,valid-type]
-        """The key holder refused (revoked, budget, credentials): HTTP 403."""
+    class EncryptedAdapterRefused(generation_error, *graceful):  # type: ignore[misc,valid-type]
+        """The key holder refused (revoked, budget, credentials, policy): HTTP 403."""
 
         def __init__(self, message: str) -> None:
-            super().__init__(message)
-            self.status_code = HTTPStatus.FORBIDDEN
+            _init_error(self, generation_error, message, HTTPStatus.FORBIDDEN, graceful)
 
     def wrap(original: Any) -> Any:
         def _raise_if_error(
@@ -312,3 +312,46 @@ def _install_api_error_hook() -> None:
         return _raise_if_error
 
     patches.replace("generate.raise_if_error", wrap)
+    if not graceful:
+        return
+
+    def wrap_stream(original: Any) -> Any:
+        # vLLM names every generation error "InternalServerError" in a stream; ours carry
+        # their status, so a streamed refusal says "Forbidden" as the unstreamed one does.
+        def convert(self: Any, e: Any, *args: Any, **kwargs: Any) -> str:
+            if isinstance(e, (EncryptedAdapterRefused, EncryptedAdapterUnavailable)):
+                return self.create_streaming_error_response(e)
+            return original(self, e, *args, **kwargs)
+
+        return convert
+
+    patches.optional(
+        "generate.streaming_generation_error",
+        lambda: patches.replace("generate.streaming_generation_error", wrap_stream),
+        "naming a streamed encrypted-adapter refusal's type (it still fails, typed as "
+        "InternalServerError)",
+    )
+
+
+def _graceful_bases(generation_error: type) -> tuple[type, ...]:
+    """vLLM's GracefulHTTPError where it exists: an error of that class is answered with its
+    own status as the error type ("Forbidden"), not as "InternalServerError"."""
+    try:
+        graceful = patches.resolve("GracefulHTTPError")
+    except ConfigError as exc:
+        logger.info("encrypted-adapter errors keep vLLM's error type: %s", exc.cause)
+        return ()
+    # Where the table's stand-in is GenerationError itself (0.26), there is nothing to add.
+    return () if issubclass(generation_error, graceful) else (graceful,)
+
+
+def _init_error(
+    error: Any, base: type, message: str, status: Any, graceful: tuple[type, ...]
+) -> None:
+    if graceful:
+        # The two bases' __init__ take different arguments: set what each of them reads.
+        Exception.__init__(error, message)
+        error.message, error.http_status = message, status
+    else:
+        base.__init__(error, message)
+    error.status_code = status

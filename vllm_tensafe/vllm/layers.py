@@ -185,6 +185,7 @@ def _add_slot_delta(
     finally:
         decrypts, ciphertexts, tokens, kh_seconds = _since(engine.stats, before)
         _account(adapter, decrypts, ciphertexts, tokens, kh_seconds, time.perf_counter() - started)
+    adapter.revoked = False  # the key holder answered: not (or no longer) revoked
 
     # Full-width deltas, transposed to (d_out, T) so vLLM's own slice_lora_b can pick this
     # rank's shard exactly as it does for a plaintext B.
@@ -238,7 +239,7 @@ def _fail(adapter: EncryptedAdapter, exc: BaseException) -> None:
     if not isinstance(exc, TenSafeError):
         logger.exception("HE delta failed for adapter %r", adapter.name)
     get_board().record_adapter_failure(adapter.lora_int_id, adapter.name, exc)
-    adapter.failures += 1
+    adapter.record_failure(exc)
 
 
 def _usage(stats: Any) -> tuple[int, int, int, float]:

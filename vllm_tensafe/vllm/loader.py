@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -46,6 +47,13 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
     plan = runtime.plan_for(
         torch.device(manager._adapter_manager.device).type,
         getattr(lora_config, "target_modules", None),
+    )
+    started = time.perf_counter()
+    logger.info(
+        "Loading encrypted adapter %r for its first request in this worker: verifying the "
+        "package's signature and digests and reading its CKKS ciphertexts (once per worker; "
+        "later requests reuse them)",
+        lora_request.lora_name,
     )
     package = runtime.open_package(lora_request.lora_path, text_config_dict(model.config))
 
@@ -103,6 +111,7 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
         engine=runtime.engine_for(package) if plan.engine == "seal" else None,
         key_id=package.public_context.key_id,
         he_engine=plan.label,
+        adapter_version=package.adapter_version,
         summary={
             "name": package.name,
             "signer_key_id": package.signer_key_id,
@@ -124,16 +133,19 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
     if plan.engine == "torch":
         _check_device_adapter(runtime, plan, manager, adapter)
     lora.tensafe_adapter = adapter  # read by the activation hook in layers.py
-    runtime.adapters[lora_request.lora_int_id] = adapter
+    runtime.register(adapter)
     logger.info(
-        "Loaded encrypted adapter %r (id %d, rank %d, %d modules, signer %s, HE engine %s) from %s",
+        "Loaded encrypted adapter %r version %d (id %d, rank %d, %d modules, signer %s, HE "
+        "engine %s) from %s in %.1fs",
         package.name,
+        package.adapter_version,
         lora_request.lora_int_id,
         package.rank,
         len(package.modules),
         package.signer_key_id or "NOT VERIFIED",
         plan.label,
         lora_request.lora_path,
+        time.perf_counter() - started,
     )
     return lora
 

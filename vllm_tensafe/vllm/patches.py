@@ -405,6 +405,40 @@ TABLE: tuple[Entry, ...] = (
         V026,
         "read",
     ),
+    Entry(
+        "GracefulHTTPError",
+        "vllm.exceptions",
+        "GracefulHTTPError",
+        V032,
+        "read",
+        purpose="also a base of those two errors, so vLLM names their status as the error type "
+        "(Forbidden, Service Unavailable) instead of InternalServerError",
+    ),
+    # 0.26 has no such class (its GenerationError stands in: the error types stay vLLM's).
+    Entry(
+        "GracefulHTTPError",
+        "vllm.entrypoints.openai.engine.protocol",
+        "GenerationError",
+        V026,
+        "read",
+    ),
+    Entry(
+        "generate.streaming_generation_error",
+        "vllm.entrypoints.generate.base.serving",
+        "GenerateBaseServing._convert_generation_error_to_streaming_response",
+        V032,
+        "replace",
+        "self, e",
+        purpose="the same error type in a streamed answer",
+    ),
+    # Not installed on 0.26 (no GracefulHTTPError there); listed so every series has the name.
+    Entry(
+        "generate.streaming_generation_error",
+        "vllm.entrypoints.generate.base.serving",
+        "GenerateBaseServing._convert_generation_error_to_streaming_response",
+        V026,
+        "replace",
+    ),
     # --- status_route.py and stat_logger.py ----------------------------------------------------
     Entry(
         "worker.tensafe_adapter_status",

@@ -17,7 +17,7 @@ from vllm_tensafe.settings import TenSafeSettings, load_settings
 
 if TYPE_CHECKING:
     from vllm_tensafe.he import AdapterRef, DeltaEngine, EncryptedMatrix, KeyHolder, SecretKeySet
-    from vllm_tensafe.tssp import TrustStore, TsspPackage
+    from vllm_tensafe.tssp import TrustStore, TsspPackage, VersionLedger
 
 logger = logging.getLogger("vllm_tensafe.runtime")
 
@@ -112,6 +112,10 @@ class EncryptedAdapter:
     he_seconds: float = 0.0
     key_holder_seconds: float = 0.0
     failures: int = 0
+    adapter_version: int = 1
+    # The last key-holder refusal, and whether it said "revoked" (cleared by a success).
+    last_error: str | None = None
+    revoked: bool = False
 
     @property
     def adapter_id(self) -> str:
@@ -126,6 +130,20 @@ class EncryptedAdapter:
         key_id = self.key_id or (self.engine.ctx.key_id if self.engine is not None else "")
         return AdapterRef(self.name, key_id, self.manifest_digest)
 
+    def record_failure(self, exc: BaseException) -> None:
+        from vllm_tensafe.errors import AdapterRevokedError
+
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.revoked = isinstance(exc, AdapterRevokedError)
+
+    def carry_usage(self, previous: EncryptedAdapter) -> None:
+        """Continue the counters of the same package loaded before (vLLM evicted and reloaded
+        it): the status route shows use since the server started, not since the last load."""
+        for name in _COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(previous, name))
+        self.last_error, self.revoked = previous.last_error, previous.revoked
+
     def status(self) -> dict[str, object]:
         """What the adapter status route shows: identity, checks, usage. Never key material,
         ciphertext bytes or key-holder credentials (the summary holds none either)."""
@@ -133,6 +151,10 @@ class EncryptedAdapter:
             **self.summary,
             "lora_int_id": self.lora_int_id,
             "path": self.path,
+            "manifest_digest": self.manifest_digest,
+            "adapter_version": self.adapter_version,
+            "revoked": self.revoked,
+            "last_error": self.last_error,
             "usage": {
                 "he_calls": self.he_calls,
                 "decrypt_calls": self.decrypt_calls,
@@ -143,6 +165,17 @@ class EncryptedAdapter:
                 "failures": self.failures,
             },
         }
+
+
+_COUNTERS = (
+    "he_calls",
+    "decrypt_calls",
+    "ciphertexts_sent",
+    "tokens",
+    "he_seconds",
+    "key_holder_seconds",
+    "failures",
+)
 
 
 class TenSafeRuntime:
@@ -157,6 +190,24 @@ class TenSafeRuntime:
         self._secret: SecretKeySet | None = None
         # Called before the status is read: device counters are copied to the adapters.
         self.usage_flushers: list[Callable[[], None]] = []
+        self._versions: VersionLedger | None = None
+
+    @property
+    def versions(self) -> VersionLedger:
+        """Rollback protection: the highest adapter_version seen per name, on disk."""
+        if self._versions is None:
+            from vllm_tensafe.tssp.versions import VersionLedger, default_version_file
+
+            self._versions = VersionLedger(self.settings.version_file or default_version_file())
+        return self._versions
+
+    def register(self, adapter: EncryptedAdapter) -> None:
+        """Keep ``adapter`` (every adapter ever loaded stays listed, with cumulative use)."""
+        with self._lock:
+            previous = self.adapters.get(adapter.lora_int_id)
+            if previous is not None and previous.manifest_digest == adapter.manifest_digest:
+                adapter.carry_usage(previous)
+            self.adapters[adapter.lora_int_id] = adapter
 
     @property
     def trust_store(self) -> TrustStore | None:
@@ -178,6 +229,7 @@ class TenSafeRuntime:
                 trust_store=self.trust_store,
                 verify_signature=self.settings.verify_signature,
                 base_model_config=base_model_config,
+                versions=self.versions,
             )
         except Exception as exc:
             observability.record_tssp_verification(observability.verification_outcome(exc))
@@ -227,15 +279,14 @@ class TenSafeRuntime:
                 logger.debug("Could not read the device HE counters", exc_info=True)
 
     def adapter_status(self, resident: set[int] | None = None) -> list[dict[str, object]]:
-        """Status of the encrypted adapters this process holds (``resident``: the LoRA ids vLLM
-        still has loaded; an adapter vLLM evicted is left out)."""
+        """Status of every encrypted adapter this process ever loaded; ``resident`` (the LoRA
+        ids vLLM still has loaded) marks which of them are loaded now."""
         self.flush_usage()
         with self._lock:
             adapters = sorted(self.adapters.items())
         return [
-            adapter.status()
+            {**adapter.status(), "resident": resident is None or lora_id in resident}
             for lora_id, adapter in adapters
-            if resident is None or lora_id in resident
         ]
 
     def engine_for(self, package: TsspPackage) -> DeltaEngine:

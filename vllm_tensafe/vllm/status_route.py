@@ -10,6 +10,11 @@ Two halves, as vLLM's endpoint-plugin contract asks (vllm/plugins/endpoint_plugi
 vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them; the general plugin and this
 one are both named ``tensafe``, so ``VLLM_PLUGINS=tensafe`` enables both.
 
+Every encrypted adapter a worker ever loaded stays listed (``resident`` says whether vLLM holds
+it now), with its use counted since the server started (a reload after an eviction continues
+the counters), its package version and manifest digest, and what the key holder last said:
+``revoked`` and ``last_error``.
+
 The answer holds names, key ids, checks and counters. It never holds key material, ciphertext
 bytes or key-holder credentials: the worker reports ``EncryptedAdapter.status()`` only, which
 is built from the package's manifest summary and counters (tests/e2e/test_metrics_status.py
