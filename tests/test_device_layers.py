@@ -44,8 +44,9 @@ SIZES = [64, 32, 32]
 class FakePunica:
     """punica's token -> slot indices: a persistent buffer and the length of this step."""
 
-    def __init__(self, size: int) -> None:
-        self._token_lora_indices = torch.full((size,), 1, dtype=torch.long)  # earlier steps' slots
+    def __init__(self, size: int, device: str = "cpu") -> None:
+        # Earlier steps' slots: vLLM leaves them past the tokens of the current step.
+        self._token_lora_indices = torch.full((size,), 1, dtype=torch.long, device=device)
         self.indices_len: list[int | None] = [None] * 4
 
     def set(self, slots: list[int]) -> None:
@@ -62,14 +63,21 @@ class FakeLayer:
     sharding: slice i keeps rows [size * rank, size * (rank + 1)) of its module)."""
 
     def __init__(
-        self, full: list[int], punica: FakePunica, *, tp_size: int = 1, tp_rank: int = 0
+        self,
+        full: list[int],
+        punica: FakePunica,
+        *,
+        tp_size: int = 1,
+        tp_rank: int = 0,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.output_sizes = list(full)
         self.output_slices = tuple(size // tp_size for size in full)
         self.n_slices = len(full)
         self.tp_size, self.tp_rank = tp_size, tp_rank
+        device = punica._token_lora_indices.device
         self.lora_a_stacked = tuple(
-            torch.zeros(SLOTS, 1, MAX_RANK, D_IN, dtype=torch.float32) for _ in full
+            torch.zeros(SLOTS, 1, MAX_RANK, D_IN, dtype=dtype, device=device) for _ in full
         )
         self.punica_wrapper = punica
         self.base_layer = types.SimpleNamespace(output_size=sum(full))
@@ -85,14 +93,20 @@ class FakeLayer:
 
 
 class FakeManager:
-    def __init__(self, modules: dict[str, FakeLayer], packed: dict[str, list[str]], targets: Any):
+    def __init__(
+        self,
+        modules: dict[str, FakeLayer],
+        packed: dict[str, list[str]],
+        targets: Any,
+        device: str = "cpu",
+    ) -> None:
         self.modules = modules
         self.packed_modules = packed
         self.lora_index_to_id: list[int | None] = [None] * SLOTS
         self.lora_config = types.SimpleNamespace(
             max_lora_rank=MAX_RANK, target_modules=targets, max_loras=SLOTS
         )
-        self.device = "cpu"
+        self.device = device
         self.max_num_batched_tokens = MAX_TOKENS
         self._registered_adapters: dict[int, Any] = {}
 
@@ -107,7 +121,7 @@ class FakeManager:
                 stacked = layer.lora_a_stacked[s][slot, 0]
                 stacked.zero_()
                 if sub in a:
-                    stacked[: a[sub].shape[0]] = torch.from_numpy(a[sub]).float()
+                    stacked[: a[sub].shape[0]] = torch.from_numpy(a[sub]).to(stacked.dtype)
         layers._bind_slot(self, lora_id)
 
     def deactivate(self, lora_id: int) -> None:
@@ -208,12 +222,15 @@ def build(
     targets: Any = ("q_proj", "k_proj", "v_proj"),
     tp_size: int = 1,
     tp_rank: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[FakeManager, FakeLayer, FakePunica, TenSafeRuntime]:
     rt = make_runtime(keys[0], plan, monkeypatch)
-    punica = FakePunica(MAX_TOKENS)
-    layer = FakeLayer(full or SIZES, punica, tp_size=tp_size, tp_rank=tp_rank)
+    punica = FakePunica(MAX_TOKENS, device)
+    layer = FakeLayer(full or SIZES, punica, tp_size=tp_size, tp_rank=tp_rank, dtype=dtype)
     subs = subs or SUBS
-    manager = FakeManager({name: layer}, {name: subs} if len(subs) > 1 else {}, targets)
+    packed = {name: subs} if len(subs) > 1 else {}
+    manager = FakeManager({name: layer}, packed, targets, device)
     layers._wrap_create(lambda self: None, FakeLayer)(manager)
     return manager, layer, punica, rt
 
