@@ -844,6 +844,11 @@ class OutgoingCovers:
                 cls._shared[ctx.key_id] = covers
             return covers
 
+    def start(self) -> None:
+        """Start drawing ahead (idempotent; again in a forked child)."""
+        if self.prefetch:
+            self._ensure_thread()
+
     def draw(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Fresh sets, drawn now: ternary v (count, N), e1 (count, N), R (count, L, N)."""
         sampler = self.sampler
@@ -905,6 +910,7 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
         super().__init__(None, ctx, **kwargs)
         self.key_holder = key_holder
         self.covers = OutgoingCovers.for_context(ctx, prefetch=cover_prefetch)
+        self.covers.start()  # ready by the first step
         self.seconds_serialise = 0.0
 
     @classmethod
