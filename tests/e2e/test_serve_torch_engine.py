@@ -2,11 +2,13 @@
 
 ``--tensafe-he-device cpu`` runs the engine that serves encrypted adapters on GPUs, here on CPU
 tensors, through vLLM's LoRA layers (layers.py's eager path, device_he.py). One server for the
-module, tiny Llama, ``--max-loras 2`` with more adapters than slots (vLLM evicts and re-binds
-them): encrypted adapters must give the greedy tokens of vLLM's plaintext LoRA of the same
-weights and of transformers + peft (as the TenSEAL engine does in test_serve_llama.py, with the
-same tolerances), alone and in mixed batches; a package of another CKKS key fails its requests
-with the key holder's error and nothing else; the status route names the engine.
+module, tiny Llama with tensor parallelism 2 (each rank's engines keep the output rows vLLM's
+slice_lora_b gives it; row-parallel layers sum partial deltas), ``--max-loras 2`` with more
+adapters than slots (vLLM evicts and re-binds them): encrypted adapters must give the greedy
+tokens of vLLM's plaintext LoRA of the same weights and of transformers + peft (as the TenSEAL
+engine does in test_serve_llama.py, with the same tolerances), alone and in mixed batches; a
+package of another CKKS key fails its requests with the key holder's error and nothing else;
+the status route names the engine.
 """
 
 from __future__ import annotations
@@ -41,16 +43,18 @@ PAIRS = {"p8": "e8", "pall": "eall"}  # plaintext name -> encrypted name (same a
 def torch_adapters(
     tiny_llama: Path, adapters: AdapterFactory, owner_keys: Keys, stranger_keys: Keys
 ) -> dict[str, Path]:
-    # The same adapters (same seeds) as test_serve_llama.py: packages are shared.
+    # e8 is test_serve_llama.py's (same seed: the package is shared). The all-linear one has
+    # rank 16 here: the torch engine's float64 GEMM tables take ~2.4 MB per column and worker
+    # on the CPU, which at rank 64 and two tensor-parallel workers is more memory than CI has.
     p8 = adapters.peft(tiny_llama, "llama-r8-qv", rank=8, alpha=16, seed=11)
     pall = adapters.peft(
         tiny_llama,
-        "llama-r64-all-rslora",
-        rank=64,
+        "llama-r16-all-rslora",
+        rank=16,
         alpha=8,
         targets="all-linear",
         use_rslora=True,
-        seed=13,
+        seed=14,
     )
     # Signed by the trusted owner but encrypted under another CKKS key than the server holds.
     foreign = AdapterFactory(adapters.root / "foreign", Keys(
@@ -63,7 +67,7 @@ def torch_adapters(
         "p8": p8,
         "pall": pall,
         "e8": adapters.package(p8, tiny_llama, "e8"),
-        "eall": adapters.package(pall, tiny_llama, "eall"),
+        "eall": adapters.package(pall, tiny_llama, "eall16"),
         "foreign": foreign.package(p8, tiny_llama, "foreign-key"),
     }
 
@@ -82,6 +86,8 @@ def server(
         [
             "--served-model-name",
             BASE,
+            "--tensor-parallel-size",
+            "2",
             "--enable-tensafe",
             "--tensafe-trusted-keys",
             str(owner_keys.signing_pub),
@@ -90,7 +96,7 @@ def server(
             "--tensafe-he-device",
             "cpu",
             "--max-lora-rank",
-            "64",
+            "16",
             "--max-loras",
             "2",
             "--max-cpu-loras",
@@ -98,7 +104,11 @@ def server(
             "--lora-modules",
             *modules,
         ],
-        env={"VLLM_PLUGINS": "tensafe"},  # also the status route
+        env={
+            "VLLM_PLUGINS": "tensafe",  # also the status route
+            # One OpenMP thread per worker, each on its own core (as test_serve_qwen2_tp.py).
+            "VLLM_CPU_OMP_THREADS_BIND": "0|1",
+        },
         log_path=log,
     )
     srv.start()
@@ -126,9 +136,13 @@ def _status(server: VllmServer) -> dict[str, Any]:
         return {a["name"]: a for a in json.loads(reply.read())["adapters"]}
 
 
-def test_the_worker_runs_the_torch_engine(server: VllmServer, sequential: dict) -> None:
+def test_the_workers_run_the_torch_engine(server: VllmServer, sequential: dict) -> None:
     log = server.log()
-    assert "TenSafe: HE engine torch-cpu, HE op outside CUDA graphs" in log
+    for rank in ("Worker_TP0", "Worker_TP1"):
+        assert any(
+            rank in line and "TenSafe: HE engine torch-cpu, HE op outside CUDA graphs" in line
+            for line in log.splitlines()
+        ), rank
     status = _status(server)
     assert status["e8"]["he_engine"] == "torch-cpu"
     usage = status["e8"]["usage"]

@@ -431,11 +431,15 @@ class GpuDeltaEngine:
         # The stages around the GEMM and the random draw are pure tensor code: compiled, their
         # ~150 elementwise kernels fuse into a few (launch overhead dominates at small T).
         self.compiled = bool(compile)
-        self._stage_weights = self._weights
-        self._stage_finish = self._finish
+        # Only the compiled stages are kept (they hold the engine): a plain engine must not
+        # reference itself, so that dropping it (vLLM unbinding a slot) frees its device
+        # memory at once rather than at the next cyclic garbage collection.
+        self._compiled_stages: tuple[Any, Any] | None = None
         if self.compiled:
-            self._stage_weights = torch.compile(self._weights, dynamic=True)
-            self._stage_finish = torch.compile(self._finish, dynamic=True)
+            self._compiled_stages = (
+                torch.compile(self._weights, dynamic=True),
+                torch.compile(self._finish, dynamic=True),
+            )
 
     # --- construction ----------------------------------------------------------------------
 
@@ -724,6 +728,14 @@ class GpuDeltaEngine:
         digits = torch.bmm(weights, self.table)  # exact float64 digit sums
         normals, words = self.flood_source.draw((len(self.groups), u.shape[0], self.ring.n))
         return self._stage_finish(digits, normals, words, slot_row, factors)
+
+    @property
+    def _stage_weights(self) -> Any:
+        return self._weights if self._compiled_stages is None else self._compiled_stages[0]
+
+    @property
+    def _stage_finish(self) -> Any:
+        return self._finish if self._compiled_stages is None else self._compiled_stages[1]
 
     def _finish(
         self,

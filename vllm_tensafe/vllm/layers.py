@@ -416,11 +416,11 @@ def _after_mapping(manager: Any, mapping: Any) -> None:
         present = set(mapping.index_mapping)
         board = get_board()
         for adapter in failing:
-            if adapter.lora_int_id in present and not board.has_adapter_failure(
-                adapter.lora_int_id
-            ):
+            if adapter.lora_int_id in present:
+                # Every worker records (tensor-parallel ranks share the board; the engine core
+                # keeps one cause) and counts it on its own adapter status.
                 board.record_adapter_failure(adapter.lora_int_id, adapter.name, adapter.bind_error)
-                adapter.failures += 1
+                adapter.record_failure(adapter.bind_error)
 
 
 def _bind_slot(manager: Any, lora_id: int) -> None:
