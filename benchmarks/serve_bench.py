@@ -1,9 +1,13 @@
 """Serving benchmark: base model vs plaintext LoRA vs HE-LoRA (local and remote key holder).
 
-One run starts the stock ``vllm serve`` once per variant on the same model, adapter and load,
-measures output tokens/s, time to first token (TTFT) and inter-token latency (ITL, median and
-p99) at each concurrency (and prompt length), and reports every variant's ratio to plaintext
-LoRA. Models and adapters are built locally with random weights (nothing is downloaded).
+One run starts the stock ``vllm serve`` once per variant on the same model, adapter and load
+(base is measured on the plaintext LoRA server unless ``--separate-base``; every LoRA variant
+gets vLLM's ``--lora-target-modules`` with the adapter's modules, which lets the local key
+holder's GPU engine run inside vLLM's CUDA graphs), measures output tokens/s, time to first
+token (TTFT) and inter-token latency (ITL, median and p99) at each concurrency (and prompt
+length), and reports every variant's ratio to plaintext LoRA, which HE engine and cudagraph mode
+each server ran (from its log and the status route). Models and adapters are built locally with
+random weights (nothing is downloaded).
 
     python benchmarks/serve_bench.py --model tiny --concurrency 1,4 --requests 8
     python benchmarks/serve_bench.py --model qwen0.5b --adapter qv8 --concurrency 1
@@ -304,6 +308,18 @@ def prepare(workdir: Path, model_name: str, adapter_name: str) -> dict[str, Path
     return {"model": model, "adapter": adapter, "package": package, "keys": keys}
 
 
+def lora_target_args(adapter_name: str) -> list[str]:
+    """vLLM's --lora-target-modules for the adapter's modules: LoRA layers only where the
+    adapter is (the same for plaintext and HE variants), and what lets the local key holder's
+    GPU engines be built before vLLM captures its CUDA graphs (the HE op then runs inside them)."""
+    targets = ADAPTERS[adapter_name]["target_modules"]
+    if isinstance(targets, str):
+        from vllm_tensafe.testing import LORA_TARGETS_ALL_LINEAR
+
+        targets = LORA_TARGETS_ALL_LINEAR
+    return ["--lora-target-modules", *targets]
+
+
 def server_for(
     variant: str,
     paths: dict[str, Path],
@@ -319,6 +335,8 @@ def server_for(
     if options.gpu:
         args += list(GPU_ARGS)
     args += shlex.split(options.server_args)
+    if variant != "base" and options.lora_target_modules:
+        args += lora_target_args(options.adapter)
     if variant == "plaintext":
         args += ["--enable-lora", "--max-lora-rank", str(rank), "--lora-modules",
                  f"bench={paths['adapter']}"]  # fmt: skip
@@ -348,14 +366,40 @@ def server_for(
     )  # fmt: skip
 
 
-def he_counters(base_url: str) -> dict[str, float]:
-    """Summed HE counters of the server's encrypted adapters (GET /v1/tensafe/adapters)."""
+def he_adapters(base_url: str) -> list[dict[str, Any]]:
+    """The server's encrypted adapters (GET /v1/tensafe/adapters)."""
     import urllib.request
 
     with urllib.request.urlopen(f"{base_url}/v1/tensafe/adapters", timeout=30) as reply:
-        adapters = json.loads(reply.read())["adapters"]
+        return json.loads(reply.read())["adapters"]
+
+
+def he_counters(base_url: str) -> dict[str, float]:
+    """Summed HE counters of the server's encrypted adapters."""
     keys = ("he_seconds", "key_holder_seconds", "he_calls", "ciphertexts_sent")
+    adapters = he_adapters(base_url)
     return {k: float(sum(a["usage"].get(k, 0) for a in adapters)) for k in keys}
+
+
+LOG_FACTS = {
+    # TenSafe's lines: the graph guard (API server), the worker's check, the engine choice.
+    "graph_guard": "TenSafe graph guard:",
+    "graph_worker": "TenSafe graph check in worker",
+    "he_plan": "TenSafe: HE engine",
+    "he_engines": "TenSafe: device HE engines",
+    # vLLM's own.
+    "vllm_captures": "Capturing CUDA graphs",
+    "graph_capturing_finished": "Graph capturing finished",
+}
+
+
+def log_facts(log: str) -> dict[str, list[str]]:
+    """Which cudagraph mode and which HE engine a server ran, from its log."""
+    lines = log.splitlines()
+    return {
+        key: sorted({line.split("] ", 1)[-1][:400] for line in lines if needle in line})
+        for key, needle in LOG_FACTS.items()
+    }
 
 
 def main() -> int:
@@ -407,6 +451,25 @@ def main() -> int:
     parser.add_argument(
         "--he-prompt-tokens", help="prompt lengths for the HE variants (default: --prompt-tokens)"
     )
+    parser.add_argument(
+        "--remote-concurrency",
+        help="levels for he-remote only (default: the HE variants'); every token of a remote "
+        "step sends one ciphertext per layer and group to the key holder",
+    )  # fmt: skip
+    parser.add_argument(
+        "--remote-prompt-tokens", help="prompt lengths for he-remote only (default: the HE ones)"
+    )
+    parser.add_argument("--remote-max-tokens", type=int, help="output tokens for he-remote only")
+    parser.add_argument(
+        "--lora-target-modules", action=argparse.BooleanOptionalAction, default=True,
+        help="pass vLLM's --lora-target-modules with the adapter's modules to every LoRA "
+        "variant (default on; it lets the GPU HE engine run inside vLLM's CUDA graphs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--separate-base", action="store_true",
+        help="serve base from a server without LoRA (default: from the plaintext LoRA server, "
+        "one start less)",
+    )  # fmt: skip
     parser.add_argument("--workdir", default="bench-out")
     parser.add_argument("--out", help="write the JSON here as well")
     args = parser.parse_args()
@@ -457,14 +520,16 @@ def main() -> int:
         "variants": {},
     }
     try:
-        for variant in variants:
+        for server_variant, served in server_groups(variants, args.separate_base):
             try:
-                report["variants"][variant] = run_variant(
-                    variant, paths, rank, kh_port, args, levels, prompts, workdir
+                results = run_server(
+                    server_variant, served, paths, rank, kh_port, args, levels, prompts, workdir
                 )
             except Exception as exc:  # keep the other variants' figures (device time is scarce)
-                report["variants"][variant] = {"error": f"{type(exc).__name__}: {exc}"[-4000:]}
-            print(f"[bench] {variant} done", file=sys.stderr)
+                error = {"error": f"{type(exc).__name__}: {exc}"[-4000:]}
+                results = {variant: dict(error) for variant in served}
+            report["variants"].update(results)
+            print(f"[bench] {', '.join(served)} done", file=sys.stderr)
             add_ratios(report)
             write_report(report, args.out)
     finally:
@@ -475,8 +540,43 @@ def main() -> int:
     return 0
 
 
-def run_variant(
-    variant: str,
+def server_groups(variants: list[str], separate_base: bool) -> list[tuple[str, list[str]]]:
+    """(server variant, variants measured on it): base is measured on the plaintext LoRA
+    server unless asked otherwise (vLLM starts take minutes on a GPU)."""
+    groups: list[tuple[str, list[str]]] = []
+    for variant in variants:
+        if variant == "base" and "plaintext" in variants and not separate_base:
+            continue
+        served = [variant]
+        if variant == "plaintext" and "base" in variants and not separate_base:
+            served = ["base", "plaintext"]
+        groups.append((variant, served))
+    return groups
+
+
+def variant_levels(
+    variant: str, args: argparse.Namespace, levels: list[int], prompts: list[str | list[int]]
+) -> tuple[list[int], list[str | list[int]], int]:
+    """Concurrency levels, prompts and output tokens of one variant."""
+    max_tokens = args.max_tokens
+    if variant.startswith("he-"):
+        if args.he_concurrency:
+            levels = [int(x) for x in args.he_concurrency.split(",")]
+        if args.he_prompt_tokens:
+            prompts = [token_prompt(int(n)) for n in args.he_prompt_tokens.split(",")]
+        max_tokens = args.he_max_tokens or max_tokens
+    if variant == "he-remote":
+        if args.remote_concurrency:
+            levels = [int(x) for x in args.remote_concurrency.split(",")]
+        if args.remote_prompt_tokens:
+            prompts = [token_prompt(int(n)) for n in args.remote_prompt_tokens.split(",")]
+        max_tokens = args.remote_max_tokens or max_tokens
+    return levels, prompts, max_tokens
+
+
+def run_server(
+    server_variant: str,
+    served: list[str],
     paths: dict[str, Path],
     rank: int,
     kh_port: int | None,
@@ -484,46 +584,57 @@ def run_variant(
     levels: list[int],
     prompts: list[str | list[int]],
     workdir: Path,
-) -> dict[str, Any]:
-    server_log = workdir / f"vllm-{args.model}-{variant}.log"
-    server = server_for(variant, paths, rank, kh_port, args, server_log)
-    he = variant.startswith("he-")
-    max_tokens = args.he_max_tokens if he and args.he_max_tokens else args.max_tokens
-    if he and args.he_concurrency:
-        levels = [int(x) for x in args.he_concurrency.split(",")]
-    if he and args.he_prompt_tokens:
-        prompts = [token_prompt(int(n)) for n in args.he_prompt_tokens.split(",")]
+) -> dict[str, dict[str, Any]]:
+    server_log = workdir / f"vllm-{args.model}-{server_variant}.log"
+    server = server_for(server_variant, paths, rank, kh_port, args, server_log)
     t0 = time.perf_counter()
     from openai import OpenAI
 
+    out: dict[str, dict[str, Any]] = {}
     with server:
         startup = time.perf_counter() - t0
         client = OpenAI(base_url=f"{server.base_url}/v1", api_key="x", timeout=3600)
-        model = "base" if variant == "base" else "bench"
-        results = []
-        for c, prompt in itertools.product(levels, prompts):
-            before = he_counters(server.base_url) if he else {}
-            level = run_load(
-                client, model, c, max(args.requests, c), max_tokens, prompt, args.level_seconds
+        for variant in served:
+            he = variant.startswith("he-")
+            variant_level_list, variant_prompts, max_tokens = variant_levels(
+                variant, args, levels, prompts
             )
-            if he and before:
-                after = he_counters(server.base_url)
-                # Includes run_load's short warm-up request; wall is the timed part.
-                for key in ("he_seconds", "key_holder_seconds"):
-                    level[key.replace("he_seconds", "he_op_seconds")] = round(
-                        after.get(key, 0.0) - before.get(key, 0.0), 3
-                    )
-                level["he_calls"] = int(after.get("he_calls", 0) - before.get("he_calls", 0))
-                level["ciphertexts"] = int(
-                    after.get("ciphertexts_sent", 0) - before.get("ciphertexts_sent", 0)
+            model = "base" if variant == "base" else "bench"
+            results = []
+            for c, prompt in itertools.product(variant_level_list, variant_prompts):
+                before = he_counters(server.base_url) if he else {}
+                level = run_load(
+                    client, model, c, max(args.requests, c), max_tokens, prompt, args.level_seconds
                 )
-            results.append(level)
-    return {
-        "startup_s": round(startup, 1),
-        "max_tokens": max_tokens,
-        "server_log": str(server_log),
-        "levels": results,
-    }
+                if he and before:
+                    after = he_counters(server.base_url)
+                    # Includes run_load's short warm-up request; wall is the timed part.
+                    for key in ("he_seconds", "key_holder_seconds"):
+                        level[key.replace("he_seconds", "he_op_seconds")] = round(
+                            after.get(key, 0.0) - before.get(key, 0.0), 3
+                        )
+                    level["he_calls"] = int(after.get("he_calls", 0) - before.get("he_calls", 0))
+                    level["ciphertexts"] = int(
+                        after.get("ciphertexts_sent", 0) - before.get("ciphertexts_sent", 0)
+                    )
+                results.append(level)
+            entry: dict[str, Any] = {
+                "startup_s": round(startup, 1),
+                "server": server_variant,
+                "max_tokens": max_tokens,
+                "server_log": str(server_log),
+                "levels": results,
+            }
+            if he:
+                entry["he"] = {
+                    a["name"]: {k: a.get(k) for k in ("he_engine", "he_graphs", "usage")}
+                    for a in he_adapters(server.base_url)
+                }
+            out[variant] = entry
+        facts = log_facts(server.log())
+    for entry in out.values():
+        entry["log"] = facts
+    return out
 
 
 def add_ratios(report: dict[str, Any]) -> None:

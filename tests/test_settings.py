@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,18 @@ from vllm_tensafe.settings import PROFILE_NAMES, TenSafeSettings, load_settings
 
 
 @pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     import os
 
     for key in list(os.environ):
         if key.startswith("TENSAFE_"):
             monkeypatch.delenv(key)
-    return monkeypatch
+    yield monkeypatch
+    # plugin.apply_cli_args writes TENSAFE_* into os.environ itself: drop what it wrote, so
+    # later tests (which read the settings) do not see this test's values.
+    for key in list(os.environ):
+        if key.startswith("TENSAFE_"):
+            os.environ.pop(key)
 
 
 @pytest.fixture

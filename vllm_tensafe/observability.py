@@ -201,6 +201,13 @@ def record_he_delta(
             instruments.key_holder_seconds.record(per_call, {"key_holder": key_holder})
 
 
+def record_he_operations(adapter: str, ciphertexts: int) -> None:
+    """HE work counted on the device (the op inside CUDA graphs runs no Python per call, so
+    there is no per-call time to record; worker process)."""
+    if ciphertexts:
+        _get().he_operations_total.add(ciphertexts, {"adapter": adapter})
+
+
 def record_tssp_verification(outcome: str) -> None:
     _get().tssp_verifications_total.add(1, {"outcome": outcome})
 

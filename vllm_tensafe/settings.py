@@ -108,6 +108,27 @@ class TenSafeSettings(BaseSettings):
         description="The host's attestation key: a persistent handle (0x81...) or a context "
         "file, made by `vllm-tensafe attestation enrol`.",
     )
+    he_device: Literal["auto", "seal", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where workers compute HE deltas: 'auto' (the exact torch engine on the "
+        "model's GPU when the model runs on CUDA, else 'seal'), 'seal' (the TenSEAL engine on "
+        "the CPU), 'cpu' (the torch engine on the CPU) or 'cuda' (the torch engine on the "
+        "model's GPU; refused where the model does not run on CUDA).",
+    )
+    he_cuda_graphs: bool = Field(
+        True,
+        description="Let vLLM capture the HE op in its CUDA graphs (vLLM's default "
+        "FULL_AND_PIECEWISE mode stays) where it is safe: local key holder, torch engine on "
+        "CUDA, and --lora-target-modules set (the engines are built before vLLM captures). "
+        "false, or where it is not safe: the op runs outside them (PIECEWISE).",
+    )
+    he_fold_secret: bool = Field(
+        False,
+        description="Local key holder on the torch engine only: decrypt B' once when an "
+        "adapter is bound and keep Dec(B') (B' in the clear up to CKKS noise) in device "
+        "memory, halving the per-token products. Off: B' stays encrypted and is decrypted "
+        "per step with the secret key.",
+    )
     version_file: Path | None = Field(
         None,
         description="File keeping the highest adapter_version seen per adapter name; older "
@@ -287,6 +308,8 @@ def _accepted(field: str) -> str:
         return f"use one of {', '.join(PROFILE_NAMES)}"
     if field == "key_holder":
         return "use local or remote"
+    if field == "he_device":
+        return "use auto, seal, cpu or cuda"
     if field == "key_holder_url":
         return "use a URL like https://keyholder.example:8443"
     if field == "otlp_endpoint":

@@ -1,5 +1,6 @@
 """On a CUDA GPU: encrypted adapters under vLLM's default compilation (torch.compile + CUDA
-graphs) answer exactly as the plaintext adapter of the same weights, never as the base model.
+graphs) answer exactly as the plaintext adapter of the same weights, never as the base model,
+with the HE work on the GPU.
 
 Run on the GPU machine (docs/install.md, "On a CUDA GPU"), bf16::
 
@@ -8,13 +9,17 @@ Run on the GPU machine (docs/install.md, "On a CUDA GPU"), bf16::
 What it does, with as few servers as possible (two, plus one that must not start):
 
 1. checks the vLLM patch table against the running vLLM (seconds; stops here if it does not
-   fit), and that the HE op refuses to run inside a CUDA graph capture (no server);
-2. ``vllm serve ... -cc '{"cudagraph_mode": "FULL"}'`` with TenSafe on must exit with the
-   refusal in its first seconds, before loading weights;
-3. ONE ``vllm serve`` with vLLM's default compilation (no ``--enforce-eager``) serving the base
+   fit), and that the splitting HE op refuses to run inside a CUDA graph capture (no server);
+2. ``vllm serve ... -cc '{"cudagraph_mode": "FULL"}'`` with TenSafe on (and no
+   ``--lora-target-modules``: the HE op then cannot be captured) must exit with the refusal in
+   its first seconds, before loading weights;
+3. ONE ``vllm serve`` with vLLM's default compilation (no ``--enforce-eager``) and
+   ``--lora-target-modules`` set, local key holder: the torch HE engine on the GPU, captured in
+   vLLM's FULL_AND_PIECEWISE graphs (``tensafe::he_lora_delta_device``), serving the base
    model, the demo adapter as a plaintext LoRA (``plain``) and its TSSP package (``enc``):
    greedy answers, one at a time and all at once, compared;
-4. the same with ``--enforce-eager`` (a second server).
+4. the same with a remote key holder (the key-holder service on this host): the torch engine
+   on the GPU outside the graphs (PIECEWISE, ``tensafe::he_lora_delta`` split out).
 
 The demo adapter (vllm_tensafe.testing.train_demo_adapter) is trained until every answer token
 wins by a logit margin of 1.0; bf16 and the HE path move logits by far less, so greedy tokens
@@ -23,7 +28,8 @@ exact token equality would then test the float format, not the plugin.) On GPUs 
 batch-invariant, so base-model answers are only checked for not being the adapter's.
 
 Results go to ``$OUT/gpu_summary.json`` (and the server logs to ``$OUT/*.log``) when ``$OUT``
-is set, and are printed at the end of the run.
+is set, and are printed at the end of the run: which cudagraph mode and which HE engine ran,
+the HE counters, the answers.
 """
 
 from __future__ import annotations
@@ -43,12 +49,15 @@ from typing import Any
 import pytest
 import torch
 
+from vllm_tensafe.testing import LORA_TARGETS_ALL_LINEAR
+
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
 BASE, PLAIN, ENC = "base", "plain", "enc"
+REMOTE_TOKEN = "gpu-test-host-token"
 RENDERINGS = ("completion", "chat")
 REPEATS = 4  # copies of each request in the concurrent round: batches mix all three models
 MAX_TOKENS = 16  # the demo answer is 8 tokens and EOS
@@ -108,12 +117,18 @@ def tensafe_args(setup: dict[str, Any]) -> list[str]:
     ]
 
 
-def start_server(setup: dict[str, Any], gpu_out: Path, name: str, extra: list[str]) -> Any:
+def start_server(
+    setup: dict[str, Any],
+    gpu_out: Path,
+    name: str,
+    extra: list[str],
+    args: list[str] | None = None,
+) -> Any:
     from vllm_tensafe.server_process import VllmServer
 
     server = VllmServer(
         setup["model"],
-        [*tensafe_args(setup), *extra],
+        [*(tensafe_args(setup) if args is None else args), *extra],
         env=GPU_ENV,
         cpu_defaults=False,
         startup_timeout=900,
@@ -164,15 +179,22 @@ def ask_all(base_url: str, jobs: list[tuple[str, str]]) -> list[tuple[tuple[int,
         return [future.result(timeout=600) for future in futures]
 
 
-def he_usage(base_url: str) -> dict[str, Any]:
-    """The workers' HE counters per adapter (GET /v1/tensafe/adapters); {"error": ...} if the
-    route does not answer (the answers, not the counters, are what the test is about)."""
+def adapter_status(base_url: str) -> dict[str, Any]:
+    """The workers' status per adapter (GET /v1/tensafe/adapters); {"error": ...} if the route
+    does not answer (the answers, not the counters, are what the test is about)."""
     try:
         with urllib.request.urlopen(f"{base_url}/v1/tensafe/adapters", timeout=60) as response:
             body = json.loads(response.read())
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
-    return {a["name"]: a["usage"] for a in body.get("adapters", [])}
+    return {a["name"]: a for a in body.get("adapters", [])}
+
+
+def he_usage(base_url: str) -> dict[str, Any]:
+    status = adapter_status(base_url)
+    if "error" in status:
+        return status
+    return {name: a["usage"] for name, a in status.items()}
 
 
 def graph_facts(log: str) -> dict[str, Any]:
@@ -192,6 +214,11 @@ def graph_facts(log: str) -> dict[str, Any]:
         "vllm_captures": sorted(set(re.findall(r"Capturing CUDA graphs \([^)]*\)", log))),
         "graph_capturing_finished": [
             line.split("] ", 1)[-1] for line in lines if "Graph capturing finished" in line
+        ],
+        # Which HE engine the worker chose and why, and the captured engines' size.
+        "he_plan": [line.split("] ", 1)[-1] for line in lines if "TenSafe: HE engine" in line],
+        "he_engines": [
+            line.split("] ", 1)[-1] for line in lines if "TenSafe: device HE engines" in line
         ],
     }
 
@@ -240,12 +267,16 @@ def check_server(server: Any, name: str, gpu_summary: dict[str, Any]) -> dict[st
                 mismatches.append(f"{model}/{rendering}: {got} != {sequential[(model, rendering)]}")
         rounds.append({"requests": len(jobs), "mismatches": mismatches})
     record["concurrent"] = rounds
+    status = adapter_status(url)
+    record["status"] = status.get("demo-gpu", status)
     assert all(not r["mismatches"] for r in rounds), f"{name}: {rounds}"
     worker = record["graphs"]["worker"][0] if record["graphs"]["worker"] else "no worker line"
+    engine = record["status"].get("he_engine", "?") if isinstance(record["status"], dict) else "?"
     record["headline"] = (
         f"OK: enc == plain == {DEMO_ANSWER!r} ({', '.join(RENDERINGS)}), != base; "
         f"{2 * len(jobs)} concurrent requests as one at a time; HE calls {calls_before} -> "
-        f"{calls}; started in {server.startup_seconds}s; {worker.split(': ', 1)[-1]}"
+        f"{calls}; HE engine {engine}; started in {server.startup_seconds}s; "
+        f"{worker.split(': ', 1)[-1]}"
     )
     return record
 
@@ -333,13 +364,16 @@ def test_full_cuda_graphs_are_refused_at_once(
     assert "Loading weights" not in output and "Model loading took" not in output
 
 
-# --- 3. vLLM's default compilation: torch.compile + CUDA graphs --------------------------------
+# --- 3. vLLM's default compilation, local key holder: the HE op inside the CUDA graphs ---------
 
 
-class TestDefaultCompilation:
+class TestCapturedInCudaGraphs:
     @pytest.fixture(scope="class")
     def server(self, demo_setup: dict[str, Any], gpu_out: Path) -> Any:
-        server = start_server(demo_setup, gpu_out, "default", [])
+        # The demo adapter is all-linear: the device engines are built for these modules
+        # before vLLM captures its graphs.
+        targets = ["--lora-target-modules", *LORA_TARGETS_ALL_LINEAR]
+        server = start_server(demo_setup, gpu_out, "captured", targets)
         try:
             yield server
         finally:
@@ -348,22 +382,66 @@ class TestDefaultCompilation:
     def test_encrypted_equals_plaintext_sequential_and_concurrent(
         self, server: Any, gpu_summary: dict[str, Any]
     ) -> None:
-        record = check_server(server, "default_compilation", gpu_summary)
+        record = check_server(server, "captured_default_compilation", gpu_summary)
         graphs = record["graphs"]
-        # vLLM compiled and captured graphs; TenSafe kept the HE op out of them.
+        # vLLM kept its default graphs, FULL decode graphs included, with the HE op inside.
         assert graphs["worker"], "the worker did not log its graph check"
-        assert "cudagraph_mode=PIECEWISE" in graphs["worker"][0]
-        assert "tensafe::he_lora_delta in splitting_ops" in graphs["worker"][0]
-        assert "compilation mode=VLLM_COMPILE" in graphs["worker"][0]
+        worker = graphs["worker"][0]
+        assert "cudagraph_mode=FULL_AND_PIECEWISE" in worker, worker
+        assert "tensafe::he_lora_delta_device inside the CUDA graphs" in worker, worker
+        assert "compilation mode=VLLM_COMPILE" in worker, worker
+        assert graphs["mode_change"] == [], graphs["mode_change"]
+        plan = graphs["he_plan"]
+        assert any(
+            "HE engine torch-cuda, HE op captured in CUDA graphs" in line for line in plan
+        ), plan
+        assert record["status"]["he_engine"] == "torch-cuda"
+        assert record["status"]["he_graphs"] == "captured"
 
 
-# --- 4. --enforce-eager ------------------------------------------------------------------------
+# --- 4. vLLM's default compilation, remote key holder: the HE op split out ---------------------
 
 
-class TestEnforceEager:
+class TestRemoteKeyHolderOnGpu:
     @pytest.fixture(scope="class")
-    def server(self, demo_setup: dict[str, Any], gpu_out: Path) -> Any:
-        server = start_server(demo_setup, gpu_out, "eager", ["--enforce-eager"])
+    def key_holder(self, demo_setup: dict[str, Any], gpu_out: Path) -> Any:
+        from vllm_tensafe.he import SecretKeySet
+        from vllm_tensafe.he.service import AdapterPolicy, KeyHolderService, TokenStore
+        from vllm_tensafe.server_process import free_port
+        from vllm_tensafe.tssp import TrustStore
+
+        keys = demo_setup["keys"]
+        port = free_port()
+        service = KeyHolderService(
+            SecretKeySet.load(keys.he_secret),
+            AdapterPolicy.from_packages(
+                [demo_setup["package"]], TrustStore.from_files([keys.signing_pub])
+            ),
+            TokenStore.from_secrets([REMOTE_TOKEN]),
+            port=port,
+            audit_log=gpu_out / "key-holder-audit.jsonl",
+        )
+        assert service.start() == port
+        token = gpu_out / "host.token"
+        token.write_text(REMOTE_TOKEN + "\n")
+        try:
+            yield {"url": f"http://127.0.0.1:{port}", "token": token}
+        finally:
+            service.close()
+
+    @pytest.fixture(scope="class")
+    def server(self, demo_setup: dict[str, Any], gpu_out: Path, key_holder: dict) -> Any:
+        args = [
+            arg
+            for arg in tensafe_args(demo_setup)
+            if arg not in ("--tensafe-he-secret", str(demo_setup["keys"].he_secret))
+        ]
+        remote = [
+            "--tensafe-key-holder", "remote",
+            "--tensafe-key-holder-url", key_holder["url"],
+            "--tensafe-key-holder-token-file", str(key_holder["token"]),
+        ]  # fmt: skip
+        server = start_server(demo_setup, gpu_out, "remote", remote, args=args)
         try:
             yield server
         finally:
@@ -372,5 +450,12 @@ class TestEnforceEager:
     def test_encrypted_equals_plaintext_sequential_and_concurrent(
         self, server: Any, gpu_summary: dict[str, Any]
     ) -> None:
-        record = check_server(server, "enforce_eager", gpu_summary)
-        assert "cudagraph_mode=NONE" in record["graphs"]["worker"][0]
+        record = check_server(server, "remote_default_compilation", gpu_summary)
+        worker = record["graphs"]["worker"][0]
+        assert "cudagraph_mode=PIECEWISE" in worker, worker
+        assert "tensafe::he_lora_delta in splitting_ops" in worker, worker
+        plan = record["graphs"]["he_plan"]
+        assert any("HE engine torch-cuda, HE op outside CUDA graphs" in line for line in plan), plan
+        assert record["status"]["he_engine"] == "torch-cuda"
+        usage = record["status"]["usage"]
+        assert usage["key_holder_seconds"] > 0 and usage["ciphertexts_sent"] > 0

@@ -145,24 +145,32 @@ def _time(fn, repeats: int = 20) -> float:
 
 def test_timing_llama8b_qv_layer(ctx: PublicContext, secret: SecretKeySet) -> None:
     """One Llama-3-8B attention layer (q 4096 and v 1024 rows, r 16, d_in 4096): ms per call,
-    eager and replayed from a CUDA graph. Printed and written to $OUT; nothing asserted."""
+    eager and replayed from a CUDA graph, with B' encrypted on the device (decrypted per token,
+    the default) and folded (Dec(B') held). Printed and written to $OUT; nothing asserted."""
     rng = np.random.default_rng(3)
     mq = encrypt_matrix(ctx, rng.normal(size=(4096, 16)) * 0.01)
     mv = encrypt_matrix(ctx, rng.normal(size=(1024, 16)) * 0.01)
-    engine = GpuDeltaEngine.from_matrices(
-        secret, [mq, None, mv], output_slices=[4096, 1024, 1024], d_in=4096, device=CUDA
-    )
-    engine.load(0, [mq, None, mv], [rng.normal(size=(16, 4096)) * 0.01, None,
-                                    rng.normal(size=(16, 4096)) * 0.01])  # fmt: skip
-    timings = {}
-    for tokens in (1, 16, 64):
-        x_buf, slot_buf = _static_inputs(4096, tokens)
-        x_buf.normal_()
-        slot_buf[:tokens] = 0
-        eager = _time(lambda x_buf=x_buf, slot_buf=slot_buf: engine.compute(x_buf, slot_buf))
-        graph, _ = _capture(engine, x_buf, slot_buf)
-        replay = _time(graph.replay)
-        timings[tokens] = {"eager_ms": round(eager, 3), "graph_ms": round(replay, 3)}
-        print(f"[he-cuda] llama8b q+v layer T={tokens}: eager {eager:.3f} ms, "
-              f"graph {replay:.3f} ms")  # fmt: skip
+    a = [rng.normal(size=(16, 4096)) * 0.01, None, rng.normal(size=(16, 4096)) * 0.01]
+    timings: dict[str, dict[int, dict[str, float]]] = {}
+    for fold in (False, True):
+        engine = GpuDeltaEngine.from_matrices(
+            secret, [mq, None, mv], output_slices=[4096, 1024, 1024], d_in=4096, device=CUDA,
+            fold_secret=fold,
+        )  # fmt: skip
+        engine.load(0, [mq, None, mv], a)
+        label = "folded" if fold else "encrypted"
+        timings[label] = {}
+        for tokens in (1, 16, 64):
+            x_buf, slot_buf = _static_inputs(4096, tokens)
+            x_buf.normal_()
+            slot_buf[:tokens] = 0
+            call = engine.compute
+            eager = _time(lambda call=call, x_buf=x_buf, slot_buf=slot_buf: call(x_buf, slot_buf))
+            graph, _ = _capture(engine, x_buf, slot_buf)
+            replay = _time(graph.replay)
+            timings[label][tokens] = {"eager_ms": round(eager, 3), "graph_ms": round(replay, 3)}
+            print(f"[he-cuda] llama8b q+v layer, B' {label}, T={tokens}: eager {eager:.3f} ms, "
+                  f"graph {replay:.3f} ms")  # fmt: skip
+        del engine
+        torch.cuda.empty_cache()
     RESULTS["llama8b_qv_layer_ms"] = timings

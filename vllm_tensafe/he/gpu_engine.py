@@ -12,10 +12,12 @@ of a module wider than the slots):
 and then, with the **local** key holder (one trust domain: the secret key is in this process),
 decrypt (c0 + c1 * s), flood, modulus switch S_m, centre and decode: docs/v2-math's key-holder
 and host steps, bit-identical to them where they are integer arithmetic, all on the device.
-With ``fold_secret`` (the default) the decryption is applied once to the columns at load:
-Dec is linear, so sum_j w_j Dec(B'_j) = Dec(sum_j w_j B'_j) exactly, and the per-token work drops
-the c1 polynomial and the FFT product (the columns held on the device are then Dec(B'_j), which
-in this trust domain is no more than the secret key next to them already gives).
+By default B' stays encrypted in device memory and every token's product is decrypted with the
+secret key (c0 + c1 * s by FFT). With ``fold_secret`` the decryption is applied once to the
+columns at load instead: Dec is linear, so sum_j w_j Dec(B'_j) = Dec(sum_j w_j B'_j) exactly, and
+the per-token work drops the c1 polynomial and the FFT product; but the columns held on the
+device are then Dec(B'_j), i.e. B' in the clear up to CKKS noise, which anyone who can read the
+device memory reads (docs/gpu-he.md).
 
 With a **remote** key holder (``GpuRemoteDeltaEngine``) the device computes the products, the
 re-randomisation (c + (pk0 v, pk1 v + e1)), the pad (c0 + R, rho = S_m(R)) and the NTT of the
@@ -36,10 +38,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -107,6 +111,25 @@ def public_key_coefficients(ctx: PublicContext) -> np.ndarray:
     rows = np.array(ciphertext_residues(key)[:, : ctx.profile.data_primes], copy=True)
     ct = ciphertext_from_residues(ctx.context, ctx.parms_id, rows, 1.0)
     return coefficient_residues(ctx, ct)
+
+
+def column_coefficients(mat: EncryptedMatrix, chunk: int) -> np.ndarray:
+    """(rank, 2, L, N) uint64 coefficient-form residues of one chunk's columns.
+
+    Converted once per matrix and chunk and kept on the matrix (as much memory as its
+    ciphertexts): an adapter that vLLM moves between slots is bound again without SEAL work.
+    """
+    cache: dict[int, np.ndarray] = mat.__dict__.setdefault("_tensafe_coefficients", {})
+    columns = cache.get(chunk)
+    if columns is None:
+        columns = np.stack(
+            [
+                coefficient_residues(mat.ctx, mat.column_ciphertext(j, chunk))
+                for j in range(mat.rank)
+            ]
+        )
+        cache[chunk] = columns
+    return columns
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -355,8 +378,9 @@ class GpuDeltaEngine:
         max_slots: int = 1,
         max_rank: int = 16,
         device: torch.device | str = "cpu",
-        fold_secret: bool = True,
+        fold_secret: bool = False,
         shards: Sequence[tuple[int, int]] | None = None,
+        rows: Sequence[Sequence[int] | np.ndarray] | None = None,
         generator: torch.Generator | str | None = None,
         ring: DeviceRing | None = None,
         compile: bool = False,
@@ -373,12 +397,27 @@ class GpuDeltaEngine:
         self.device = self.ring.device
         self.stats = DeltaStats()
         self.output_slices = [int(d) for d in output_slices]
-        self.shards = (
-            [(0, d) for d in self.output_slices] if shards is None else [tuple(s) for s in shards]
-        )
-        if len(self.shards) != len(self.output_slices):
-            raise HEError("one shard (start, size) per output slice", "pass layer shard ranges")
-        self.out_features = sum(size for _, size in self.shards)
+        if rows is None:
+            ranges = (
+                [(0, d) for d in self.output_slices]
+                if shards is None
+                else [(int(a), int(b)) for a, b in shards]
+            )
+            if len(ranges) != len(self.output_slices):
+                raise HEError("one shard (start, size) per output slice", "pass layer shard ranges")
+            rows = [np.arange(start, start + size) for start, size in ranges]
+        # Per output slice: the rows of the full module (B' row numbers) that this engine's
+        # output holds, in order (a tensor-parallel rank's shard; vLLM's slice_lora_b says which).
+        self.rows = [np.asarray(r, dtype=np.int64).reshape(-1) for r in rows]
+        if len(self.rows) != len(self.output_slices) or any(
+            r.size and (r.min() < 0 or r.max() >= d)
+            for r, d in zip(self.rows, self.output_slices, strict=True)
+        ):
+            raise HEError(
+                "one row list per output slice, each within the slice's full size",
+                "pass the rows vLLM's slice_lora_b keeps for this rank",
+            )
+        self.out_features = sum(r.size for r in self.rows)
         self.groups = [list(g) for g in groups]
         if not self.groups:
             raise HEError("a layer engine needs at least one ciphertext group", _FIX_LAYOUT)
@@ -392,11 +431,15 @@ class GpuDeltaEngine:
         # The stages around the GEMM and the random draw are pure tensor code: compiled, their
         # ~150 elementwise kernels fuse into a few (launch overhead dominates at small T).
         self.compiled = bool(compile)
-        self._stage_weights = self._weights
-        self._stage_finish = self._finish
+        # Only the compiled stages are kept (they hold the engine): a plain engine must not
+        # reference itself, so that dropping it (vLLM unbinding a slot) frees its device
+        # memory at once rather than at the next cyclic garbage collection.
+        self._compiled_stages: tuple[Any, Any] | None = None
         if self.compiled:
-            self._stage_weights = torch.compile(self._weights, dynamic=True)
-            self._stage_finish = torch.compile(self._finish, dynamic=True)
+            self._compiled_stages = (
+                torch.compile(self._weights, dynamic=True),
+                torch.compile(self._finish, dynamic=True),
+            )
 
     # --- construction ----------------------------------------------------------------------
 
@@ -536,6 +579,12 @@ class GpuDeltaEngine:
         used = [table is not None for table in tables]
         self._slots[slot] = _SlotState(adapter_id, ref, used)
 
+    def groups_used(self, slot: int) -> int:
+        """Ciphertext groups the adapter in ``slot`` fills (0: none loaded): one ciphertext
+        per token and group."""
+        state = self._slots.get(slot)
+        return 0 if state is None else sum(state.groups_used)
+
     def unload(self, slot: int) -> None:
         with torch.no_grad():
             self.index[slot].fill_(self._sentinel)
@@ -590,10 +639,7 @@ class GpuDeltaEngine:
 
     def _column_residues(self, mat: EncryptedMatrix, chunk: int) -> torch.Tensor:
         """(rank, 2, L, N) coefficient-form residues of one chunk's columns, on the device."""
-        cols = [
-            coefficient_residues(self.ctx, mat.column_ciphertext(j, chunk)) for j in range(mat.rank)
-        ]
-        return self.ring.upload(np.stack(cols))
+        return self.ring.upload(column_coefficients(mat, chunk))
 
     def _slot_tables(
         self,
@@ -627,10 +673,10 @@ class GpuDeltaEngine:
         index = np.full(self.out_features, self._sentinel, dtype=np.int64)
         column_group = np.zeros(self.out_features, dtype=np.int64)
         offset = 0
-        for s, (start, size) in enumerate(self.shards):
+        for s, rows in enumerate(self.rows):
+            size = rows.size
             mat = matrices[s]
             if mat is not None:
-                rows = np.arange(start, start + size)
                 if mat.n_chunks > 1:
                     chunks, slots = rows // half, rows % half
                 else:
@@ -682,6 +728,14 @@ class GpuDeltaEngine:
         digits = torch.bmm(weights, self.table)  # exact float64 digit sums
         normals, words = self.flood_source.draw((len(self.groups), u.shape[0], self.ring.n))
         return self._stage_finish(digits, normals, words, slot_row, factors)
+
+    @property
+    def _stage_weights(self) -> Any:
+        return self._weights if self._compiled_stages is None else self._compiled_stages[0]
+
+    @property
+    def _stage_finish(self) -> Any:
+        return self._finish if self._compiled_stages is None else self._compiled_stages[1]
 
     def _finish(
         self,
@@ -764,6 +818,88 @@ class GpuDeltaEngine:
         return (delta * factor).float()
 
 
+# Outgoing ciphertexts' randomness drawn ahead per public context: about one decode step of a
+# 32-layer model with two targeted groups per layer (each ~330 KB on the host).
+COVER_PREFETCH = 64
+
+
+class OutgoingCovers:
+    """(v, e1, R) for outgoing ciphertexts of one public context, from the CPU CSPRNG.
+
+    Sampling them (ring.py's rejection samplers over AES-CTR words) costs the host about as
+    much as copying the ciphertexts out; a daemon thread keeps ``prefetch`` sets ready so the
+    engine step only takes them. Each set is drawn for one ciphertext and handed out once;
+    when none is ready, the missing ones are drawn inline. One instance per context and
+    process (``for_context``), shared by every layer engine of that key; a forked child starts
+    its own thread (the CSPRNG renews its key in the child too).
+    """
+
+    _shared: ClassVar[dict[str, OutgoingCovers]] = {}
+    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, ctx: PublicContext, *, prefetch: int = COVER_PREFETCH) -> None:
+        self.sampler = Ring(ctx.context, ctx.parms_id, ctx.profile.poly_modulus_degree)
+        self.prefetch = int(prefetch)
+        self._queue: queue.Queue[tuple[np.ndarray, np.ndarray, np.ndarray]] = queue.Queue(
+            maxsize=max(1, self.prefetch)
+        )
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    @classmethod
+    def for_context(cls, ctx: PublicContext, *, prefetch: int = COVER_PREFETCH) -> OutgoingCovers:
+        with cls._shared_lock:
+            covers = cls._shared.get(ctx.key_id)
+            if covers is None or covers.prefetch != prefetch:
+                covers = cls(ctx, prefetch=prefetch)
+                cls._shared[ctx.key_id] = covers
+            return covers
+
+    def start(self) -> None:
+        """Start drawing ahead (idempotent; again in a forked child)."""
+        if self.prefetch:
+            self._ensure_thread()
+
+    def draw(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Fresh sets, drawn now: ternary v (count, N), e1 (count, N), R (count, L, N)."""
+        sampler = self.sampler
+        return sampler.ternary(count), sampler.errors(count), sampler.uniform(count)
+
+    def take(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``count`` sets, the prefetched ones first."""
+        ready: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        if self.prefetch:
+            self._ensure_thread()
+            while len(ready) < count:
+                try:
+                    ready.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+        if len(ready) < count:
+            ready.append(self.draw(count - len(ready)))
+        if len(ready) == 1:
+            return ready[0]
+        return tuple(np.concatenate(parts) for parts in zip(*ready, strict=True))  # type: ignore[return-value]
+
+    def _ensure_thread(self) -> None:
+        pid = os.getpid()
+        if self._thread is not None and self._pid == pid:
+            return
+        with self._lock:
+            if self._thread is None or self._pid != pid:
+                self._queue = queue.Queue(maxsize=self.prefetch)
+                self._thread = threading.Thread(
+                    target=self._fill, args=(self._queue,), name="tensafe-covers", daemon=True
+                )
+                self._pid = pid
+                self._thread.start()
+
+    def _fill(self, covers: queue.Queue[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        while True:
+            covers.put(self.draw(1))  # blocks while the queue is full
+
+
 class GpuRemoteDeltaEngine(GpuDeltaEngine):
     """The remote-key-holder path: products, re-randomisation and pad on the device; the
     outgoing ciphertexts (and nothing else) go to the host, the replies come back.
@@ -774,11 +910,19 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
     Not capturable: it synchronises with the host and calls the key holder.
     """
 
-    def __init__(self, ctx: PublicContext, key_holder: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        ctx: PublicContext,
+        key_holder: Any,
+        *,
+        cover_prefetch: int = COVER_PREFETCH,
+        **kwargs: Any,
+    ) -> None:
         kwargs["fold_secret"] = False
         super().__init__(None, ctx, **kwargs)
         self.key_holder = key_holder
-        self._sampler = Ring(ctx.context, ctx.parms_id, ctx.profile.poly_modulus_degree)
+        self.covers = OutgoingCovers.for_context(ctx, prefetch=cover_prefetch)
+        self.covers.start()  # ready by the first step
         self.seconds_serialise = 0.0
 
     @classmethod
@@ -831,12 +975,13 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
         The randomness is conceal.py's, drawn by ring.py's samplers from the CPU CSPRNG and
         uploaded: v ternary, e1 a centred binomial (c0 needs no error: R makes it uniform),
         R uniform mod Q. It leaves the trust domain, so no device generator is used for it.
+        A background thread draws it ahead of use (``OutgoingCovers``).
         """
         count = ct.shape[0]
-        sampler = self._sampler
-        v = self._upload(sampler.ternary(count))
-        e1 = self._upload(sampler.errors(count))
-        pad = self._upload(sampler.uniform(count).view(np.int64))
+        ternary, errors, uniform = self.covers.take(count)
+        v = self._upload(ternary)
+        e1 = self._upload(errors)
+        pad = self._upload(uniform.view(np.int64))
         e = torch.stack([torch.zeros_like(e1), e1], dim=1)
         return self.pad(self.ring.rerandomise(ct, v, e), pad)
 

@@ -26,6 +26,13 @@ So, whenever TenSafe is on, before the engine is built:
 The worker checks the config it was built with again (``verify_worker_config``), and the op
 itself refuses to run under stream capture (layers.py), so a route that skipped this module
 or a future vLLM that captures the op anyway fails loudly instead of answering wrong.
+
+One case needs none of this: the torch engine's captured path (runtime.HEPlan.captured: local
+key holder, model on CUDA, ``--lora-target-modules`` set, TENSAFE_HE_CUDA_GRAPHS on). Its op,
+``tensafe::he_lora_delta_device``, reads only persistent buffers that are written before each
+step and after every adapter change (device_he.py), so a replay computes this step's delta;
+vLLM's compilation settings, FULL_AND_PIECEWISE included, are then left as they are (the
+dual-stream refusal stays: that route never calls the op).
 """
 
 from __future__ import annotations
@@ -41,8 +48,9 @@ from vllm_tensafe.vllm import patches
 logger = logging.getLogger("vllm_tensafe.graph_safety")
 
 OP_NAME = "tensafe::he_lora_delta"
+DEVICE_OP_NAME = "tensafe::he_lora_delta_device"
 # Part of the compile-cache key: bump when the op's schema or meaning changes.
-OP_SCHEMA_VERSION = 2
+OP_SCHEMA_VERSION = 3
 CACHE_KEY_FIELD = "tensafe"
 
 DUAL_STREAM_ENV = "VLLM_LORA_ENABLE_DUAL_STREAM"
@@ -66,14 +74,30 @@ class GraphDecision:
     compile_mode: str
     split_added: bool
     cache: str  # how the compile-cache key covers TenSafe
+    captured: bool = False  # the device HE op runs inside vLLM's graphs (runtime.HEPlan)
+    plan: str = ""  # runtime.HEPlan.describe()
 
     def describe(self) -> str:
         change = f"{self.resolved} -> {self.final}" if self.resolved != self.final else self.final
         split = f"; {OP_NAME} added to splitting_ops" if self.split_added else ""
+        inside = f"; {DEVICE_OP_NAME} runs inside the CUDA graphs" if self.captured else ""
+        plan = f"; {self.plan}" if self.plan else ""
         return (
             f"TenSafe graph guard: cudagraph_mode {change} (requested: {self.requested}), "
-            f"compilation mode {self.compile_mode}{split}; compile cache: {self.cache}"
+            f"compilation mode {self.compile_mode}{split}{inside}; compile cache: "
+            f"{self.cache}{plan}"
         )
+
+
+def he_plan(model_device: str | None = None, target_modules: Any = None) -> Any:
+    """The HEPlan this vLLM instance's workers will make (runtime.plan_he), from the TenSafe
+    settings, the platform's device type and vLLM's --lora-target-modules."""
+    from vllm_tensafe.settings import load_settings
+    from vllm_tensafe.vllm.runtime import plan_he
+
+    if model_device is None:
+        model_device = str(patches.resolve("current_platform").device_type)
+    return plan_he(load_settings(), model_device, target_modules)
 
 
 # --- before vLLM builds its config ------------------------------------------------------------
@@ -89,10 +113,13 @@ def refuse_dual_stream() -> None:
         )
 
 
-def precheck_engine_args(engine_args: Any) -> None:
+def precheck_engine_args(engine_args: Any, plan: Any = None) -> None:
     """Refuse what can be refused from the arguments alone, before any engine process starts."""
     refuse_dual_stream()
     if getattr(engine_args, "enforce_eager", False):
+        return
+    plan = plan or he_plan(target_modules=getattr(engine_args, "lora_target_modules", None))
+    if plan.captured:
         return
     requested = _mode_name(getattr(engine_args.compilation_config, "cudagraph_mode", None))
     if requested in ("FULL", "FULL_DECODE_ONLY"):
@@ -108,17 +135,36 @@ def requested_mode(engine_args: Any) -> str:
 # --- after vLLM built it -----------------------------------------------------------------------
 
 
-def secure_vllm_config(vllm_config: Any, requested: str = "unset") -> GraphDecision:
+def secure_vllm_config(
+    vllm_config: Any, requested: str = "unset", plan: Any = None
+) -> GraphDecision:
     """Make ``vllm_config``'s compilation settings safe for the HE op, or refuse (ConfigError).
 
     Runs on the config ``EngineArgs.create_engine_config`` returns, in the process that
-    builds the engine, before any engine or worker process exists.
+    builds the engine, before any engine or worker process exists. ``plan``: the workers'
+    HEPlan (default: ``he_plan`` for this config).
     """
     refuse_dual_stream()
     modes = patches.resolve("CUDAGraphMode")
     compile_modes = patches.resolve("CompilationMode")
     cc = vllm_config.compilation_config
     resolved = cc.cudagraph_mode if cc.cudagraph_mode is not None else modes.FULL_AND_PIECEWISE
+    if plan is None:
+        lora_config = getattr(vllm_config, "lora_config", None)
+        plan = he_plan(target_modules=getattr(lora_config, "target_modules", None))
+    if plan.captured:
+        decision = GraphDecision(
+            requested=requested,
+            resolved=resolved.name,
+            final=resolved.name,
+            compile_mode=_mode_name(cc.mode) or "unset",
+            split_added=False,
+            cache=_key_compile_cache(vllm_config, captured=True),
+            captured=True,
+            plan=plan.describe(),
+        )
+        logger.info("%s", decision.describe())
+        return decision
     final = resolved
     if resolved.has_full_cudagraphs():
         if resolved != modes.FULL_AND_PIECEWISE:
@@ -164,22 +210,28 @@ def secure_vllm_config(vllm_config: Any, requested: str = "unset") -> GraphDecis
         compile_mode=_mode_name(cc.mode) or "unset",
         split_added=split_added,
         cache=_key_compile_cache(vllm_config),
+        plan=plan.describe(),
     )
     logger.info("%s", decision.describe())
     return decision
 
 
-def cache_key() -> dict[str, Any]:
+def cache_key(captured: bool = False) -> dict[str, Any]:
     """What of TenSafe changes the compiled graph: that the op is there, and which op."""
     from vllm_tensafe import __version__
 
-    return {"enabled": True, "plugin": __version__, "op": OP_NAME, "op_schema": OP_SCHEMA_VERSION}
+    return {
+        "enabled": True,
+        "plugin": __version__,
+        "op": DEVICE_OP_NAME if captured else OP_NAME,
+        "op_schema": OP_SCHEMA_VERSION,
+    }
 
 
-def _key_compile_cache(vllm_config: Any) -> str:
+def _key_compile_cache(vllm_config: Any, captured: bool = False) -> str:
     extra = vllm_config.additional_config
     if isinstance(extra, dict):
-        extra[CACHE_KEY_FIELD] = cache_key()
+        extra[CACHE_KEY_FIELD] = cache_key(captured)
         return f"additional_config[{CACHE_KEY_FIELD!r}] is part of its key"
     # A platform-specific additional_config object: its hash is the platform's; turn the
     # cache off rather than risk reusing a graph compiled without the op.
@@ -196,9 +248,10 @@ def _key_compile_cache(vllm_config: Any) -> str:
 # --- in the worker ------------------------------------------------------------------------
 
 
-def verify_worker_config(vllm_config: Any | None) -> None:
+def verify_worker_config(vllm_config: Any | None, captured: bool = False) -> None:
     """Refuse a config that did not pass ``secure_vllm_config`` (an engine built some other
-    way, e.g. ``AsyncLLM(vllm_config=...)`` from a hand-made VllmConfig)."""
+    way, e.g. ``AsyncLLM(vllm_config=...)`` from a hand-made VllmConfig). ``captured``: this
+    worker's HEPlan runs the device op, which may run inside any CUDA graph."""
     refuse_dual_stream()
     if vllm_config is None:
         logger.warning(
@@ -215,7 +268,14 @@ def verify_worker_config(vllm_config: Any | None) -> None:
     extra = vllm_config.additional_config
     if isinstance(extra, dict) and CACHE_KEY_FIELD not in extra:
         problems.append("it lacks TenSafe's compile-cache key")
-    if mode is None:
+    elif isinstance(extra, dict) and extra[CACHE_KEY_FIELD] != cache_key(captured):
+        problems.append(
+            f"its compile-cache key names {extra[CACHE_KEY_FIELD].get('op')}, this worker runs "
+            f"{DEVICE_OP_NAME if captured else OP_NAME}"
+        )
+    if captured and mode is not None:
+        pass  # the device op reads persistent buffers only: any graph mode replays it right
+    elif mode is None:
         problems.append("its cudagraph_mode is unresolved")
     elif mode.has_full_cudagraphs():
         problems.append(f"cudagraph_mode {mode.name} captures whole decode steps")
@@ -233,6 +293,15 @@ def verify_worker_config(vllm_config: Any | None) -> None:
             "AsyncLLM.from_engine_args), or pass the VllmConfig through "
             "vllm_tensafe.vllm.graph_safety.secure_vllm_config first",
         )
+    if captured:
+        logger.info(
+            "TenSafe graph check in worker: cudagraph_mode=%s, compilation mode=%s, %s inside "
+            "the CUDA graphs",
+            _mode_name(mode),
+            _mode_name(cc.mode),
+            DEVICE_OP_NAME,
+        )
+        return
     logger.info(
         "TenSafe graph check in worker: cudagraph_mode=%s, compilation mode=%s, %s %s "
         "splitting_ops",

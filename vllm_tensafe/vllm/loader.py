@@ -4,6 +4,9 @@ The package is opened (signature, trusted signer, digests, base-model binding, s
 any of it is used. vLLM then receives an ordinary ``LoRAModel`` whose A is the package's mixed
 A' and whose B is zero: vLLM's own shrink computes U = x·A'^T in the slot, and the encrypted
 layer hook (layers.py) adds U·B'^T through the key holder. The plaintext B never exists here.
+The worker's HEPlan (runtime.py) says which engine computes it: the TenSEAL engine shared by
+the adapters of one key, or the torch engine, whose layer engines take B' when vLLM binds
+the adapter to a slot (layers.py, device_he.py).
 """
 
 from __future__ import annotations
@@ -17,9 +20,14 @@ from typing import Any
 
 import torch
 
-from vllm_tensafe.errors import PackageChangedError, TenSafeError, UnsupportedAdapterError
+from vllm_tensafe.errors import (
+    ForeignCiphertextError,
+    PackageChangedError,
+    TenSafeError,
+    UnsupportedAdapterError,
+)
 from vllm_tensafe.vllm import patches
-from vllm_tensafe.vllm.runtime import EncryptedAdapter, get_runtime
+from vllm_tensafe.vllm.runtime import EncryptedAdapter, HEPlan, TenSafeRuntime, get_runtime
 
 logger = logging.getLogger("vllm_tensafe.loader")
 
@@ -43,6 +51,10 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
             "start vLLM without --fully-sharded-loras",
         )
     model = manager._adapter_manager.model
+    plan = runtime.plan_for(
+        torch.device(manager._adapter_manager.device).type,
+        getattr(lora_config, "target_modules", None),
+    )
     started = time.perf_counter()
     logger.info(
         "Loading encrypted adapter %r in this worker: verifying the package's signature and "
@@ -112,7 +124,9 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
         manifest_digest=package.manifest_digest,
         rank=package.rank,
         matrices={name: entry.encrypted_b for name, entry in package.modules.items()},
-        engine=runtime.engine_for(package),
+        engine=runtime.engine_for(package) if plan.engine == "seal" else None,
+        key_id=package.public_context.key_id,
+        he_engine=plan.label,
         adapter_version=package.adapter_version,
         summary={
             "name": package.name,
@@ -123,6 +137,8 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
             "modules": len(package.modules),
             "he_profile": package.public_context.profile.name,
             "key_holder": runtime.key_holder_kind,
+            "he_engine": plan.label,
+            "he_graphs": "captured" if plan.captured else "outside",
             "base_model": {
                 "architecture": package.base_binding.get("architecture"),
                 "model_type": package.base_binding.get("model_type"),
@@ -130,6 +146,8 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
             },
         },
     )
+    if plan.engine == "torch":
+        _check_device_adapter(runtime, plan, manager, adapter)
     lora.tensafe_adapter = adapter  # read by the activation hook in layers.py
     # Every adapter ever loaded stays listed (status route), but its ciphertexts only as long
     # as vLLM keeps its LoRA: runtime load/unload cycles would otherwise pile them up.
@@ -143,14 +161,15 @@ def load_encrypted_lora(manager: Any, lora_request: Any) -> Any:
         shapes={key: tuple(value.shape) for key, value in tensors.items()},
     )
     logger.info(
-        "Loaded encrypted adapter %r version %d (id %d, rank %d, %d modules, signer %s) from %s "
-        "in %.1fs",
+        "Loaded encrypted adapter %r version %d (id %d, rank %d, %d modules, signer %s, HE "
+        "engine %s) from %s in %.1fs",
         package.name,
         package.adapter_version,
         lora_request.lora_int_id,
         package.rank,
         len(package.modules),
         package.signer_key_id or "NOT VERIFIED",
+        plan.label,
         lora_request.lora_path,
         time.perf_counter() - started,
     )
@@ -215,6 +234,29 @@ def _unusable_lora(
     lora.tensafe_adapter = adapter
     get_runtime().register(adapter)
     return lora
+
+
+def _check_device_adapter(
+    runtime: TenSafeRuntime, plan: HEPlan, manager: Any, adapter: EncryptedAdapter
+) -> None:
+    """What the torch engine cannot serve: refused now (a module the captured engines were
+    not built for), or failed per request like the TenSEAL path's key-holder errors (a package
+    of another key than the local key holder's)."""
+    if plan.captured:
+        from vllm_tensafe.vllm.device_he import check_coverage
+
+        state = getattr(manager._adapter_manager, "_tensafe_device", None)
+        if state is not None:
+            check_coverage(state, list(adapter.matrices), adapter.name)
+    if runtime.settings.key_holder == "local":
+        secret = runtime.local_secret()
+        if secret.key_id != adapter.key_id:
+            # The TenSEAL path's local key holder refuses each request with this error.
+            adapter.bind_error = ForeignCiphertextError(
+                f"ciphertexts declare key {adapter.key_id[:16]}, this key holder holds "
+                f"{secret.key_id[:16]}",
+                "route the adapter to the key holder of the key it was packed with",
+            )
 
 
 def text_config_dict(hf_config: Any) -> dict[str, Any]:

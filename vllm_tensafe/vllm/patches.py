@@ -107,7 +107,7 @@ TABLE: tuple[Entry, ...] = (
         "EngineArgs",
         BOTH,
         "read",
-        fields=("compilation_config", "enable_lora", "enforce_eager"),
+        fields=("compilation_config", "enable_lora", "enforce_eager", "lora_target_modules"),
     ),
     # --- graph_safety.py -------------------------------------------------------------------
     Entry(
@@ -245,6 +245,33 @@ TABLE: tuple[Entry, ...] = (
         "replace",
         "self",
         purpose="unbinds every slot",
+    ),
+    Entry(
+        "lora_set_mapping",
+        f"{_LORA}.model_manager",
+        "LoRAModelManager.set_adapter_mapping",
+        BOTH,
+        "replace",
+        "self, mapping",
+        purpose="copies the step's token -> slot indices into the device HE op's buffers and "
+        "fails requests of adapters that cannot be served, every step before the forward pass",
+    ),
+    Entry(
+        "punica.token_lora_indices",
+        f"{_LORA}.punica_wrapper.punica_base",
+        "PunicaWrapperBase.token_lora_indices",
+        BOTH,
+        "read",
+        purpose="each token's adapter slot, which the device HE op reads from its own copy",
+    ),
+    Entry(
+        "LoRAConfig",
+        "vllm.config.lora",
+        "LoRAConfig",
+        BOTH,
+        "read",
+        fields=("max_loras", "max_lora_rank", "target_modules", "fully_sharded_loras"),
+        purpose="--lora-target-modules sizes the device HE engines before vLLM captures graphs",
     ),
     # --- punica.py: LoRA index -1 ("no adapter") in vLLM's CPU torch ops ---------------------
     *(
