@@ -27,9 +27,7 @@ def remove_mismatched_media_packages() -> None:
             pass
     if present:
         print(f"[install] removing {', '.join(present)} (built for another torch)")
-        subprocess.run(
-            [sys.executable, "-m", "pip", "uninstall", "-y", "-q", *present], check=True
-        )
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", *present], check=True)
 
 
 def add_vllm_metadata_alias() -> None:

@@ -36,14 +36,14 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama(artifacts: Path) -> Path:
-    from vllm_tensafe.testing import build_tiny_model
+    from tests.support.builders import build_tiny_model
 
     return build_tiny_model(artifacts / "tiny-llama", "llama", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(artifacts: Path) -> Path:
-    from vllm_tensafe.testing import build_tiny_model
+    from tests.support.builders import build_tiny_model
 
     return build_tiny_model(artifacts / "tiny-qwen2", "qwen2", seed=0)
 
@@ -116,7 +116,7 @@ class AdapterFactory:
         use_rslora: bool = False,
         seed: int = 1,
     ) -> Path:
-        from vllm_tensafe.testing import make_adapter
+        from tests.support.builders import make_adapter
 
         return make_adapter(
             model_dir,
@@ -174,6 +174,6 @@ def adapters(artifacts: Path, owner_keys: Keys) -> AdapterFactory:
 
 @pytest.fixture(scope="session")
 def demo(artifacts: Path):  # type: ignore[no-untyped-def]
-    from vllm_tensafe.testing import build_demo
+    from tests.support.builders import build_demo
 
     return build_demo(artifacts / "demo")

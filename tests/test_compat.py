@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import AdapterFactory, Keys
-from vllm_tensafe.compat import (
-    ATTESTATION_REFUSAL,
+from vllm_tensafe.api import (
     PackageHandle,
     TenSafeAsyncEngine,
     TenSafeVLLMConfig,
     TenSafeVLLMServer,
     TSSPService,
 )
+from vllm_tensafe.api.config import ATTESTATION_REFUSAL
 from vllm_tensafe.errors import ConfigError, TsspError
 
 

@@ -21,6 +21,5 @@ def test_configuration_page_lists_exactly_the_settings() -> None:
     # Internal variables, and one read only by the `vllm-tensafe key-holder` admin commands.
     assert documented - expected == {
         "TENSAFE_RUN_DIR",
-        "TENSAFE_METRICS_DUMP",
         "TENSAFE_KEY_HOLDER_ADMIN_TOKEN_FILE",
     }

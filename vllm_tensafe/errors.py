@@ -20,6 +20,15 @@ class ConfigError(TenSafeError, ValueError):
     """A TENSAFE_* variable or --tensafe-* flag has a value that cannot be used."""
 
 
+class KeyFileError(ConfigError):
+    """A key file named by a flag, a setting or an argument cannot be read, or does not hold
+    the key it should (an Ed25519 signing key, a trusted signer's public key)."""
+
+
+class OutputExistsError(TenSafeError):
+    """A command would replace a file that exists; nothing was written (``--force`` replaces)."""
+
+
 # --- TSSP package errors -------------------------------------------------------------------
 
 

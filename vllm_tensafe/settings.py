@@ -7,6 +7,7 @@ from the same variables. See docs/configuration.md (a test keeps it in step with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlparse
@@ -142,9 +143,7 @@ class TenSafeSettings(BaseSettings):
     @field_validator("trusted_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return split_list(value) if isinstance(value, str) else value
 
     @field_validator("trusted_keys")
     @classmethod
@@ -239,6 +238,25 @@ class TenSafeSettings(BaseSettings):
                 "packages cannot be verified without them"
             )
         return self
+
+
+def split_list(value: str) -> list[str]:
+    """A list setting's value: comma-separated, blanks around and between items dropped (the
+    one rule for TENSAFE_TRUSTED_KEYS, --tensafe-trusted-keys and --trusted-keys)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+_TRUE = frozenset({"1", "true", "yes", "on", "t", "y"})
+
+
+def enabled_in_environment() -> bool:
+    """Whether ``TENSAFE_ENABLED`` turns TenSafe on: a cheap pre-check, so that a disabled
+    plugin never builds settings or imports TenSEAL (pydantic's boolean words)."""
+    return os.environ.get(env_name("enabled"), "").strip().lower() in _TRUE
+
+
+def any_tensafe_environment() -> bool:
+    return any(key.startswith(ENV_PREFIX) for key in os.environ)
 
 
 def env_name(field: str) -> str:

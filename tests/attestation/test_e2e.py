@@ -29,8 +29,8 @@ import pytest
 from tests.conftest import AdapterFactory, Keys, adapter_keys
 from tests.e2e.helpers import PROMPTS, REFERENCE_LOGPROB_TOL, complete
 from tests.e2e.test_examples_serving import ENV, Background
+from tests.support.server_process import CPU_ARGS, CPU_ENV, free_port, vllm_executable
 from vllm_tensafe.attestation import TpmQuoter
-from vllm_tensafe.server_process import CPU_ARGS, CPU_ENV, free_port, vllm_executable
 
 from .conftest import GOOD_BOOT, Host, _unrelated_pem
 
@@ -200,7 +200,7 @@ def client(server: str) -> Any:
 def test_attested_host_serves_the_encrypted_adapter(
     client: Any, owner: Owner, tiny_llama: Path, packages: dict[str, Path]
 ) -> None:
-    from vllm_tensafe.testing import greedy_reference
+    from tests.support.builders import greedy_reference
 
     encrypted = complete(client, "e8", PROMPTS[0])
     want, logprobs = greedy_reference(

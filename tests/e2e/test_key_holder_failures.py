@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import AdapterFactory, Keys, adapter_keys
 from tests.e2e.helpers import LOGPROB_TOL, PROMPTS, assert_same_completion, complete
-from vllm_tensafe.server_process import VllmServer, free_port
+from tests.support.server_process import VllmServer, free_port
 
 pytestmark = pytest.mark.vllm
 
@@ -47,7 +47,7 @@ class KeyHolderHarness:
         self._held: list[socket.socket] = []
 
     def start(self) -> None:
-        from vllm_tensafe.he.service import AdapterPolicy, KeyHolderService, TokenStore
+        from vllm_tensafe.keyholder.server import AdapterPolicy, KeyHolderService, TokenStore
         from vllm_tensafe.tssp import TrustStore
 
         policy = AdapterPolicy.from_packages(

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import AdapterFactory, Keys
 from tests.e2e.helpers import complete_all
-from vllm_tensafe.server_process import VllmServer
+from tests.support.server_process import VllmServer
 
 pytestmark = pytest.mark.vllm
 

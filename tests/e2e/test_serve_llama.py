@@ -29,7 +29,7 @@ from tests.e2e.helpers import (
     complete,
     complete_all,
 )
-from vllm_tensafe.server_process import VllmServer
+from tests.support.server_process import VllmServer
 
 pytestmark = pytest.mark.vllm
 
@@ -210,7 +210,7 @@ def test_encrypted_equals_transformers_peft(
     sequential: dict[tuple[str, str], Any],
     name: str,
 ) -> None:
-    from vllm_tensafe.testing import greedy_reference
+    from tests.support.builders import greedy_reference
 
     peft_dir = llama_adapters["p8" if name == "e8" else "pall"]
     for prompt in PROMPTS[:2]:
@@ -224,7 +224,7 @@ def test_encrypted_equals_transformers_peft(
 
 
 def test_demo_adapter_streaming_chat(client: Any) -> None:
-    from vllm_tensafe.testing import DEMO_ANSWER, DEMO_PROMPT
+    from tests.support.builders import DEMO_ANSWER, DEMO_PROMPT
 
     def chat(model: str) -> str:
         stream = client.chat.completions.create(

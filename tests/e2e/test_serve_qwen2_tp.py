@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import AdapterFactory, Keys
 from tests.e2e.helpers import LOGPROB_TOL, PROMPTS, assert_same_completion, complete_all
-from vllm_tensafe.server_process import VllmServer
+from tests.support.server_process import VllmServer
 
 pytestmark = pytest.mark.vllm
 

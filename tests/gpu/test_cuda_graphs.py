@@ -16,7 +16,7 @@ What it does, with as few servers as possible (two, plus one that must not start
    greedy answers, one at a time and all at once, compared;
 4. the same with ``--enforce-eager`` (a second server).
 
-The demo adapter (vllm_tensafe.testing.train_demo_adapter) is trained until every answer token
+The demo adapter (tests.support.builders.train_demo_adapter) is trained until every answer token
 wins by a logit margin of 1.0; bf16 and the HE path move logits by far less, so greedy tokens
 must be identical. (A random adapter's top-2 logits are often closer than bf16's rounding:
 exact token equality would then test the float format, not the plugin.) On GPUs vLLM is not
@@ -109,7 +109,7 @@ def tensafe_args(setup: dict[str, Any]) -> list[str]:
 
 
 def start_server(setup: dict[str, Any], gpu_out: Path, name: str, extra: list[str]) -> Any:
-    from vllm_tensafe.server_process import VllmServer
+    from tests.support.server_process import VllmServer
 
     server = VllmServer(
         setup["model"],
@@ -145,7 +145,7 @@ def post(base_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
 
 def ask(base_url: str, model: str, rendering: str) -> tuple[tuple[int, ...], str]:
     """Greedy answer to the demo prompt: (token ids, text)."""
-    from vllm_tensafe.testing import DEMO_PROMPT
+    from tests.support.builders import DEMO_PROMPT
 
     common = {"model": model, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True}
     if rendering == "completion":
@@ -198,7 +198,7 @@ def graph_facts(log: str) -> dict[str, Any]:
 
 def check_server(server: Any, name: str, gpu_summary: dict[str, Any]) -> dict[str, Any]:
     """Sequential then concurrent answers; returns (and records) what was seen."""
-    from vllm_tensafe.testing import DEMO_ANSWER
+    from tests.support.builders import DEMO_ANSWER
 
     url = server.base_url
     record: dict[str, Any] = {"startup_seconds": server.startup_seconds, "args": server.args}
@@ -289,7 +289,7 @@ def test_the_op_refuses_to_run_inside_a_cuda_graph_capture(gpu_summary: dict[str
 def test_full_cuda_graphs_are_refused_at_once(
     demo_setup: dict[str, Any], gpu_out: Path, gpu_summary: dict[str, Any]
 ) -> None:
-    from vllm_tensafe.server_process import free_port, vllm_executable
+    from tests.support.server_process import free_port, vllm_executable
 
     log_path = gpu_out / "vllm-full-refused.log"
     command = [

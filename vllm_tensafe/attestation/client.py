@@ -230,6 +230,6 @@ def startup_gate(settings: TenSafeSettings) -> None:
     with _gate_lock:
         if _gate_passed:
             return
-        from vllm_tensafe.he.remote import check_key_holder
+        from vllm_tensafe.keyholder.remote import check_key_holder
 
         check_key_holder(settings, [])

@@ -45,6 +45,7 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from vllm_tensafe.errors import HEError
+from vllm_tensafe.files import refuse_overwrite, write_private
 from vllm_tensafe.he.profiles import DEFAULT_PROFILE, HEProfile, get_profile
 
 log = logging.getLogger(__name__)
@@ -486,7 +487,7 @@ class SecretKeySet:
             )
             key = _scrypt(passphrase, salt, _SCRYPT_LOG2_N, _SCRYPT_R, _SCRYPT_P)
             data = header + AESGCM(key).encrypt(nonce, body, header)
-        _write_private(Path(path), data)
+        write_private(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], passphrase: str | None = None) -> SecretKeySet:
@@ -618,22 +619,6 @@ def _scrypt(passphrase: str, salt: bytes, log2_n: int, r: int, p: int) -> bytes:
     return Scrypt(salt=salt, length=32, n=1 << log2_n, r=r, p=p).derive(passphrase.encode("utf-8"))
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write atomically with mode 0600 from the first byte on (no window of wider access)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(str(tmp))
-        raise
-    os.chmod(path, 0o600)
-
-
 def _warn_if_readable_by_others(path: Path) -> None:
     try:
         mode = path.stat().st_mode
@@ -702,23 +687,27 @@ def write_keypair(
     prefix: str | os.PathLike[str],
     profile: str = DEFAULT_PROFILE,
     passphrase: str | None = None,
+    *,
+    force: bool = False,
 ) -> tuple[Path, Path]:
-    """Write PREFIX.secret (mode 0600, optionally passphrase-sealed) and PREFIX.public."""
+    """Write PREFIX.secret (mode 0600, optionally passphrase-sealed) and PREFIX.public.
+
+    An existing pair is replaced only with ``force`` (OutputExistsError otherwise): a secret
+    key that an adapter still needs is gone for good once replaced.
+    """
     prefix = Path(prefix)
     secret_path = prefix.with_name(prefix.name + ".secret")
     public_path = prefix.with_name(prefix.name + ".public")
-    if secret_path.exists():
-        raise HEError(
-            f"{str(secret_path)!r} already exists; refusing to overwrite a secret key",
-            "choose another prefix, or delete the old key only if no adapter still needs it",
-        )
+    refuse_overwrite(
+        (secret_path, public_path),
+        force,
+        "choose another prefix, or pass --force only if no adapter still needs the old key",
+    )
     if not prefix.parent.is_dir():
         raise HEError(
             f"folder {str(prefix.parent)!r} does not exist", "create it or choose another prefix"
         )
     secret, public = generate_keys(profile)
     secret.save(secret_path, passphrase)
-    tmp = public_path.with_name(f".{public_path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(public.to_bytes())
-    os.replace(tmp, public_path)
+    write_private(public_path, public.to_bytes(), 0o644)
     return secret_path, public_path

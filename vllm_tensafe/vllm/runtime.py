@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from vllm_tensafe.settings import TenSafeSettings, load_settings
 
 if TYPE_CHECKING:
-    from vllm_tensafe.he import AdapterRef, DeltaEngine, EncryptedMatrix, KeyHolder
+    from vllm_tensafe.he import DeltaEngine, EncryptedMatrix
+    from vllm_tensafe.keyholder import AdapterRef, KeyHolder
     from vllm_tensafe.tssp import TrustStore, TsspPackage, VersionLedger
 
 logger = logging.getLogger("vllm_tensafe.runtime")
@@ -55,7 +56,7 @@ class EncryptedAdapter:
     @property
     def ref(self) -> AdapterRef:
         """What the key holder is told on every decrypt: name, key id, manifest digest."""
-        from vllm_tensafe.he.keyholder import AdapterRef
+        from vllm_tensafe.keyholder.wire import AdapterRef
 
         return AdapterRef(self.name, self.engine.ctx.key_id, self.manifest_digest)
 
@@ -145,22 +146,16 @@ class TenSafeRuntime:
         return self._trust_store
 
     def open_package(self, path: str, base_model_config: dict | None) -> TsspPackage:
-        from vllm_tensafe import observability
-        from vllm_tensafe.tssp import open_package
+        """Open a package as the settings say, with rollback protection (the ledger)."""
+        from vllm_tensafe.tssp import open_configured
 
-        try:
-            package = open_package(
-                path,
-                trust_store=self.trust_store,
-                verify_signature=self.settings.verify_signature,
-                base_model_config=base_model_config,
-                versions=self.versions,
-            )
-        except Exception as exc:
-            observability.record_tssp_verification(observability.verification_outcome(exc))
-            raise
-        observability.record_tssp_verification("ok")
-        return package
+        return open_configured(
+            path,
+            self.settings,
+            trust=self.trust_store,
+            base_model_config=base_model_config,
+            versions=self.versions,
+        )
 
     def adapter_status(self, resident: set[int] | None = None) -> list[dict[str, object]]:
         """Status of every encrypted adapter this process ever loaded; ``resident`` (the LoRA
@@ -174,7 +169,7 @@ class TenSafeRuntime:
 
     def engine_for(self, package: TsspPackage) -> DeltaEngine:
         from vllm_tensafe.he import DeltaEngine
-        from vllm_tensafe.he.keyholder import key_holder_from_settings
+        from vllm_tensafe.keyholder import key_holder_from_settings
 
         key_id = package.public_context.key_id
         with self._lock:

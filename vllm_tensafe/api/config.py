@@ -1,29 +1,18 @@
-"""The original TenSafe guide's Python API, mapped onto stock vLLM objects.
+"""The guide's ``TenSafeVLLMConfig``, validated, and what it gives vLLM.
 
-* ``TenSafeVLLMConfig``: the guide's fields (plus what the plugin needs and the guide lacked),
-  validated; ``to_engine_args()`` gives vLLM's own ``AsyncEngineArgs``;
-* ``TenSafeAsyncEngine``: vLLM's own ``AsyncLLM`` serving the configured encrypted adapter;
-* ``TenSafeVLLMServer``: vLLM's own OpenAI-compatible FastAPI app, built with vLLM's builders;
-* ``TSSPService``: load and verify packages (``vllm_tensafe.tssp`` underneath).
-
-There is no second engine and no second server: the encrypted adapter is an ordinary vLLM
-LoRA whose path ends in ``.tssp``, handled by the plugin's hooks. Configuration reaches vLLM's
-engine and worker processes the way it does for ``vllm serve``: through ``TENSAFE_*``
-variables (``apply_environment``). ``require_attestation=True`` is TPM attestation to the
-remote key holder (docs/attestation.md); without a TPM key and a remote key holder configured
-the config refuses with a ``ConfigError`` instead of pretending.
+Configuration reaches vLLM's engine and worker processes the way it does for ``vllm serve``:
+through ``TENSAFE_*`` variables (``apply_environment``). ``to_engine_args()`` is vLLM's own
+``AsyncEngineArgs``. ``require_attestation=True`` is TPM attestation to the remote key holder
+(docs/attestation.md); without a TPM key and a remote key holder configured the config
+refuses with a ``ConfigError`` instead of pretending.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import os
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
@@ -36,22 +25,13 @@ from pydantic import (
     model_validator,
 )
 
-from vllm_tensafe.errors import ConfigError, TenSafeError, TsspError
-from vllm_tensafe.settings import TenSafeSettings, config_error_from, env_name
+from vllm_tensafe.errors import ConfigError
+from vllm_tensafe.settings import TenSafeSettings, config_error_from, env_name, split_list
 
 if TYPE_CHECKING:
-    from vllm_tensafe.tssp import PackageSummary, TsspPackage
+    from vllm_tensafe.tssp import TsspPackage
 
-logger = logging.getLogger("vllm_tensafe.compat")
-
-__all__ = [
-    "PackageHandle",
-    "TSSPService",
-    "TenSafeAsyncEngine",
-    "TenSafeVLLMConfig",
-    "TenSafeVLLMServer",
-    "VerificationResult",
-]
+logger = logging.getLogger("vllm_tensafe.api")
 
 # vLLM's LoRAConfig accepts only these max_lora_rank values (vllm/config/lora.py).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -108,7 +88,8 @@ class TenSafeVLLMConfig(BaseModel):
     # hardware
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    max_model_len: int | None = Field(None, ge=1)
+    # The guide's default. None lets vLLM take the model's own maximum.
+    max_model_len: int | None = Field(4096, ge=1)
     # HE-LoRA
     enable_he_lora: bool = True
     he_lora_adapter_path: str | None = None
@@ -235,7 +216,7 @@ class TenSafeVLLMConfig(BaseModel):
         # Passed as init values they win over the environment, as apply_environment will.
         try:
             return TenSafeSettings(
-                **{k: (v.split(",") if k == "trusted_keys" else v) for k, v in overrides.items()}
+                **{k: (split_list(v) if k == "trusted_keys" else v) for k, v in overrides.items()}
             )
         except ValidationError as exc:
             raise config_error_from(exc) from None
@@ -262,22 +243,14 @@ class TenSafeVLLMConfig(BaseModel):
         """
         if not self.he_lora_adapter_path:
             return None
-        from vllm_tensafe import observability
-        from vllm_tensafe.tssp import TrustStore, open_package
+        from vllm_tensafe.tssp import open_configured
+        from vllm_tensafe.tssp.base_model import local_model_config
 
-        settings = self.to_settings()
-        trust = TrustStore.from_files(settings.trusted_keys) if settings.verify_signature else None
-        try:
-            package = open_package(
-                self.he_lora_adapter_path,
-                trust_store=trust,
-                verify_signature=settings.verify_signature,
-                base_model_config=_local_model_config(self.model),
-            )
-        except TenSafeError as exc:
-            observability.record_tssp_verification(observability.verification_outcome(exc))
-            raise
-        observability.record_tssp_verification("ok")
+        package = open_configured(
+            self.he_lora_adapter_path,
+            self.to_settings(),
+            base_model_config=local_model_config(self.model),
+        )
         self._compare(package.rank, package.alpha, package.target_modules)
         self._facts = _PackageFacts(
             path=self.he_lora_adapter_path,
@@ -382,257 +355,3 @@ def _config_error(exc: ValidationError) -> ConfigError:
         cause, _, fix = msg.partition(". Set ")
         return ConfigError(cause, f"set {fix}")
     return ConfigError(f"{where}{msg}", "see docs/configuration.md (Python API)")
-
-
-def _local_model_config(model: str | None) -> dict[str, Any] | None:
-    """config.json of a local model folder (None for hub ids: the worker checks those)."""
-    if not model or not (Path(model) / "config.json").is_file():
-        return None
-    config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
-    return config.get("text_config", config) if isinstance(config, dict) else None
-
-
-# --- the engine --------------------------------------------------------------------------------
-
-
-class TenSafeAsyncEngine:
-    """The guide's engine: vLLM's ``AsyncLLM`` serving the configured encrypted adapter.
-
-    ``await engine.initialize()`` verifies the package (a bad one is refused before vLLM spends
-    a minute starting), writes the settings into ``TENSAFE_*`` and builds the stock engine.
-    ``engine.engine`` is that ``AsyncLLM``, for anything the guide's API does not cover.
-    """
-
-    def __init__(self, config: TenSafeVLLMConfig) -> None:
-        self.config = config
-        self.engine: Any = None
-        self.lora_request: Any = None
-
-    async def initialize(self) -> None:
-        if self.engine is not None:
-            return
-        self.config.check_package()
-        self.config.apply_environment()
-        from vllm_tensafe.plugin import register
-
-        register()
-        from vllm_tensafe.vllm import entrypoints
-
-        self.engine = entrypoints.start_async_llm(self.config.to_engine_args())
-        self.lora_request = self.config.lora_request()
-
-    async def generate(
-        self, prompt: Any, request_id: str, sampling_params: Any = None
-    ) -> AsyncIterator[Any]:
-        """Yield vLLM ``RequestOutput``s for ``prompt`` from the encrypted adapter.
-
-        Without ``he_lora_adapter_path`` the base model answers (nothing else was asked for).
-        A request whose adapter fails (key holder refused or unreachable) ends with vLLM's
-        error for it; it is never answered from the base model instead.
-        """
-        if self.engine is None:
-            raise ConfigError(
-                "TenSafeAsyncEngine.generate was called before the engine was started",
-                "await engine.initialize() first",
-            )
-        if sampling_params is None:
-            from vllm_tensafe.vllm import entrypoints
-
-            sampling_params = entrypoints.sampling_params()
-        async for output in self.engine.generate(
-            prompt, sampling_params, request_id, lora_request=self.lora_request
-        ):
-            yield output
-
-    def shutdown(self) -> None:
-        if self.engine is not None:
-            engine, self.engine = self.engine, None
-            engine.shutdown()
-
-    async def __aenter__(self) -> TenSafeAsyncEngine:
-        await self.initialize()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.shutdown()
-
-
-# --- the server --------------------------------------------------------------------------------
-
-
-class TenSafeVLLMServer:
-    """The guide's server: vLLM's own OpenAI-compatible app, the adapter as a static LoRA.
-
-    The app is built by vLLM's own builders (``build_async_engine_client``, ``build_app``,
-    ``init_app_state``) inside a running event loop, because vLLM's engine client belongs to
-    the loop that created it. So, unlike the guide's ``uvicorn.run(server.app)``::
-
-        asyncio.run(TenSafeVLLMServer(config).serve(host="0.0.0.0", port=8000))
-
-        # or, to mount or test the app yourself:
-        async with TenSafeVLLMServer(config) as server:
-            app = server.app
-
-    The one change to vLLM's app: ``GET /health`` answers ``{"status": "healthy", "model":
-    ...}`` as the guide documents (vLLM's own answers an empty 200); it still returns 503 when
-    the engine is dead.
-    """
-
-    def __init__(self, config: TenSafeVLLMConfig, *, extra_cli_args: tuple[str, ...] = ()) -> None:
-        self.config = config
-        self.extra_cli_args = tuple(extra_cli_args)
-        self.args: Any = None
-        self._app: Any = None
-        self._stack: contextlib.AsyncExitStack | None = None
-
-    @property
-    def app(self) -> Any:
-        if self._app is None:
-            raise ConfigError(
-                "TenSafeVLLMServer.app does not exist before the engine is started",
-                "use `await server.serve(host, port)`, or `async with server:` and then "
-                "server.app (vLLM builds its app inside a running event loop)",
-            )
-        return self._app
-
-    def cli_args(self) -> Any:
-        """The ``vllm serve`` arguments for this config, parsed by vLLM's own parser."""
-        from vllm_tensafe.plugin import register
-        from vllm_tensafe.vllm import entrypoints
-
-        register()  # the parser learns the TenSafe flags; our settings go by environment
-        argv = [self.config.model, *self.extra_cli_args]
-        request = self.config.lora_request()
-        if request is not None:
-            argv += ["--lora-modules", f"{request.lora_name}={request.lora_path}"]
-        return entrypoints.serve_cli_args(argv, self.config.to_engine_args())
-
-    async def build(self) -> Any:
-        """Start vLLM's engine and build its app in the running loop. Idempotent."""
-        if self._app is not None:
-            return self._app
-        from vllm_tensafe.vllm import entrypoints
-
-        self.config.check_package()
-        self.config.apply_environment()
-        self.args = self.cli_args()
-        stack = contextlib.AsyncExitStack()
-        try:
-            app = await entrypoints.build_app(self.args, stack, self.config.model)
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
-        self._app = app
-        return app
-
-    async def close(self) -> None:
-        stack, self._stack = self._stack, None
-        self._app = None
-        if stack is not None:
-            await stack.aclose()
-
-    async def __aenter__(self) -> TenSafeVLLMServer:
-        await self.build()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def serve(self, host: str = "127.0.0.1", port: int = 8000, **uvicorn_kwargs: Any) -> None:
-        """Build, then serve the app under uvicorn until SIGINT/SIGTERM; then stop the engine.
-
-        Runs through vLLM's own ``serve_http``, as ``vllm serve`` does: on a signal it stops the
-        engine first (draining or aborting requests per vLLM's shutdown settings), then uvicorn.
-        """
-        from vllm_tensafe.vllm import entrypoints
-
-        app = await self.build()
-        try:
-            await entrypoints.serve_http(app, host, port, **uvicorn_kwargs)
-        finally:
-            await self.close()
-
-
-# --- packages ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PackageHandle:
-    """A package file whose container structure was read. NOT verified: nothing in it is
-    trusted until ``TSSPService.verify_package`` says so."""
-
-    path: Path
-    size_bytes: int
-    format_version: int
-
-
-@dataclass(frozen=True)
-class VerificationResult:
-    valid: bool
-    reason: str | None = None
-    summary: PackageSummary | None = None
-
-    def __bool__(self) -> bool:
-        return self.valid
-
-
-class TSSPService:
-    """The guide's ``TSSPService``: ``load_package`` then ``verify_package``.
-
-    ``trusted_keys`` are the signers' ``.pub`` files (PEM); without them (here, per call, or in
-    ``TENSAFE_TRUSTED_KEYS``) no package verifies. ``base_model`` (a local model folder) adds
-    the base-model binding check.
-    """
-
-    def __init__(
-        self,
-        trusted_keys: list[str | os.PathLike[str]] | None = None,
-        *,
-        base_model: str | os.PathLike[str] | None = None,
-    ) -> None:
-        self.trusted_keys = list(trusted_keys or [])
-        self.base_model = base_model
-
-    def load_package(self, path: str | os.PathLike[str]) -> PackageHandle:
-        """Read the container structure (raises a TsspError if it is not a TSSP file)."""
-        from vllm_tensafe.tssp.format import ContainerReader
-
-        with ContainerReader(path) as reader:
-            return PackageHandle(
-                path=Path(path),
-                size_bytes=reader.layout.total_size,
-                format_version=reader.layout.version,
-            )
-
-    def verify_package(
-        self,
-        package: PackageHandle | str | os.PathLike[str],
-        trusted_keys: list[str | os.PathLike[str]] | None = None,
-    ) -> VerificationResult:
-        """Signature by a trusted key, every digest, the HE context, the base binding.
-
-        Never raises for a bad package: ``valid`` is False and ``reason`` is the error's
-        message (its cause and fix).
-        """
-        from vllm_tensafe import observability
-        from vllm_tensafe.tssp import TrustStore, verify_package
-
-        path = package.path if isinstance(package, PackageHandle) else Path(package)
-        keys = list(trusted_keys or self.trusted_keys or _env_trusted_keys())
-        try:
-            trust = TrustStore.from_files(keys) if keys else None
-            base = _local_model_config(os.fspath(self.base_model)) if self.base_model else None
-            summary = verify_package(path, trust_store=trust, base_model_config=base)  # type: ignore[arg-type]
-        except TsspError as exc:
-            observability.record_tssp_verification(observability.verification_outcome(exc))
-            return VerificationResult(False, str(exc))
-        except TenSafeError as exc:  # e.g. an unreadable trusted key file
-            return VerificationResult(False, str(exc))
-        observability.record_tssp_verification("ok")
-        return VerificationResult(True, None, summary)
-
-
-def _env_trusted_keys() -> list[str]:
-    value = os.environ.get(env_name("trusted_keys"), "")
-    return [part.strip() for part in value.split(",") if part.strip()]
