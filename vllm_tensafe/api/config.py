@@ -86,21 +86,21 @@ class TenSafeVLLMConfig(BaseModel):
     model: str = Field(min_length=1, description="Hugging Face model id or local folder")
     tokenizer: str | None = None
     # hardware
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     # The guide's default. None lets vLLM take the model's own maximum.
-    max_model_len: int | None = Field(4096, ge=1)
+    max_model_len: int | None = Field(default=4096, ge=1)
     # HE-LoRA
     enable_he_lora: bool = True
     he_lora_adapter_path: str | None = None
-    he_lora_rank: int | None = Field(None, ge=1)
-    he_lora_alpha: float | None = Field(None, gt=0)
+    he_lora_rank: int | None = Field(default=None, ge=1)
+    he_lora_alpha: float | None = Field(default=None, gt=0)
     he_lora_target_modules: list[str] | None = None
     # serving
-    max_num_seqs: int = Field(256, ge=1)
+    max_num_seqs: int = Field(default=256, ge=1)
     # The guide's default was 16; None lets vLLM choose per platform (16 on GPUs; its CPU
     # attention accepts only multiples of 32 and refuses 16).
-    block_size: int | None = Field(None, ge=1)
+    block_size: int | None = Field(default=None, ge=1)
     # privacy
     verify_tssp_signature: bool = True
     require_attestation: bool = False
@@ -113,7 +113,7 @@ class TenSafeVLLMConfig(BaseModel):
     tpm_tcti: str | None = None
     tpm_ak: str | None = None
     dtype: str = "auto"
-    adapter_name: str = Field("he-lora", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    adapter_name: str = Field(default="he-lora", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     # Anything else AsyncEngineArgs takes (enforce_eager, max_loras, ...), passed unchanged.
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
 
@@ -207,17 +207,16 @@ class TenSafeVLLMConfig(BaseModel):
 
     def to_settings(self) -> TenSafeSettings:
         """The plugin settings this config gives, over the current ``TENSAFE_*`` variables."""
-        fields = TenSafeSettings.model_fields
-        overrides = {
-            name: value
-            for name in fields
-            if (value := self.tensafe_environment().get(env_name(name))) is not None
+        environment = self.tensafe_environment()
+        # Field name -> value (of each field's own type; pydantic validates them).
+        overrides: dict[str, Any] = {
+            name: split_list(value) if name == "trusted_keys" else value
+            for name in TenSafeSettings.model_fields
+            if (value := environment.get(env_name(name))) is not None
         }
         # Passed as init values they win over the environment, as apply_environment will.
         try:
-            return TenSafeSettings(
-                **{k: (split_list(v) if k == "trusted_keys" else v) for k, v in overrides.items()}
-            )
+            return TenSafeSettings(**overrides)
         except ValidationError as exc:
             raise config_error_from(exc) from None
 

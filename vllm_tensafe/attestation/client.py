@@ -59,7 +59,7 @@ class Grant:
 
 def error_from_reply(
     status: int, payload: dict[str, Any], url: str = "the key holder"
-) -> Exception:
+) -> AttestationError:
     """The typed error for a refused attestation request (the key holder's cause and fix)."""
     code = str(payload.get("error", ""))
     cause = str(payload.get("cause", "")) or f"HTTP {status}"

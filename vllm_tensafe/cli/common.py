@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 from vllm_tensafe.errors import ConfigError, TsspError
 from vllm_tensafe.settings import env_name, split_list
@@ -37,6 +37,10 @@ def trusted_key_specs(values: list[str] | None) -> list[str]:
     return specs or split_list(os.environ.get(TRUSTED_KEYS_ENV, ""))
 
 
+@overload
+def trust_store_from_args(values: list[str] | None, *, required: Literal[True]) -> TrustStore: ...
+@overload
+def trust_store_from_args(values: list[str] | None, *, required: bool) -> TrustStore | None: ...
 def trust_store_from_args(values: list[str] | None, *, required: bool) -> TrustStore | None:
     """The trust store of ``--trusted-keys`` (or ``TENSAFE_TRUSTED_KEYS``); None when neither
     names a key and ``required`` is False."""

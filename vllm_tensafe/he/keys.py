@@ -39,7 +39,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -49,6 +49,14 @@ from vllm_tensafe.files import refuse_overwrite, write_private
 from vllm_tensafe.he.profiles import DEFAULT_PROFILE, HEProfile, get_profile
 
 log = logging.getLogger(__name__)
+
+# TenSEAL's SEAL binding (a compiled module) ships no type information: these aliases say
+# which SEAL object a value is, for readers; the type checker sees Any.
+SealParameters: TypeAlias = Any
+SealContext: TypeAlias = Any
+SealPublicKey: TypeAlias = Any
+SealSecretKey: TypeAlias = Any
+SealEncryptor: TypeAlias = Any
 
 PUBLIC_MAGIC = b"TSHEPUB\x00"
 SECRET_MAGIC = b"TSHESEC\x00"
@@ -248,7 +256,7 @@ def _sec_level(profile: HEProfile) -> Any:
     return seal.SEC_LEVEL_TYPE.TC192 if profile.security_bits >= 192 else seal.SEC_LEVEL_TYPE.TC128
 
 
-def _expected_parms(profile: HEProfile) -> seal.EncryptionParameters:
+def _expected_parms(profile: HEProfile) -> SealParameters:
     parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
     parms.set_poly_modulus_degree(profile.poly_modulus_degree)
     parms.set_coeff_modulus(
@@ -257,11 +265,11 @@ def _expected_parms(profile: HEProfile) -> seal.EncryptionParameters:
     return parms
 
 
-def _moduli(parms: seal.EncryptionParameters) -> list[int]:
+def _moduli(parms: SealParameters) -> list[int]:
     return [m.value() for m in parms.coeff_modulus()]
 
 
-def _make_context(profile: HEProfile, parms: seal.EncryptionParameters) -> seal.SEALContext:
+def _make_context(profile: HEProfile, parms: SealParameters) -> SealContext:
     context = seal.SEALContext(parms, True, _sec_level(profile))
     if not context.parameters_set():
         raise HEError(
@@ -312,8 +320,8 @@ class PublicContext:
     def __init__(
         self,
         profile: HEProfile,
-        parms: seal.EncryptionParameters,
-        public_key: seal.PublicKey,
+        parms: SealParameters,
+        public_key: SealPublicKey,
         raw: bytes,
     ) -> None:
         self.profile = profile
@@ -324,7 +332,7 @@ class PublicContext:
         self.public_key = public_key
         self.encoder = seal.CKKSEncoder(self.context)
         self.evaluator = seal.Evaluator(self.context)
-        self._encryptor: seal.Encryptor | None = None
+        self._encryptor: SealEncryptor | None = None
         self._lock = threading.Lock()
         # Parameters every protocol ciphertext must carry.
         self.parms_id = self.context.first_parms_id()
@@ -337,7 +345,7 @@ class PublicContext:
         return self.profile.slot_count
 
     @property
-    def encryptor(self) -> seal.Encryptor:
+    def encryptor(self) -> SealEncryptor:
         with self._lock:
             if self._encryptor is None:
                 self._encryptor = seal.Encryptor(self.context, self.public_key)
@@ -411,7 +419,7 @@ class PublicContext:
         return f"PublicContext(profile={self.profile.name!r}, key_id={self.key_id[:16]}...)"
 
 
-def _load_parms(blob: memoryview | bytes, profile: HEProfile) -> seal.EncryptionParameters:
+def _load_parms(blob: memoryview | bytes, profile: HEProfile) -> SealParameters:
     check_seal_blob(blob, _PARMS_RAW_MAX, "encryption parameters")
     parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
     SEAL_FILES.load(blob, parms.load)
@@ -448,7 +456,7 @@ class SecretKeySet:
     profile: HEProfile
     key_id: str
 
-    def __init__(self, public: PublicContext, secret_key: seal.SecretKey) -> None:
+    def __init__(self, public: PublicContext, secret_key: SealSecretKey) -> None:
         self._public = public
         self.profile = public.profile
         self.key_id = public.key_id
@@ -635,7 +643,7 @@ def _warn_if_readable_by_others(path: Path) -> None:
 # --- key generation ------------------------------------------------------------------------------
 
 
-def secret_key_coefficients(secret_key: seal.SecretKey, ctx: PublicContext) -> np.ndarray:
+def secret_key_coefficients(secret_key: SealSecretKey, ctx: PublicContext) -> np.ndarray:
     """The ternary coefficients of s (inverse NTT of the key's first RNS component)."""
     n = ctx.profile.poly_modulus_degree
     modulus = ctx.context.key_context_data().parms().coeff_modulus()[0]
@@ -654,7 +662,7 @@ def secret_key_coefficients(secret_key: seal.SecretKey, ctx: PublicContext) -> n
     return signed.astype(np.int8)
 
 
-def secret_embedding_max(secret_key: seal.SecretKey, ctx: PublicContext) -> float:
+def secret_embedding_max(secret_key: SealSecretKey, ctx: PublicContext) -> float:
     """max |s(zeta)| over the primitive 2N-th roots of unity zeta."""
     s = secret_key_coefficients(secret_key, ctx).astype(np.float64)
     n = s.shape[0]

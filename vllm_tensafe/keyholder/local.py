@@ -37,7 +37,9 @@ class KeyHolder(abc.ABC):
     kind: str
 
     @abc.abstractmethod
-    def decrypt(self, ref: AdapterRef, ciphertexts: list[bytes]) -> list[np.ndarray]:
+    def decrypt(
+        self, ref: AdapterRef, ciphertexts: Sequence[bytes | memoryview]
+    ) -> list[np.ndarray]:
         """One reply per ciphertext: S_m of its flooded decryption, a uint64 array of N."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
@@ -82,7 +84,9 @@ class LocalKeyHolder(KeyHolder):
                 "route the adapter to the key holder of the key it was packed with",
             )
 
-    def decrypt(self, ref: AdapterRef, ciphertexts: list[bytes]) -> list[np.ndarray]:
+    def decrypt(
+        self, ref: AdapterRef, ciphertexts: Sequence[bytes | memoryview]
+    ) -> list[np.ndarray]:
         self._check_key(ref)
         loaded = [
             decode_ciphertext(self.ctx, blob, f"ciphertext {i}")

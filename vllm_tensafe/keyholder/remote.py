@@ -463,9 +463,11 @@ class RemoteKeyHolder(KeyHolder):
 
     # --- decryption --------------------------------------------------------------------------
 
-    def decrypt(self, ref: AdapterRef, ciphertexts: Sequence[bytes]) -> list[np.ndarray]:
+    def decrypt(
+        self, ref: AdapterRef, ciphertexts: Sequence[bytes | memoryview]
+    ) -> list[np.ndarray]:
         out: list[np.ndarray] = []
-        batch: list[bytes] = []
+        batch: list[bytes | memoryview] = []
         size = 0
         for blob in ciphertexts:
             if batch and size + len(blob) > self.max_request_bytes:
@@ -477,7 +479,7 @@ class RemoteKeyHolder(KeyHolder):
             out.extend(self._decrypt_batch(ref, batch))
         return out
 
-    def _decrypt_batch(self, ref: AdapterRef, batch: list[bytes]) -> list[np.ndarray]:
+    def _decrypt_batch(self, ref: AdapterRef, batch: list[bytes | memoryview]) -> list[np.ndarray]:
         body = encode_request(ref, batch)
         status, ctype, data = self._request(
             "POST", "/v1/decrypt", body, REQUEST_CONTENT_TYPE, attested=True

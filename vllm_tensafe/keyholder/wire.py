@@ -166,7 +166,7 @@ def decode_ciphertext(ctx: PublicContext, blob: bytes | memoryview, what: str) -
 # --- requests and responses -------------------------------------------------------------------
 
 
-def encode_request(ref: AdapterRef, ciphertexts: Sequence[bytes]) -> bytes:
+def encode_request(ref: AdapterRef, ciphertexts: Sequence[bytes | memoryview]) -> bytes:
     name = ref.name.encode("utf-8")
     size = len(ciphertexts[0]) if ciphertexts else 0
     if any(len(blob) != size for blob in ciphertexts):

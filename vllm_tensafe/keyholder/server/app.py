@@ -28,7 +28,7 @@ attested on the same connection (403 ``attestation_*`` otherwise; docs/attestati
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -210,7 +210,7 @@ def build_app(
         return False
 
     @contextlib.asynccontextmanager
-    async def slot() -> Any:
+    async def slot() -> AsyncIterator[None]:
         try:
             async with asyncio.timeout(limits.busy_timeout):
                 await inflight.acquire()
