@@ -39,9 +39,9 @@ import torch
 
 from vllm_tensafe.he import encrypt_matrix, generate_keys
 from vllm_tensafe.he.gpu_engine import GpuDeltaEngine, GpuRemoteDeltaEngine
-from vllm_tensafe.he.keyholder import encode_ciphertext
 from vllm_tensafe.he.packing import fused_layouts
 from vllm_tensafe.he.residues import ciphertext_from_residues
+from vllm_tensafe.keyholder.wire import encode_ciphertext
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen0.5b": {"d_in": 896, "q": 896, "kv": 128, "rank": 8, "layers": 24, "fused": True},

@@ -38,30 +38,24 @@ import numpy as np
 import tenseal
 import tenseal.sealapi as seal
 
-from vllm_tensafe.he import (
-    AdapterRef,
-    DeltaEngine,
-    LocalKeyHolder,
-    RemoteKeyHolder,
-    encrypt_matrix,
-    generate_keys,
-)
+from vllm_tensafe.he import DeltaEngine, encrypt_matrix, generate_keys
 from vllm_tensafe.he.conceal import Concealer
 from vllm_tensafe.he.flooding import complex_normal, flood_coefficients, uniform01
-from vllm_tensafe.he.keyholder import (
+from vllm_tensafe.he.residues import ciphertext_residues, mul_pow2, plaintext_residues
+from vllm_tensafe.keyholder import AdapterRef, LocalKeyHolder, RemoteKeyHolder
+from vllm_tensafe.keyholder.wire import (
     ciphertext_size,
     decode_ciphertext,
     encode_ciphertext,
     encode_response,
 )
-from vllm_tensafe.he.residues import ciphertext_residues, mul_pow2, plaintext_residues
 
 SHAPES = [(128, 8), (896, 8), (4096, 16)]
 TOKENS = [1, 16, 64]
 TOKEN = "bench-token-0123456789abcdef"
 SERVE = """
 import argparse, sys
-from vllm_tensafe.he.service import add_commands
+from vllm_tensafe.keyholder.server import add_commands
 parser = argparse.ArgumentParser(prog="vllm-tensafe")
 add_commands(parser.add_subparsers(dest="command"))
 args = parser.parse_args(sys.argv[1:])

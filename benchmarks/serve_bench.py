@@ -37,9 +37,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The tiny-model builders and the server process live with the tests (tests/support/), not in
+# the shipped package: make the repository root importable however this script is started.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.builders import (
+    VOCAB_SIZE,
+    build_tiny_model,
+    build_tokenizer,
+    make_adapter,
+)
+from tests.support.server_process import VllmServer, free_port
 from vllm_tensafe.cli import main as tensafe_cli
-from vllm_tensafe.server_process import VllmServer, free_port
-from vllm_tensafe.testing import VOCAB_SIZE, build_tiny_model, build_tokenizer, make_adapter
 
 MODELS = {
     "tiny": {},
@@ -272,7 +281,7 @@ def prepare(workdir: Path, model_name: str, adapter_name: str) -> dict[str, Path
         model = build_config_only_model(workdir / f"model-{model_name}", model_spec)
         targets = spec["target_modules"]
         if isinstance(targets, str):
-            from vllm_tensafe.testing import LORA_TARGETS_ALL_LINEAR
+            from tests.support.builders import LORA_TARGETS_ALL_LINEAR
 
             targets = LORA_TARGETS_ALL_LINEAR
         adapter = write_random_adapter(model, adapter_dir, spec["rank"], spec["alpha"],
@@ -314,7 +323,7 @@ def lora_target_args(adapter_name: str) -> list[str]:
     GPU engines be built before vLLM captures its CUDA graphs (the HE op then runs inside them)."""
     targets = ADAPTERS[adapter_name]["target_modules"]
     if isinstance(targets, str):
-        from vllm_tensafe.testing import LORA_TARGETS_ALL_LINEAR
+        from tests.support.builders import LORA_TARGETS_ALL_LINEAR
 
         targets = LORA_TARGETS_ALL_LINEAR
     return ["--lora-target-modules", *targets]
@@ -495,8 +504,9 @@ def main() -> int:
     service = None
     kh_port = None
     if "he-remote" in variants:
-        from vllm_tensafe.he import KeyHolderService, SecretKeySet
-        from vllm_tensafe.he.service import AdapterPolicy, TokenStore
+        from vllm_tensafe.he import SecretKeySet
+        from vllm_tensafe.keyholder import KeyHolderService
+        from vllm_tensafe.keyholder.server import AdapterPolicy, TokenStore
         from vllm_tensafe.tssp import TrustStore
 
         kh_port = free_port()

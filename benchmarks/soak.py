@@ -41,8 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The tiny-model builders and the server process live with the tests (tests/support/), not in
+# the package: run from a checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.clients import openai_client
+from tests.support.server_process import VllmServer, free_port
 from vllm_tensafe.cli import main as tensafe_cli
-from vllm_tensafe.server_process import VllmServer, free_port
 
 BASE = "tiny-llama"
 ENCRYPTED = ("e-a", "e-b")  # in the steady rotation
@@ -234,7 +239,7 @@ def _cli(*argv: str) -> None:
 
 def build_workload(workdir: Path, model: Path | None = None) -> Workload:
     """Everything the soak serves, built once per folder (builders are idempotent)."""
-    from vllm_tensafe.testing import build_tiny_model, make_adapter
+    from tests.support.builders import build_tiny_model, make_adapter
 
     workdir.mkdir(parents=True, exist_ok=True)
     flavour = KeyHolderFlavour.detect()
@@ -393,9 +398,7 @@ def complete(client: Any, model: str, prompt: str, max_tokens: int) -> Answer:
 
 
 def make_client(server: VllmServer) -> Any:
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=600)
+    return openai_client(f"{server.base_url}/v1", timeout=600)
 
 
 class References:

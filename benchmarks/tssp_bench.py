@@ -102,10 +102,10 @@ def run(workdir: Path, layers: int, rank: int, profile: str) -> dict[str, Any]:
     trust = TrustStore.from_files([pub_path])
     config = load_base_config(base)
     t0 = time.perf_counter()
-    summary = verify_package(out, trust_store=trust, base_model_config=config)
+    summary = verify_package(out, trust=trust, base_model_config=config)
     verify_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pkg = open_package(out, trust_store=trust, base_model_config=config)
+    pkg = open_package(out, trust=trust, base_model_config=config)
     open_s = time.perf_counter() - t0
 
     plain = (adapter / "adapter_model.safetensors").stat().st_size

@@ -20,6 +20,8 @@ done
 
 bash scripts/install.sh
 .venv/bin/ruff check vllm_tensafe tests benchmarks examples scripts
+.venv/bin/ruff format --check vllm_tensafe tests benchmarks examples scripts
+.venv/bin/pyright  # basic mode over the package ([tool.pyright] in pyproject.toml)
 if (( fast )); then
   # The coverage-guided fuzzing runs 10 s here, 30 s in the full suite.
   export TENSAFE_FUZZ_SECONDS="${TENSAFE_FUZZ_SECONDS:-10}"

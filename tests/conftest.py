@@ -61,7 +61,7 @@ def _vllm_needs_the_marker(request: pytest.FixtureRequest, monkeypatch: pytest.M
     """A test without the vllm marker that starts a server fails at once: the fast lane
     (``-m "not vllm"``) must never start one, and the lock rule depends on the marker."""
     if request.node.get_closest_marker("vllm") is None:
-        from vllm_tensafe.server_process import VllmServer
+        from tests.support.server_process import VllmServer
 
         def refuse(self: VllmServer) -> VllmServer:
             raise AssertionError(
@@ -92,14 +92,14 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama(artifacts: Path) -> Path:
-    from vllm_tensafe.testing import build_tiny_model
+    from tests.support.builders import build_tiny_model
 
     return build_tiny_model(artifacts / "tiny-llama", "llama", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(artifacts: Path) -> Path:
-    from vllm_tensafe.testing import build_tiny_model
+    from tests.support.builders import build_tiny_model
 
     return build_tiny_model(artifacts / "tiny-qwen2", "qwen2", seed=0)
 
@@ -172,7 +172,7 @@ class AdapterFactory:
         use_rslora: bool = False,
         seed: int = 1,
     ) -> Path:
-        from vllm_tensafe.testing import make_adapter
+        from tests.support.builders import make_adapter
 
         return make_adapter(
             model_dir,
@@ -230,6 +230,6 @@ def adapters(artifacts: Path, owner_keys: Keys) -> AdapterFactory:
 
 @pytest.fixture(scope="session")
 def demo(artifacts: Path):  # type: ignore[no-untyped-def]
-    from vllm_tensafe.testing import build_demo
+    from tests.support.builders import build_demo
 
     return build_demo(artifacts / "demo")

@@ -13,15 +13,20 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import AdapterFactory, Keys
-from vllm_tensafe.compat import (
-    ATTESTATION_REFUSAL,
+from vllm_tensafe.api import (
     PackageHandle,
     TenSafeAsyncEngine,
     TenSafeVLLMConfig,
     TenSafeVLLMServer,
     TSSPService,
 )
-from vllm_tensafe.errors import ConfigError, TsspError
+from vllm_tensafe.api.config import ATTESTATION_REFUSAL
+from vllm_tensafe.errors import (
+    BaseModelMismatchError,
+    ConfigError,
+    TsspError,
+    UntrustedSignerError,
+)
 
 
 @pytest.fixture
@@ -69,6 +74,7 @@ def test_guide_defaults() -> None:
     assert config.tensor_parallel_size == 1
     assert config.gpu_memory_utilization == 0.9
     assert config.enable_he_lora is True
+    assert config.max_model_len == 4096  # as the guide documents
     assert config.max_num_seqs == 256 and config.block_size is None  # vLLM's choice
     assert config.verify_tssp_signature is True and config.require_attestation is False
     assert config.adapter_name == "he-lora" and config.key_holder == "local"
@@ -243,28 +249,28 @@ def test_tssp_service_load_and_verify(
     handle = service.load_package(package)
     assert isinstance(handle, PackageHandle) and handle.size_bytes == package.stat().st_size
 
-    ok = service.verify_package(handle)
-    assert ok.valid and ok.reason is None and ok.summary is not None
-    assert ok.summary.rank == 8
+    # Success returns what was established; a refusal raises (no result to forget to check).
+    summary = service.verify_package(handle)
+    assert summary.rank == 8 and summary.signer_key_source == str(owner_keys.signing_pub)
 
-    untrusted = service.verify_package(foreign_package)
-    assert not untrusted.valid and "not trusted" in (untrusted.reason or "")
+    with pytest.raises(UntrustedSignerError, match="not trusted"):
+        service.verify_package(foreign_package)
 
-    nobody = TSSPService().verify_package(package)
-    assert not nobody.valid and "no trusted signer keys" in (nobody.reason or "")
-    assert TSSPService().verify_package(package, trusted_keys=[owner_keys.signing_pub]).valid
+    with pytest.raises(TsspError, match="no trusted signer keys"):
+        TSSPService().verify_package(package)
+    assert TSSPService().verify_package(package, trusted_keys=[owner_keys.signing_pub]).rank == 8
 
     tampered = tmp_path / "tampered.tssp"
     shutil.copy(package, tampered)
     data = bytearray(tampered.read_bytes())
     data[-100] ^= 0x01
     tampered.write_bytes(bytes(data))
-    bad = service.verify_package(service.load_package(tampered))
-    assert not bad.valid and "Invalid TSSP package" in (bad.reason or "")
+    with pytest.raises(TsspError, match="Invalid TSSP package"):
+        service.verify_package(service.load_package(tampered))
 
     other_base = TSSPService([owner_keys.signing_pub], base_model=tiny_qwen2)
-    mismatch = other_base.verify_package(package)
-    assert not mismatch.valid and mismatch.reason
+    with pytest.raises(BaseModelMismatchError):
+        other_base.verify_package(package)
 
     with pytest.raises(TsspError):
         service.load_package(tmp_path / "missing.tssp")

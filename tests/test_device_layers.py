@@ -23,8 +23,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.he.helpers import Lora, make_lora
 from vllm_tensafe.errors import UnsupportedAdapterError
-from vllm_tensafe.he import DeltaEngine, LocalKeyHolder, PublicContext, SecretKeySet, generate_keys
+from vllm_tensafe.he import DeltaEngine, PublicContext, SecretKeySet, generate_keys
 from vllm_tensafe.he.packing import encrypt_matrix, fused_layouts
+from vllm_tensafe.keyholder import LocalKeyHolder
 from vllm_tensafe.settings import TenSafeSettings
 from vllm_tensafe.vllm import device_he, failures, layers, runtime
 from vllm_tensafe.vllm.runtime import EncryptedAdapter, HEPlan, TenSafeRuntime

@@ -22,6 +22,5 @@ def test_configuration_page_lists_exactly_the_settings() -> None:
     assert documented - expected == {
         "TENSAFE_RUN_DIR",
         "TENSAFE_ENGINE_ID",
-        "TENSAFE_METRICS_DUMP",
         "TENSAFE_KEY_HOLDER_ADMIN_TOKEN_FILE",
     }

@@ -370,7 +370,7 @@ ROUTES_SCRIPT = textwrap.dedent(
     except SystemExit as exc:
         results["cli_full"] = exc.code
 
-    from vllm_tensafe.compat import TenSafeVLLMConfig
+    from vllm_tensafe.api import TenSafeVLLMConfig
     config = TenSafeVLLMConfig(model=model, max_model_len=256, dtype="float32")
     results["compat"] = guarded(config.to_engine_args().create_engine_config())
 
@@ -391,7 +391,7 @@ ROUTES_SCRIPT = textwrap.dedent(
         model=model, max_model_len=256, engine_kwargs={"compilation_config": full}
     ).to_engine_args().create_engine_config())
     import asyncio
-    from vllm_tensafe.compat import TenSafeVLLMServer
+    from vllm_tensafe.api import TenSafeVLLMServer
     server = TenSafeVLLMServer(TenSafeVLLMConfig(
         model=model, max_model_len=256, dtype="float32",
         engine_kwargs={"compilation_config": full}))

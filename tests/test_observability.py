@@ -3,17 +3,16 @@ tests/e2e/test_metrics_status.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from tests.support.otlp import OtlpCollector, metrics_as_dict
 from vllm_tensafe import observability as obs
 from vllm_tensafe.errors import ConfigError
 
@@ -22,7 +21,6 @@ from vllm_tensafe.errors import ConfigError
 def reader(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    monkeypatch.delenv(obs.DUMP_ENV, raising=False)
     obs.shutdown_observability()
     memory = InMemoryMetricReader()
     obs.setup_observability("test-service", readers=[memory])
@@ -31,7 +29,7 @@ def reader(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 def _metrics(reader: Any) -> dict[str, list[dict[str, Any]]]:
-    return obs.metrics_as_dict(reader.get_metrics_data())
+    return metrics_as_dict(reader.get_metrics_data())
 
 
 def test_every_guide_metric_is_recorded_with_its_name(reader: Any) -> None:
@@ -62,7 +60,7 @@ def test_every_guide_metric_is_recorded_with_its_name(reader: Any) -> None:
     assert got[obs.HE_DELTA_SECONDS][0]["count"] == 1
     assert got[obs.KEY_HOLDER_SECONDS][0]["attributes"] == {"key_holder": "local"}
     outcomes = {p["attributes"]["outcome"]: p["value"] for p in got[obs.TSSP_VERIFICATIONS_TOTAL]}
-    assert outcomes == {"ok": 1, "ValueError": 1}
+    assert outcomes == {"ok": 1, "error": 1}
 
 
 def test_without_an_sdk_recording_is_a_no_op() -> None:
@@ -88,31 +86,72 @@ def test_unknown_otlp_protocol_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
     obs.shutdown_observability()
 
 
-def test_dump_hook_writes_this_process_metrics(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_outcomes_are_a_fixed_set_not_class_names() -> None:
+    from vllm_tensafe import errors
+
+    cases = {
+        None: "ok",
+        errors.SignatureError("x"): "bad_signature",
+        errors.UntrustedSignerError("x"): "untrusted_signer",
+        errors.DigestMismatchError("x"): "digest_mismatch",
+        errors.MalformedPackageError("x"): "malformed",
+        errors.UnsupportedVersionError("x"): "unsupported_version",
+        errors.BaseModelMismatchError("x"): "base_model_mismatch",
+        errors.RollbackError("x"): "rollback",
+        errors.PackageExpiredError("x"): "expired",
+        errors.UnsupportedAdapterError("x"): "unsupported_adapter",
+        errors.TsspError("x"): "refused",
+        errors.KeyFileError("x"): "config_error",
+        RuntimeError("x"): "error",
+    }
+    for exc, outcome in cases.items():
+        assert obs.verification_outcome(exc) == outcome
+    assert set(cases.values()) == set(obs.OUTCOMES)
+
+
+def test_otlp_export_reaches_a_collector_with_this_process_pid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The path a deployment (and tests/e2e/test_metrics_status.py) reads metrics through."""
+    obs.shutdown_observability()
+    with OtlpCollector() as collector:
+        for name, value in collector.environment(interval_ms=200).items():
+            monkeypatch.setenv(name, value)
+        settings = SimpleNamespace(otlp_endpoint=collector.endpoint, service_name="s")
+        assert obs.setup_from_settings(settings)  # type: ignore[arg-type]
+        try:
+            obs.record_tssp_verification("ok")
+            deadline = time.monotonic() + 120
+            got: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                got = collector.by_process().get(os.getpid(), {}).get("metrics", {})
+                if obs.TSSP_VERIFICATIONS_TOTAL in got:
+                    break
+                time.sleep(0.1)
+            assert got[obs.TSSP_VERIFICATIONS_TOTAL][0]["value"] == 1
+            assert collector.by_process()[os.getpid()]["role"] == obs.process_role()
+        finally:
+            obs.shutdown_observability()
+
+
+def test_export_interval_comes_from_the_standard_variable(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     obs.shutdown_observability()
-    prefix = tmp_path / "metrics"
-    monkeypatch.setenv(obs.DUMP_ENV, str(prefix))
-    assert obs.setup_from_settings(SimpleNamespace(otlp_endpoint=None, service_name="s"))
+    monkeypatch.setenv(obs.EXPORT_INTERVAL_ENV, "250")
     try:
-        obs.record_tssp_verification("ok")
-        path = Path(f"{prefix}.{os.getpid()}.json")
-        deadline = time.monotonic() + 120  # written every second; generous for a busy machine
-        while time.monotonic() < deadline:
-            if path.exists() and obs.TSSP_VERIFICATIONS_TOTAL in path.read_text():
-                break
-            time.sleep(0.2)
-        record = json.loads(path.read_text())
-        assert record["pid"] == os.getpid()
-        assert record["metrics"][obs.TSSP_VERIFICATIONS_TOTAL][0]["value"] == 1
+        obs.setup_observability("s")
+        assert obs._setup is not None and obs._setup.export_interval_seconds == 0.25
     finally:
         obs.shutdown_observability()
+    monkeypatch.setenv(obs.EXPORT_INTERVAL_ENV, "soon")
+    with pytest.raises(ConfigError, match="OTEL_METRIC_EXPORT_INTERVAL"):
+        obs.setup_observability("s")
+    obs.shutdown_observability()
 
 
-def test_no_endpoint_and_no_dump_means_no_setup(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(obs.DUMP_ENV, raising=False)
-    assert not obs.setup_from_settings(SimpleNamespace(otlp_endpoint=None, service_name="s"))
+def test_no_endpoint_means_no_setup() -> None:
+    assert not obs.setup_from_settings(SimpleNamespace(otlp_endpoint=None, service_name="s"))  # type: ignore[arg-type]
 
 
 def test_otlp_settings_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""Tests of the tiny model and adapter builders (vllm_tensafe.testing), without vLLM.
+"""Tests of the tiny model and adapter builders (tests.support.builders), without vLLM.
 
 The vLLM-facing tests rely on these properties: identical bytes for identical seeds, adapters
 that visibly change outputs, and a demo adapter that answers the demo prompt while the base

@@ -19,13 +19,14 @@ from tests.conftest import AdapterFactory, Keys
 def test_host_extracts_the_adapter_function_from_r_tokens(
     tiny_llama: Path, adapters: AdapterFactory, owner_keys: Keys
 ) -> None:
-    from vllm_tensafe.he import AdapterRef, DeltaEngine, LocalKeyHolder, SecretKeySet
+    from vllm_tensafe.he import DeltaEngine, SecretKeySet
+    from vllm_tensafe.keyholder import AdapterRef, LocalKeyHolder
     from vllm_tensafe.tssp import TrustStore, open_package
 
     peft_dir = adapters.peft(tiny_llama, "llama-r8-qv", rank=8, alpha=16, seed=11)
     package = open_package(
         adapters.package(peft_dir, tiny_llama, "e8"),
-        trust_store=TrustStore.from_files([owner_keys.signing_pub]),
+        trust=TrustStore.from_files([owner_keys.signing_pub]),
     )
     engine = DeltaEngine(
         package.public_context, LocalKeyHolder(SecretKeySet.load(owner_keys.he_secret))

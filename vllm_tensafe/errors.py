@@ -25,6 +25,15 @@ class AdapterPathRefusedError(TenSafeError):
     adapter where only encrypted packages are allowed."""
 
 
+class KeyFileError(ConfigError):
+    """A key file named by a flag, a setting or an argument cannot be read, or does not hold
+    the key it should (an Ed25519 signing key, a trusted signer's public key)."""
+
+
+class OutputExistsError(TenSafeError):
+    """A command would replace a file that exists; nothing was written (``--force`` replaces)."""
+
+
 # --- TSSP package errors -------------------------------------------------------------------
 
 

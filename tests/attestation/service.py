@@ -18,8 +18,8 @@ from typing import Any
 from vllm_tensafe.attestation import QuoteBundle, TpmQuoter
 from vllm_tensafe.attestation.client import Attester
 from vllm_tensafe.attestation.routes import NONCE_PATH, QUOTE_PATH
-from vllm_tensafe.he.keyholder import REQUEST_CONTENT_TYPE, AdapterRef, encode_request
-from vllm_tensafe.he.remote import RemoteKeyHolder
+from vllm_tensafe.keyholder.remote import RemoteKeyHolder
+from vllm_tensafe.keyholder.wire import REQUEST_CONTENT_TYPE, AdapterRef, encode_request
 
 TOKEN = "host-a-token-0123456789abcdef"
 SECOND_TOKEN = "host-a-second-token-0123456789"
@@ -28,7 +28,7 @@ ADMIN_TOKEN = "owner-admin-token-0123456789abcd"
 
 
 def token_store() -> Any:
-    from vllm_tensafe.he.service.tokens import TokenStore, make_token
+    from vllm_tensafe.keyholder.server.tokens import TokenStore, make_token
 
     return TokenStore(
         [

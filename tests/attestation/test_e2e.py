@@ -29,8 +29,9 @@ import pytest
 from tests.conftest import AdapterFactory, Keys, adapter_keys
 from tests.e2e.helpers import PROMPTS, REFERENCE_LOGPROB_TOL, complete
 from tests.e2e.test_examples_serving import ENV, Background
+from tests.support.clients import openai_client
+from tests.support.server_process import CPU_ARGS, CPU_ENV, free_port, vllm_executable
 from vllm_tensafe.attestation import TpmQuoter
-from vllm_tensafe.server_process import CPU_ARGS, CPU_ENV, free_port, vllm_executable
 
 from .conftest import GOOD_BOOT, Host, _unrelated_pem
 
@@ -150,6 +151,7 @@ def _listening_url(process: Background, log: Path, timeout: float = 120) -> str:
 SERVER_SCRIPT = """
 import asyncio, json, sys
 from vllm_tensafe import TenSafeVLLMConfig, TenSafeVLLMServer
+from tests.support.clients import openai_client
 
 a = json.loads(sys.argv[1])
 config = TenSafeVLLMConfig(
@@ -192,15 +194,13 @@ def server(
 
 @pytest.fixture(scope="module")
 def client(server: str) -> Any:
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai_client(f"{server}/v1", timeout=300)
 
 
 def test_attested_host_serves_the_encrypted_adapter(
     client: Any, owner: Owner, tiny_llama: Path, packages: dict[str, Path]
 ) -> None:
-    from vllm_tensafe.testing import greedy_reference
+    from tests.support.builders import greedy_reference
 
     encrypted = complete(client, "e8", PROMPTS[0])
     want, logprobs = greedy_reference(

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from vllm_tensafe.api import TenSafeVLLMConfig
 from vllm_tensafe.cli import main as tensafe_cli
-from vllm_tensafe.compat import TenSafeVLLMConfig
 from vllm_tensafe.errors import ConfigError
 from vllm_tensafe.settings import TenSafeSettings, load_settings
 
@@ -66,7 +66,7 @@ def test_settings_refuse_attestation_without_remote_key_holder_or_ak(
 
 
 def test_flags_come_from_the_settings() -> None:
-    from vllm_tensafe.plugin import add_tensafe_args
+    from vllm_tensafe.vllm.cli_args import add_tensafe_args
 
     parser = argparse.ArgumentParser()
     add_tensafe_args(parser)
@@ -136,7 +136,7 @@ def test_guide_engine_refuses_to_start_without_a_tpm(tmp_path: Path, token_file:
     script = textwrap.dedent(
         f"""
         import asyncio
-        from vllm_tensafe.compat import TenSafeAsyncEngine, TenSafeVLLMConfig
+        from vllm_tensafe.api import (TenSafeAsyncEngine, TenSafeVLLMConfig)
         from vllm_tensafe.errors import TpmError
         config = TenSafeVLLMConfig(
             model="no-model-is-loaded", require_attestation=True, key_holder="remote",

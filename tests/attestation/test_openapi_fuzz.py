@@ -28,7 +28,7 @@ def running(tmp_path_factory: pytest.TempPathFactory, sql: Any) -> Iterator[Any]
     from tests.key_holder.conftest import policy_for
     from vllm_tensafe.attestation import AttestationPolicy, AttestationVerifier
     from vllm_tensafe.attestation.routes import AttestationRoutes
-    from vllm_tensafe.he.service import KeyHolderService, Limits
+    from vllm_tensafe.keyholder.server import KeyHolderService, Limits
 
     folder: Path = tmp_path_factory.mktemp("fuzz")
     policy = AttestationPolicy.from_mapping(
@@ -77,7 +77,7 @@ def test_attestation_routes_never_fail_and_answer_as_documented(
             run()
     # Whatever was sent, this host has no session: its decryptions are refused.
     from vllm_tensafe.errors import AttestationRequiredError
-    from vllm_tensafe.he.remote import RemoteKeyHolder
+    from vllm_tensafe.keyholder.remote import RemoteKeyHolder
 
     client = RemoteKeyHolder(running.url, TOKEN, retries=0)
     try:

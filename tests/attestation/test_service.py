@@ -23,7 +23,7 @@ from vllm_tensafe.errors import (
     UnknownAttestationKeyError,
     UnknownHostError,
 )
-from vllm_tensafe.he.service.tokens import token_fingerprint
+from vllm_tensafe.keyholder.server.tokens import token_fingerprint
 
 from .conftest import GOOD_BOOT, FakeClock, Host, _unrelated_pem, a_policy, write_policy
 from .service import ADMIN_TOKEN, SECOND_TOKEN, TOKEN, UNLISTED_TOKEN, RunningKeyHolder

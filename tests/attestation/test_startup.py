@@ -22,7 +22,7 @@ from vllm_tensafe.errors import (
     PcrMismatchError,
     TpmError,
 )
-from vllm_tensafe.he.remote import check_key_holder
+from vllm_tensafe.keyholder.remote import check_key_holder
 from vllm_tensafe.settings import TenSafeSettings
 
 from .conftest import Host, a_policy, write_policy
@@ -66,7 +66,7 @@ def settings_for(
 def package(tiny_llama: Path, adapters: AdapterFactory, artifacts: Path, owner_keys: Keys) -> Any:
     """A real package (its own CKKS key), and the key holder's adapter policy for it."""
     from vllm_tensafe.he import SecretKeySet
-    from vllm_tensafe.he.service import AdapterPolicy
+    from vllm_tensafe.keyholder.server import AdapterPolicy
     from vllm_tensafe.tssp import TrustStore
 
     keys = adapter_keys(artifacts, owner_keys, "att-startup")
@@ -196,7 +196,7 @@ def _serve_args(tmp_path: Path, package: Path, keys: Keys, *extra: str) -> Any:
 def test_serve_option_loads_the_policy_and_refuses_a_bad_one(
     host_a: Host, tmp_path: Path, package: Any, artifacts: Path, owner_keys: Keys
 ) -> None:
-    from vllm_tensafe.he.service.commands import build_service
+    from vllm_tensafe.cli.key_holder import build_service
 
     keys = adapter_keys(artifacts, owner_keys, "att-startup")
     path, _ = package

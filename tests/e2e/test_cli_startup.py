@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import AdapterFactory, Keys
-from vllm_tensafe.server_process import CPU_ARGS, CPU_ENV, vllm_executable
+from tests.support.server_process import CPU_ARGS, CPU_ENV, vllm_executable
 
 pytestmark = pytest.mark.vllm
 

@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import AdapterFactory, Keys
+from tests.support.clients import openai_client
+from tests.support.server_process import VllmServer
 from vllm_tensafe.cli import main as tensafe_cli
-from vllm_tensafe.server_process import VllmServer
 
 pytestmark = pytest.mark.vllm
 
@@ -95,9 +96,7 @@ def server(tiny_llama: Path, owner_keys: Keys, packages: dict[str, Path]) -> Ite
 
 @pytest.fixture(scope="module")
 def client(server: VllmServer) -> Any:
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai_client(f"{server.base_url}/v1", timeout=300)
 
 
 def _ask(client: Any, rank: int, model: str) -> tuple[int, ...] | Exception:

@@ -58,7 +58,7 @@ def test_python_llm_api(tiny_llama: Path, owner_keys: Keys, pair: tuple[Path, Pa
 
 
 def test_python_async_llm(tiny_llama: Path, owner_keys: Keys, pair: tuple[Path, Path]) -> None:
-    from vllm_tensafe.testing import greedy_reference
+    from tests.support.builders import greedy_reference
 
     peft, package = pair
     out = _run(

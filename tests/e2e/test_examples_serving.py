@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import AdapterFactory
-from vllm_tensafe.server_process import CPU_ARGS, CPU_ENV, free_port
+from tests.support.server_process import CPU_ARGS, CPU_ENV, free_port
 
 pytestmark = pytest.mark.vllm
 
@@ -147,7 +147,7 @@ def test_pack_adapter_sh(packed: dict[str, Path]) -> None:
 
 
 def test_serve_local_sh_and_openai_streaming_chat(packed: dict[str, Path], tmp_path: Path) -> None:
-    from vllm_tensafe.testing import DEMO_ANSWER
+    from tests.support.builders import DEMO_ANSWER
 
     port = free_port()
     server = Background(
@@ -177,7 +177,7 @@ def test_serve_local_sh_and_openai_streaming_chat(packed: dict[str, Path], tmp_p
 
 
 def test_tensafe_server_py(packed: dict[str, Path], tmp_path: Path) -> None:
-    from vllm_tensafe.testing import DEMO_ANSWER
+    from tests.support.builders import DEMO_ANSWER
 
     port = free_port()
     server = Background(
@@ -236,7 +236,7 @@ def llama_pair(tiny_llama: Path, adapters: AdapterFactory) -> tuple[Path, Path]:
 def test_tensafe_async_engine_py(
     tiny_llama: Path, owner_keys: Any, llama_pair: tuple[Path, Path]
 ) -> None:
-    from vllm_tensafe.testing import greedy_reference
+    from tests.support.builders import greedy_reference
 
     peft, package = llama_pair
     proc = _run(

@@ -22,7 +22,8 @@ import pytest
 
 from tests.conftest import AdapterFactory, Keys
 from tests.e2e.helpers import OpenWatch, complete
-from vllm_tensafe.server_process import VllmServer
+from tests.support.clients import openai_client
+from tests.support.server_process import VllmServer
 
 pytestmark = pytest.mark.vllm
 
@@ -94,9 +95,7 @@ def watch(layout: dict[str, Path], server: VllmServer) -> Iterator[OpenWatch]:
 
 @pytest.fixture(scope="module")
 def client(server: VllmServer) -> Any:
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai_client(f"{server.base_url}/v1", timeout=300)
 
 
 def _post(server: VllmServer, path: str, body: dict[str, Any]) -> tuple[int, bytes]:

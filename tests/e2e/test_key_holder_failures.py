@@ -16,7 +16,8 @@ import pytest
 
 from tests.conftest import AdapterFactory, Keys, adapter_keys
 from tests.e2e.helpers import LOGPROB_TOL, PROMPTS, assert_same_completion, complete
-from vllm_tensafe.server_process import VllmServer, free_port
+from tests.support.clients import openai_client
+from tests.support.server_process import VllmServer, free_port
 
 pytestmark = pytest.mark.vllm
 
@@ -48,7 +49,7 @@ class KeyHolderHarness:
         self._held: list[socket.socket] = []
 
     def start(self) -> None:
-        from vllm_tensafe.he.service import AdapterPolicy, KeyHolderService, TokenStore
+        from vllm_tensafe.keyholder.server import AdapterPolicy, KeyHolderService, TokenStore
         from vllm_tensafe.tssp import TrustStore
 
         policy = AdapterPolicy.from_packages(
@@ -171,9 +172,7 @@ def server(
 
 @pytest.fixture(scope="module")
 def client(server: VllmServer) -> Any:
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(f"{server.base_url}/v1", timeout=120)
 
 
 def _fails(client: Any, model: str) -> Any:

@@ -4,8 +4,8 @@ OpenTelemetry metrics, read from a real server.
 ``VLLM_PLUGINS=tensafe`` is the one setting a user adds for the route (vLLM loads endpoint
 plugins only when named there); the same name must keep the general plugin (encrypted adapters
 at all) and the stat logger (request metrics) working, which this module relies on. Metrics
-are read through the test hook ``TENSAFE_METRICS_DUMP``: every process writes what its
-OpenTelemetry SDK collected (an ``InMemoryMetricReader``) to ``PREFIX.<pid>.json``.
+are read as a deployment reads them: every process exports over OTLP
+(``TENSAFE_OTLP_ENDPOINT``) to a collector the test runs (tests/support/otlp.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import pytest
 
 from tests.conftest import AdapterFactory, Keys
 from tests.e2e.helpers import complete
-from vllm_tensafe.server_process import VllmServer
+from tests.support.clients import openai_client
+from tests.support.otlp import OtlpCollector
+from tests.support.server_process import VllmServer
 
 pytestmark = pytest.mark.vllm
 
@@ -46,8 +48,9 @@ def packages(tiny_llama: Path, adapters: AdapterFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def dump_prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("metrics") / "tensafe"
+def collector() -> Iterator[OtlpCollector]:
+    with OtlpCollector() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def server(
     tiny_llama: Path,
     owner_keys: Keys,
     packages: dict[str, Path],
-    dump_prefix: Path,
+    collector: OtlpCollector,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[VllmServer]:
     srv = VllmServer(
@@ -75,7 +78,7 @@ def server(
             "--lora-modules",
             *(f"served-{name}={path}" for name, path in packages.items()),
         ],
-        env={"VLLM_PLUGINS": "tensafe", "TENSAFE_METRICS_DUMP": str(dump_prefix)},
+        env={"VLLM_PLUGINS": "tensafe", **collector.environment()},
         log_path=tmp_path_factory.mktemp("logs") / "vllm-metrics.log",
     )
     srv.start()
@@ -87,9 +90,7 @@ def server(
 
 @pytest.fixture(scope="module")
 def client(server: VllmServer) -> Any:
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    return openai_client(f"{server.base_url}/v1")
 
 
 @pytest.fixture(scope="module")
@@ -170,17 +171,6 @@ def test_vllm_own_routes_still_work(server: VllmServer) -> None:
     assert {BASE, "served-e8", "served-e1"} <= ids
 
 
-def _read_dumps(prefix: Path) -> dict[int, dict[str, Any]]:
-    out = {}
-    for path in prefix.parent.glob(f"{prefix.name}.*.json"):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        out[record["pid"]] = record
-    return out
-
-
 def _total(dumps: dict[int, dict[str, Any]], name: str, **attributes: str) -> float:
     total = 0.0
     for record in dumps.values():
@@ -191,7 +181,7 @@ def _total(dumps: dict[int, dict[str, Any]], name: str, **attributes: str) -> fl
 
 
 def test_metrics_are_exported_from_every_process(
-    server: VllmServer, traffic: dict[str, int], dump_prefix: Path
+    server: VllmServer, traffic: dict[str, int], collector: OtlpCollector
 ) -> None:
     requests = sum(traffic.values())
     want = {
@@ -205,11 +195,11 @@ def test_metrics_are_exported_from_every_process(
         # The API server checks each static package at startup, the worker opens it to load.
         ("tensafe_vllm_tssp_verifications_total", (("outcome", "ok"),)): 4,
     }
-    # Dumps are written every second: wait for the last requests to reach them (generous
-    # deadline: a busy machine may delay the writer thread; a pass never waits for it).
+    # Every process exports twice a second: wait for the last requests to reach the collector
+    # (generous deadline: a busy machine may delay the exporter threads; a pass never waits).
     deadline = time.monotonic() + 180
     while True:
-        dumps = _read_dumps(dump_prefix)
+        dumps = collector.by_process()
         got = {key: _total(dumps, key[0], **dict(key[1])) for key in want}
         if all(got[key] >= value for key, value in want.items()) or time.monotonic() > deadline:
             break

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from tests.e2e.test_examples_serving import ENV, EXAMPLES, Background, _get_json, _run
-from vllm_tensafe.server_process import CPU_ARGS, free_port
+from tests.support.clients import openai_client
+from tests.support.server_process import CPU_ARGS, free_port
 
 pytestmark = pytest.mark.vllm
 
@@ -77,7 +78,7 @@ def _wait_https(background: Background, url: str, ca: Path, timeout: float = 120
 
 @pytest.fixture(scope="module")
 def owner_out(demo: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vllm_tensafe.testing import make_adapter
+    from tests.support.builders import make_adapter
 
     out = tmp_path_factory.mktemp("owner")
     script = str(EXAMPLES / "pack_adapter.sh")
@@ -121,9 +122,7 @@ def deployment(
 
 @pytest.fixture(scope="module")
 def client(deployment: Deployment) -> Any:
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{deployment.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai_client(f"{deployment.url}/v1", timeout=300)
 
 
 def _chat(client: Any, model: str) -> str:
@@ -143,7 +142,7 @@ def _status(deployment: Deployment) -> dict[str, dict[str, Any]]:
 
 
 def test_encrypted_adapter_through_a_tls_key_holder(deployment: Deployment, client: Any) -> None:
-    from vllm_tensafe.testing import DEMO_ANSWER
+    from tests.support.builders import DEMO_ANSWER
 
     assert _chat(client, "demo").strip() == DEMO_ANSWER
     models = {m.id for m in client.models.list().data}
@@ -170,7 +169,7 @@ def test_revoke_then_unrevoke_with_the_documented_command(
 ) -> None:
     from openai import PermissionDeniedError
 
-    from vllm_tensafe.testing import DEMO_ANSWER
+    from tests.support.builders import DEMO_ANSWER
 
     revoked = deployment.admin("revoke", "demo")
     assert revoked.returncode == 0, revoked.stderr

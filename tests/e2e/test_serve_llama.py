@@ -29,7 +29,8 @@ from tests.e2e.helpers import (
     complete,
     complete_all,
 )
-from vllm_tensafe.server_process import VllmServer
+from tests.support.clients import openai_client
+from tests.support.server_process import VllmServer
 
 pytestmark = pytest.mark.vllm
 
@@ -123,9 +124,7 @@ def server(
 
 @pytest.fixture(scope="module")
 def client(server: VllmServer) -> Any:
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    return openai_client(f"{server.base_url}/v1")
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +209,7 @@ def test_encrypted_equals_transformers_peft(
     sequential: dict[tuple[str, str], Any],
     name: str,
 ) -> None:
-    from vllm_tensafe.testing import greedy_reference
+    from tests.support.builders import greedy_reference
 
     peft_dir = llama_adapters["p8" if name == "e8" else "pall"]
     for prompt in PROMPTS[:2]:
@@ -224,7 +223,7 @@ def test_encrypted_equals_transformers_peft(
 
 
 def test_demo_adapter_streaming_chat(client: Any) -> None:
-    from vllm_tensafe.testing import DEMO_ANSWER, DEMO_PROMPT
+    from tests.support.builders import DEMO_ANSWER, DEMO_PROMPT
 
     def chat(model: str) -> str:
         stream = client.chat.completions.create(

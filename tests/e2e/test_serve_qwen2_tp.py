@@ -16,7 +16,8 @@ import pytest
 
 from tests.conftest import AdapterFactory, Keys
 from tests.e2e.helpers import LOGPROB_TOL, PROMPTS, assert_same_completion, complete_all
-from vllm_tensafe.server_process import VllmServer
+from tests.support.clients import openai_client
+from tests.support.server_process import VllmServer
 
 pytestmark = pytest.mark.vllm
 
@@ -40,7 +41,6 @@ def qwen_adapters(tiny_qwen2: Path, adapters: AdapterFactory) -> dict[str, Path]
 
 @pytest.fixture(scope="module")
 def client(tiny_qwen2: Path, owner_keys: Keys, qwen_adapters: dict[str, Path]) -> Iterator[Any]:
-    from openai import OpenAI
 
     server = VllmServer(
         tiny_qwen2,
@@ -71,7 +71,7 @@ def client(tiny_qwen2: Path, owner_keys: Keys, qwen_adapters: dict[str, Path]) -
         assert "TP1" in log or "rank 1" in log.lower() or "Worker_TP1" in log, (
             "expected two tensor-parallel workers"
         )
-        yield OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        yield openai_client(f"{server.base_url}/v1")
 
 
 def test_qwen2_tp2_encrypted_equals_plaintext(client: Any) -> None:

@@ -31,7 +31,8 @@ from tests.e2e.helpers import (
     assert_same_completion,
     complete_all,
 )
-from vllm_tensafe.server_process import VllmServer
+from tests.support.clients import openai_client
+from tests.support.server_process import VllmServer
 
 pytestmark = pytest.mark.vllm
 
@@ -120,9 +121,7 @@ def server(
 
 @pytest.fixture(scope="module")
 def client(server: VllmServer) -> Any:
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    return openai_client(f"{server.base_url}/v1")
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +165,7 @@ def test_encrypted_equals_transformers_peft(
     tiny_llama: Path, torch_adapters: dict[str, Path], sequential: dict[tuple[str, str], Any]
 ) -> None:
     """The reference the TenSEAL engine is held to in test_serve_llama.py, same tolerance."""
-    from vllm_tensafe.testing import greedy_reference
+    from tests.support.builders import greedy_reference
 
     for name, peft in (("e8", "p8"), ("eall", "pall")):
         ids, logprobs = greedy_reference(

@@ -21,7 +21,7 @@ What it does, with as few servers as possible (two, plus one that must not start
 4. the same with a remote key holder (the key-holder service on this host): the torch engine
    on the GPU outside the graphs (PIECEWISE, ``tensafe::he_lora_delta`` split out).
 
-The demo adapter (vllm_tensafe.testing.train_demo_adapter) is trained until every answer token
+The demo adapter (tests.support.builders.train_demo_adapter) is trained until every answer token
 wins by a logit margin of 1.0; bf16 and the HE path move logits by far less, so greedy tokens
 must be identical. (A random adapter's top-2 logits are often closer than bf16's rounding:
 exact token equality would then test the float format, not the plugin.) On GPUs vLLM is not
@@ -49,7 +49,7 @@ from typing import Any
 import pytest
 import torch
 
-from vllm_tensafe.testing import LORA_TARGETS_ALL_LINEAR
+from tests.support.builders import LORA_TARGETS_ALL_LINEAR
 
 pytestmark = [
     pytest.mark.vllm,
@@ -124,7 +124,7 @@ def start_server(
     extra: list[str],
     args: list[str] | None = None,
 ) -> Any:
-    from vllm_tensafe.server_process import VllmServer
+    from tests.support.server_process import VllmServer
 
     server = VllmServer(
         setup["model"],
@@ -160,7 +160,7 @@ def post(base_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
 
 def ask(base_url: str, model: str, rendering: str) -> tuple[tuple[int, ...], str]:
     """Greedy answer to the demo prompt: (token ids, text)."""
-    from vllm_tensafe.testing import DEMO_PROMPT
+    from tests.support.builders import DEMO_PROMPT
 
     common = {"model": model, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True}
     if rendering == "completion":
@@ -225,7 +225,7 @@ def graph_facts(log: str) -> dict[str, Any]:
 
 def check_server(server: Any, name: str, gpu_summary: dict[str, Any]) -> dict[str, Any]:
     """Sequential then concurrent answers; returns (and records) what was seen."""
-    from vllm_tensafe.testing import DEMO_ANSWER
+    from tests.support.builders import DEMO_ANSWER
 
     url = server.base_url
     record: dict[str, Any] = {"startup_seconds": server.startup_seconds, "args": server.args}
@@ -320,7 +320,7 @@ def test_the_op_refuses_to_run_inside_a_cuda_graph_capture(gpu_summary: dict[str
 def test_full_cuda_graphs_are_refused_at_once(
     demo_setup: dict[str, Any], gpu_out: Path, gpu_summary: dict[str, Any]
 ) -> None:
-    from vllm_tensafe.server_process import free_port, vllm_executable
+    from tests.support.server_process import free_port, vllm_executable
 
     log_path = gpu_out / "vllm-full-refused.log"
     command = [
@@ -405,9 +405,9 @@ class TestCapturedInCudaGraphs:
 class TestRemoteKeyHolderOnGpu:
     @pytest.fixture(scope="class")
     def key_holder(self, demo_setup: dict[str, Any], gpu_out: Path) -> Any:
+        from tests.support.server_process import free_port
         from vllm_tensafe.he import SecretKeySet
-        from vllm_tensafe.he.service import AdapterPolicy, KeyHolderService, TokenStore
-        from vllm_tensafe.server_process import free_port
+        from vllm_tensafe.keyholder.server import AdapterPolicy, KeyHolderService, TokenStore
         from vllm_tensafe.tssp import TrustStore
 
         keys = demo_setup["keys"]

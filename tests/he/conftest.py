@@ -5,13 +5,8 @@ import zlib
 import numpy as np
 import pytest
 
-from vllm_tensafe.he import (
-    DeltaEngine,
-    LocalKeyHolder,
-    PublicContext,
-    SecretKeySet,
-    generate_keys,
-)
+from vllm_tensafe.he import DeltaEngine, PublicContext, SecretKeySet, generate_keys
+from vllm_tensafe.keyholder import LocalKeyHolder
 
 
 @pytest.fixture(scope="session")

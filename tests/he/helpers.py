@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import _sealapi_cpp
 import numpy as np
 
-from vllm_tensafe.he.keyholder import AdapterRef, LocalKeyHolder
 from vllm_tensafe.he.keys import PublicContext, SecretKeySet
+from vllm_tensafe.keyholder.local import LocalKeyHolder
+from vllm_tensafe.keyholder.wire import AdapterRef
 
 _HEADER = struct.Struct("<HBBBBHQ")
 

@@ -53,7 +53,7 @@ def test_concealed_ciphertext_still_decrypts_to_the_product_plus_pad(
     ctx.encryptor.encrypt(plain, ct)
     before = adversary.decrypt(ct)
     concealed = Concealer(ctx, ring).conceal(ct)
-    from vllm_tensafe.he.keyholder import decode_ciphertext
+    from vllm_tensafe.keyholder.wire import decode_ciphertext
 
     after = adversary.decrypt(decode_ciphertext(ctx, concealed.blob, "concealed"))
     m = ctx.profile.reply_exponent(ctx.profile.product_scale_bits)

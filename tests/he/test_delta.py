@@ -11,15 +11,9 @@ import pytest
 
 from tests.he.helpers import make_lora, ref
 from vllm_tensafe.errors import ForeignCiphertextError, HEError
-from vllm_tensafe.he import (
-    DeltaEngine,
-    LocalKeyHolder,
-    PublicContext,
-    SecretKeySet,
-    encrypt_matrix,
-    generate_keys,
-)
+from vllm_tensafe.he import DeltaEngine, PublicContext, SecretKeySet, encrypt_matrix, generate_keys
 from vllm_tensafe.he.packing import fused_layouts
+from vllm_tensafe.keyholder import LocalKeyHolder
 
 # (d_out, rank, tokens, rslora): every value of each axis, the big corners once.
 # 5000 > 4096 slots: two chunks. 4096: exactly one token per ciphertext.

@@ -20,16 +20,17 @@ import tenseal.sealapi as seal
 
 from tests.he.adversary import KeyHolderAdversary, legacy_masked, legacy_shift
 from tests.he.helpers import ref
-from vllm_tensafe.he import DeltaEngine, LocalKeyHolder, PublicContext, SecretKeySet
-from vllm_tensafe.he.keyholder import (
+from vllm_tensafe.he import DeltaEngine, PublicContext, SecretKeySet
+from vllm_tensafe.he.packing import EncryptedMatrix, encrypt_matrix, fused_layouts
+from vllm_tensafe.he.residues import ciphertext_from_residues, ciphertext_residues
+from vllm_tensafe.keyholder import LocalKeyHolder
+from vllm_tensafe.keyholder.local import KeyHolder
+from vllm_tensafe.keyholder.wire import (
     AdapterRef,
-    KeyHolder,
     decode_ciphertext,
     decode_request,
     encode_request,
 )
-from vllm_tensafe.he.packing import EncryptedMatrix, encrypt_matrix, fused_layouts
-from vllm_tensafe.he.residues import ciphertext_from_residues, ciphertext_residues
 
 
 class WireRelay(KeyHolder):

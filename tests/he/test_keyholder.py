@@ -17,22 +17,17 @@ from tests.he.helpers import (
     wire_ciphertext,
 )
 from vllm_tensafe.errors import ForeignCiphertextError, HEError
-from vllm_tensafe.he import (
-    LocalKeyHolder,
-    PublicContext,
-    SecretKeySet,
-    encrypt_matrix,
-    generate_keys,
-)
-from vllm_tensafe.he.keyholder import (
+from vllm_tensafe.he import PublicContext, SecretKeySet, encrypt_matrix, generate_keys
+from vllm_tensafe.he.keys import check_seal_blob
+from vllm_tensafe.he.ring import Ring
+from vllm_tensafe.keyholder import LocalKeyHolder
+from vllm_tensafe.keyholder.wire import (
     AdapterRef,
     ciphertext_size,
     decode_request,
     encode_ciphertext,
     encode_request,
 )
-from vllm_tensafe.he.keys import check_seal_blob
-from vllm_tensafe.he.ring import Ring
 
 
 def product_ciphertext(ctx: PublicContext, value: float = 1.0) -> seal.Ciphertext:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_tensafe.errors import HEError
+from vllm_tensafe.errors import HEError, OutputExistsError
 from vllm_tensafe.he import PublicContext, SecretKeySet, write_keypair
 from vllm_tensafe.he.keys import (
     PUBLIC_MAGIC,
@@ -71,7 +71,7 @@ def test_secret_file_errors(tmp_path: Path, ctx: PublicContext) -> None:
 
 def test_write_keypair_never_overwrites_a_secret(tmp_path: Path) -> None:
     write_keypair(tmp_path / "k")
-    with pytest.raises(HEError, match="refusing to overwrite"):
+    with pytest.raises(OutputExistsError, match="refusing to overwrite"):
         write_keypair(tmp_path / "k")
 
 

@@ -8,10 +8,11 @@ import pytest
 import tenseal.sealapi as seal
 
 from tests.he.helpers import make_lora, ref
-from vllm_tensafe.he import DeltaEngine, LocalKeyHolder, PublicContext, SecretKeySet
+from vllm_tensafe.he import DeltaEngine, PublicContext, SecretKeySet
 from vllm_tensafe.he.lincomb import MAX_RANK, LinearCombiner, ResidueColumns, fits
 from vllm_tensafe.he.packing import encrypt_matrix, fused_layouts
 from vllm_tensafe.he.residues import check_layout, ciphertext_residues, set_ntt_form
+from vllm_tensafe.keyholder import LocalKeyHolder
 
 
 def _seal_combination(ctx: PublicContext, columns: list, weights: np.ndarray) -> seal.Ciphertext:

@@ -37,7 +37,8 @@ def test_layout(ctx: PublicContext, d_out: int, k: int, chunks: int) -> None:
 
 
 def test_round_trip(ctx: PublicContext, secret: SecretKeySet, rng: np.random.Generator) -> None:
-    from vllm_tensafe.he import DeltaEngine, LocalKeyHolder
+    from vllm_tensafe.he import DeltaEngine
+    from vllm_tensafe.keyholder import LocalKeyHolder
 
     b = rng.normal(size=(5000, 3)) * 0.1
     data = encrypt_matrix(ctx, b).to_bytes()

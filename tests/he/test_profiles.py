@@ -10,13 +10,7 @@ import pytest
 import tenseal.sealapi as seal
 
 from vllm_tensafe.errors import HEError
-from vllm_tensafe.he import (
-    DEFAULT_PROFILE,
-    PROFILES,
-    PublicContext,
-    SecretKeySet,
-    get_profile,
-)
+from vllm_tensafe.he import DEFAULT_PROFILE, PROFILES, PublicContext, SecretKeySet, get_profile
 from vllm_tensafe.he.keys import secret_embedding_max
 from vllm_tensafe.he.profiles import HEProfile
 from vllm_tensafe.settings import PROFILE_NAMES

@@ -34,7 +34,6 @@ from vllm_tensafe.he.gpu_engine import (
     layer_groups_for,
     ntt_ciphertext,
 )
-from vllm_tensafe.he.keyholder import AdapterRef, LocalKeyHolder, decode_ciphertext
 from vllm_tensafe.he.lincomb import LinearCombiner, ResidueColumns
 from vllm_tensafe.he.packing import encrypt_matrix, fused_layouts
 from vllm_tensafe.he.residues import ciphertext_residues
@@ -49,6 +48,8 @@ from vllm_tensafe.he.torch_ring import (
     flood_residues,
     limb_plan,
 )
+from vllm_tensafe.keyholder.local import LocalKeyHolder
+from vllm_tensafe.keyholder.wire import AdapterRef, decode_ciphertext
 
 
 def as_u64(t: torch.Tensor) -> np.ndarray:

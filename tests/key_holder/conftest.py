@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from vllm_tensafe.he import EncryptedMatrix, PublicContext, SecretKeySet, encrypt_matrix
-from vllm_tensafe.he.keyholder import AdapterRef
+from vllm_tensafe.keyholder.wire import AdapterRef
 
 DECRYPT_TOKEN = "host-gpu1-token-0123456789abcdef"
 BILLING_ONLY_TOKEN = "host-gpu2-billing-only-0123456789"
@@ -47,7 +47,7 @@ def _adapter(name: str, seed: int) -> Adapter:
     import tenseal.sealapi as seal
 
     from vllm_tensafe.he import generate_keys
-    from vllm_tensafe.he.keyholder import encode_ciphertext
+    from vllm_tensafe.keyholder.wire import encode_ciphertext
 
     secret, ctx = generate_keys("default")
     matrix = encrypt_matrix(ctx, np.random.default_rng(seed).normal(size=(128, 8)) * 0.05)
@@ -70,7 +70,7 @@ def billing() -> Adapter:
 
 
 def policy_for(*adapters: Adapter, budgets: dict[str, int] | None = None) -> Any:
-    from vllm_tensafe.he.service import AdapterPolicy
+    from vllm_tensafe.keyholder.server import AdapterPolicy
 
     policy = AdapterPolicy()
     for adapter in adapters:
@@ -81,7 +81,7 @@ def policy_for(*adapters: Adapter, budgets: dict[str, int] | None = None) -> Any
 
 
 def tokens() -> Any:
-    from vllm_tensafe.he.service.tokens import TokenStore, make_token
+    from vllm_tensafe.keyholder.server.tokens import TokenStore, make_token
 
     return TokenStore(
         [
@@ -95,7 +95,7 @@ def tokens() -> Any:
 @pytest.fixture
 def make_service(tmp_path: Path, sql: Adapter, billing: Adapter) -> Iterator[Callable[..., Any]]:
     """make_service(**kwargs) -> a started KeyHolderService for sql-adapter and billing."""
-    from vllm_tensafe.he.service import KeyHolderService
+    from vllm_tensafe.keyholder.server import KeyHolderService
 
     started: list[Any] = []
 
@@ -144,7 +144,7 @@ def cli(*args: object) -> None:
 
 @pytest.fixture(scope="session")
 def owner(tmp_path_factory: pytest.TempPathFactory) -> Owner:
-    from vllm_tensafe.testing import build_tiny_model, make_adapter
+    from tests.support.builders import build_tiny_model, make_adapter
 
     root = tmp_path_factory.mktemp("owner")
     model = build_tiny_model(root / "model", "llama")

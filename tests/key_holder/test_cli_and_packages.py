@@ -14,13 +14,13 @@ import pytest
 from tests.key_holder.conftest import Owner, cli
 from vllm_tensafe.cli import main
 from vllm_tensafe.errors import ConfigError
-from vllm_tensafe.he.remote import RemoteKeyHolder
+from vllm_tensafe.keyholder.remote import RemoteKeyHolder
 
 BIN = Path(sys.executable).with_name("vllm-tensafe")
 
 
 def test_pack_recorded_versions_and_keys(owner: Owner) -> None:
-    from vllm_tensafe.tssp.package import read_manifest
+    from vllm_tensafe.tssp.opener import read_manifest
 
     assert read_manifest(owner.sql_v1)["adapter_version"] == 1
     assert read_manifest(owner.sql_v2)["adapter_version"] == 2
@@ -30,7 +30,7 @@ def test_pack_recorded_versions_and_keys(owner: Owner) -> None:
 
 
 def test_folder_of_packages_is_the_policy(owner: Owner) -> None:
-    from vllm_tensafe.he.service import AdapterPolicy
+    from vllm_tensafe.keyholder.server import AdapterPolicy
     from vllm_tensafe.tssp import TrustStore
 
     trust = TrustStore.from_files([owner.signing.with_suffix(".pub")])
@@ -48,7 +48,7 @@ def test_folder_of_packages_is_the_policy(owner: Owner) -> None:
 
 
 def test_signer_pinned_to_other_names_cannot_bind_an_adapter(owner: Owner) -> None:
-    from vllm_tensafe.he.service import AdapterPolicy
+    from vllm_tensafe.keyholder.server import AdapterPolicy
     from vllm_tensafe.tssp import TrustStore
 
     pinned = TrustStore.from_files([f"{owner.signing.with_suffix('.pub')}=billing*"])
@@ -58,8 +58,8 @@ def test_signer_pinned_to_other_names_cannot_bind_an_adapter(owner: Owner) -> No
 
 
 def test_one_key_for_two_adapters_is_refused_at_start(owner: Owner, tmp_path: Path) -> None:
-    from vllm_tensafe.he.service import AdapterPolicy
-    from vllm_tensafe.testing import build_tiny_model, make_adapter
+    from tests.support.builders import build_tiny_model, make_adapter
+    from vllm_tensafe.keyholder.server import AdapterPolicy
     from vllm_tensafe.tssp import TrustStore
 
     model = build_tiny_model(owner.root / "model", "llama")
@@ -160,7 +160,7 @@ def test_operator_workflow(
 def test_serve_refuses_plain_http_beyond_loopback(owner: Owner, tmp_path: Path) -> None:
     (tmp_path / "tokens").write_text("t" * 32 + "\n")
     with pytest.raises(ConfigError, match="serves only HTTPS beyond loopback"):
-        from vllm_tensafe.he.service.commands import build_service
+        from vllm_tensafe.cli.key_holder import build_service
 
         build_service(_serve_args(owner, tmp_path, "--host", "0.0.0.0"))
     code = main(

@@ -12,7 +12,7 @@ from vllm_tensafe.errors import ConfigError
 
 
 def test_token_lines(tmp_path: Path) -> None:
-    from vllm_tensafe.he.service.tokens import TokenStore
+    from vllm_tensafe.keyholder.server.tokens import TokenStore
 
     path = tmp_path / "tokens"
     path.write_text(
@@ -48,7 +48,7 @@ def test_token_lines(tmp_path: Path) -> None:
 def test_json_policy(tmp_path: Path) -> None:
     import json
 
-    from vllm_tensafe.he.service import AdapterPolicy
+    from vllm_tensafe.keyholder.server import AdapterPolicy
 
     key, digest = "ab" * 32, "cd" * 32
     path = tmp_path / "adapters.json"
@@ -73,7 +73,7 @@ def test_json_policy(tmp_path: Path) -> None:
 def test_cert_command_names_every_host(tmp_path: Path) -> None:
     from cryptography import x509
 
-    from vllm_tensafe.he.service.tls import certificate_names
+    from vllm_tensafe.keyholder.server.tls import certificate_names
 
     cli("key-holder", "cert", "--out", tmp_path, "--host", "kh.example.com", "--host", "10.1.2.3",
         "--client", "gpu-1")  # fmt: skip
@@ -99,7 +99,7 @@ def test_trusted_key_specs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["sql-adapter", "a", "A.b_c-9", "x" * 128])
 def test_adapter_names_accepted(name: str) -> None:
-    from vllm_tensafe.he.keyholder import AdapterRef
+    from vllm_tensafe.keyholder.wire import AdapterRef
 
     assert AdapterRef(name, "ab" * 32, "cd" * 32).name == name
 
@@ -109,8 +109,8 @@ def test_adapter_names_accepted(name: str) -> None:
 )
 def test_adapter_names_refused_everywhere(name: str) -> None:
     from vllm_tensafe.errors import HEError
-    from vllm_tensafe.he.keyholder import AdapterRef
-    from vllm_tensafe.he.service.revocation import parse_revocations
+    from vllm_tensafe.keyholder.server.revocation import parse_revocations
+    from vllm_tensafe.keyholder.wire import AdapterRef
     from vllm_tensafe.tssp.manifest import is_adapter_name
 
     assert not is_adapter_name(name)

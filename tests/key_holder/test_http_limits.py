@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from tests.key_holder.conftest import DECRYPT_TOKEN, Adapter
-from vllm_tensafe.he.keyholder import REQUEST_CONTENT_TYPE, encode_request
-from vllm_tensafe.he.remote import RemoteKeyHolder
+from vllm_tensafe.keyholder.remote import RemoteKeyHolder
+from vllm_tensafe.keyholder.wire import REQUEST_CONTENT_TYPE, encode_request
 
 
 def _health(port: int) -> dict[str, Any]:
@@ -78,7 +78,7 @@ def test_400_idle_connections_use_no_threads_and_health_still_answers(service: A
 
 
 def test_slow_or_silent_connections_are_closed(make_service: Callable[..., Any]) -> None:
-    from vllm_tensafe.he.service import Limits
+    from vllm_tensafe.keyholder.server import Limits
 
     service = make_service(limits=Limits(header_timeout=1.0))
     silent = socket.create_connection(("127.0.0.1", service.port))
@@ -92,7 +92,7 @@ def test_slow_or_silent_connections_are_closed(make_service: Callable[..., Any])
 
 
 def test_connection_cap(make_service: Callable[..., Any]) -> None:
-    from vllm_tensafe.he.service import Limits
+    from vllm_tensafe.keyholder.server import Limits
 
     service = make_service(limits=Limits(max_connections=20))
     held = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(20)]
@@ -117,7 +117,7 @@ def test_connection_cap(make_service: Callable[..., Any]) -> None:
 def test_oversized_body_is_refused_without_reading_it(
     make_service: Callable[..., Any], sql: Adapter
 ) -> None:
-    from vllm_tensafe.he.service import Limits
+    from vllm_tensafe.keyholder.server import Limits
 
     service = make_service(limits=Limits(max_request_bytes=1 << 20))
     head = (
@@ -161,7 +161,7 @@ def test_bad_content_length_is_a_400_and_the_service_lives_on(
 
 
 def test_body_deadline(make_service: Callable[..., Any]) -> None:
-    from vllm_tensafe.he.service import Limits
+    from vllm_tensafe.keyholder.server import Limits
 
     service = make_service(limits=Limits(body_timeout=1.0))
     head = (

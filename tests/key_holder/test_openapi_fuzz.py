@@ -24,7 +24,7 @@ from schemathesis.checks import (  # noqa: E402
 )
 
 from tests.key_holder.conftest import ADMIN_TOKEN, DECRYPT_TOKEN, policy_for, tokens  # noqa: E402
-from vllm_tensafe.he.keyholder import REQUEST_CONTENT_TYPE  # noqa: E402
+from vllm_tensafe.keyholder.wire import REQUEST_CONTENT_TYPE  # noqa: E402
 
 EXAMPLES = 25  # per route and auth mode
 
@@ -36,7 +36,7 @@ def _binary(ctx: Any, value: Any) -> bytes:
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory, sql: Any, billing: Any) -> Iterator[Any]:
-    from vllm_tensafe.he.service import KeyHolderService, Limits
+    from vllm_tensafe.keyholder.server import KeyHolderService, Limits
 
     folder: Path = tmp_path_factory.mktemp("fuzz")
     service = KeyHolderService(

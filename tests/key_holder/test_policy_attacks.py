@@ -32,8 +32,8 @@ from vllm_tensafe.errors import (
     ProtocolVersionError,
 )
 from vllm_tensafe.he import DeltaEngine
-from vllm_tensafe.he.keyholder import AdapterRef
-from vllm_tensafe.he.remote import RemoteKeyHolder
+from vllm_tensafe.keyholder.remote import RemoteKeyHolder
+from vllm_tensafe.keyholder.wire import AdapterRef
 
 
 def _count_decryptions(service: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -125,7 +125,7 @@ def test_crafted_ciphertexts_under_another_adapters_key_are_refused(
 
 def test_one_key_bound_to_two_adapters_is_refused(sql: Adapter) -> None:
     """The old service served any name under its one key; now the policy cannot say so."""
-    from vllm_tensafe.he.service import AdapterPolicy
+    from vllm_tensafe.keyholder.server import AdapterPolicy
 
     policy = AdapterPolicy()
     policy.bind_manifest("sql-adapter", sql.ctx.key_id, sql.digest, 1)
@@ -158,7 +158,7 @@ def test_older_package_is_refused_once_a_newer_one_was_served(
 
 
 def test_expired_package_is_refused(make_service: Callable[..., Any], sql: Adapter) -> None:
-    from vllm_tensafe.he.service import AdapterPolicy
+    from vllm_tensafe.keyholder.server import AdapterPolicy
 
     policy = AdapterPolicy()
     policy.bind_manifest(sql.name, sql.ctx.key_id, sql.digest, 1, "2000-01-01T00:00:00Z")
@@ -190,8 +190,8 @@ def test_token_scopes(service: Any, sql: Adapter, billing: Adapter) -> None:
 def test_every_use_is_audited_with_the_tokens_fingerprint(
     service: Any, sql: Adapter, billing: Adapter
 ) -> None:
-    from vllm_tensafe.he.service.audit import iter_records
-    from vllm_tensafe.he.service.tokens import token_fingerprint
+    from vllm_tensafe.keyholder.server.audit import iter_records
+    from vllm_tensafe.keyholder.server.tokens import token_fingerprint
 
     RemoteKeyHolder(service.url, DECRYPT_TOKEN).decrypt(sql.ref, [sql.blob])
     with pytest.raises(KeyHolderForbiddenError):

@@ -20,7 +20,7 @@ from vllm_tensafe.errors import (
     KeyHolderForbiddenError,
     KeyHolderUnavailableError,
 )
-from vllm_tensafe.he.remote import RemoteKeyHolder
+from vllm_tensafe.keyholder.remote import RemoteKeyHolder
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _tls(certs: dict[str, Path], prefix: str = "", client_ca: bool = False) -> Any:
-    from vllm_tensafe.he.service import TLSConfig
+    from vllm_tensafe.keyholder.server import TLSConfig
 
     return TLSConfig(
         certs[f"{prefix}cert"], certs[f"{prefix}key"], certs["ca"] if client_ca else None
@@ -83,7 +83,7 @@ def test_remote_delta_is_correct(make_service: Callable[..., Any], sql: Adapter)
 
 
 def test_key_holder_from_settings(service: Any, tmp_path: Path) -> None:
-    from vllm_tensafe.he import key_holder_from_settings
+    from vllm_tensafe.keyholder import key_holder_from_settings
     from vllm_tensafe.settings import TenSafeSettings
 
     token_file = tmp_path / "token"
@@ -223,7 +223,7 @@ def test_no_tracebacks_without_uvloop_either(
 
 
 def test_a_403_is_a_refusal_not_an_outage(service: Any, sql: Adapter) -> None:
-    from vllm_tensafe.he.keyholder import AdapterRef
+    from vllm_tensafe.keyholder.wire import AdapterRef
 
     holder = RemoteKeyHolder(service.url, DECRYPT_TOKEN)
     with pytest.raises(KeyHolderForbiddenError) as info:

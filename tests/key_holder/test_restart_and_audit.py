@@ -19,8 +19,8 @@ from vllm_tensafe.errors import (
     ConfigError,
     KeyHolderForbiddenError,
 )
-from vllm_tensafe.he.keyholder import AdapterRef
-from vllm_tensafe.he.remote import RemoteKeyHolder
+from vllm_tensafe.keyholder.remote import RemoteKeyHolder
+from vllm_tensafe.keyholder.wire import AdapterRef
 
 
 def _policy(sql: Adapter, billing: Adapter) -> Any:
@@ -87,7 +87,7 @@ def test_audit_verify_detects_a_tampered_line(
     assert "line 3 does not match its hash" in capsys.readouterr().err
 
     # Re-hashing the edited line does not help: the next line no longer chains to it.
-    from vllm_tensafe.he.service.audit import _line_hash
+    from vllm_tensafe.keyholder.server.audit import _line_hash
 
     body = {k: v for k, v in record.items() if k != "hash"}
     record["hash"] = _line_hash(record["prev"], body)

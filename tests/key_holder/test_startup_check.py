@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 
 from tests.key_holder.conftest import DECRYPT_TOKEN, Owner, cli, tokens
+from tests.support.server_process import free_port
 from vllm_tensafe.errors import (
     KeyHolderAuthError,
     KeyHolderForbiddenError,
     KeyHolderUnavailableError,
 )
-from vllm_tensafe.he.remote import check_key_holder
-from vllm_tensafe.server_process import free_port
+from vllm_tensafe.keyholder.remote import check_key_holder
 from vllm_tensafe.settings import TenSafeSettings
 
 
@@ -31,7 +31,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _service(owner: Owner, folder: Path, audit: Path) -> Any:
     from vllm_tensafe.he import SecretKeySet
-    from vllm_tensafe.he.service import AdapterPolicy, KeyHolderService, TLSConfig
+    from vllm_tensafe.keyholder.server import AdapterPolicy, KeyHolderService, TLSConfig
     from vllm_tensafe.tssp import TrustStore
 
     policy = AdapterPolicy.load(
@@ -121,7 +121,7 @@ def test_wrong_key_id(
     good: Any, owner: Owner, tls: dict[str, Path], token_file: Path, tmp_path: Path
 ) -> None:
     """A package encrypted under a key the key holder does not hold (another owner's)."""
-    from vllm_tensafe.testing import build_tiny_model, make_adapter
+    from tests.support.builders import build_tiny_model, make_adapter
 
     model = build_tiny_model(owner.root / "model", "llama")
     cli("keygen", "he", "--out", tmp_path / "stranger")

@@ -38,14 +38,14 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="package")
 def llama_dir(work: Path) -> Path:
-    from vllm_tensafe.testing import build_tiny_model
+    from tests.support.builders import build_tiny_model
 
     return build_tiny_model(work / "llama", "llama")
 
 
 @pytest.fixture(scope="package")
 def qwen2_dir(work: Path) -> Path:
-    from vllm_tensafe.testing import build_tiny_model
+    from tests.support.builders import build_tiny_model
 
     return build_tiny_model(work / "qwen2", "qwen2")
 
@@ -62,14 +62,14 @@ def qwen2_config(qwen2_dir: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="package")
 def adapter_dir(work: Path, llama_dir: Path) -> Path:
-    from vllm_tensafe.testing import make_adapter
+    from tests.support.builders import make_adapter
 
     return make_adapter(llama_dir, work / "adapter-qv")  # q_proj + v_proj, r=8, alpha=16
 
 
 @pytest.fixture(scope="package")
 def adapter_all_dir(work: Path, llama_dir: Path) -> Path:
-    from vllm_tensafe.testing import make_adapter
+    from tests.support.builders import make_adapter
 
     return make_adapter(
         llama_dir,

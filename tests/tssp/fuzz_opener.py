@@ -67,7 +67,7 @@ class Target:
     def __call__(self, data: bytes) -> None:
         self.path.write_bytes(self.file_for(data))
         try:
-            open_package(self.path, trust_store=self.trust)
+            open_package(self.path, trust=self.trust)
         except TsspError:
             pass  # refused with a typed error: the property holds
 

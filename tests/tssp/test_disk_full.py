@@ -151,4 +151,4 @@ def test_the_same_pack_fits_on_a_larger_disk(
     disk = small_disk(int(package_path.stat().st_size * 3))
     out = _pack(adapter_dir, llama_dir, signer, he_keys, disk.path / "out.tssp")
     assert sorted(p.name for p in disk.path.iterdir()) == ["out.tssp"]
-    assert open_package(out, trust_store=trust).name == "out"
+    assert open_package(out, trust=trust).name == "out"

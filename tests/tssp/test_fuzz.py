@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_tensafe.errors import TsspError
-from vllm_tensafe.tssp import open_package
+from vllm_tensafe.tssp import open_package, open_package_unverified
 
 from .helpers import MAGIC, ORDER, member_spans, resign, split
 
@@ -33,7 +33,7 @@ FUZZ = settings(
 def _refused(path: Path, data: bytes, trust: Any, **kw: Any) -> None:
     path.write_bytes(data)
     try:
-        open_package(path, trust_store=trust, **kw)
+        open_package(path, trust=trust, **kw)
     except TsspError:
         pass
     else:
@@ -98,7 +98,7 @@ def test_mutated_package(
     path = tmp_path / "g.tssp"
     path.write_bytes(mutated)
     try:
-        open_package(path, trust_store=None, verify_signature=False)
+        open_package_unverified(path)
     except TsspError:
         pass
 
@@ -132,7 +132,7 @@ def test_resigned_mutated_payloads(
     path = tmp_path / "r.tssp"
     path.write_bytes(forged)
     try:
-        open_package(path, trust_store=trust)
+        open_package(path, trust=trust)
     except TsspError:
         pass  # refused with a typed error: fine. Opening is fine too when the change is benign.
 

@@ -21,7 +21,13 @@ from vllm_tensafe.errors import (
     UnsupportedVersionError,
     UntrustedSignerError,
 )
-from vllm_tensafe.tssp import TrustStore, open_package, pack_adapter, verify_package
+from vllm_tensafe.tssp import (
+    TrustStore,
+    open_package,
+    open_package_unverified,
+    pack_adapter,
+    verify_package,
+)
 
 from .helpers import ORDER, build_container, ciphertext_index, member_spans, resign, split
 
@@ -41,7 +47,8 @@ def _peft(adapter_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def _check_deltas(pkg: Any, adapter_dir: Path, secret_path: Path, scaling: float) -> None:
     """Decrypt through the HE engine: DeltaEngine(U = X A'^T, Enc(B')) == s X A^T B^T."""
-    from vllm_tensafe.he import AdapterRef, DeltaEngine, LocalKeyHolder, SecretKeySet
+    from vllm_tensafe.he import DeltaEngine, SecretKeySet
+    from vllm_tensafe.keyholder import AdapterRef, LocalKeyHolder
 
     engine = DeltaEngine(pkg.public_context, LocalKeyHolder(SecretKeySet.load(secret_path, None)))
     peft = _peft(adapter_dir)
@@ -74,10 +81,10 @@ def test_round_trip(
     he_keys: Any,
     signer: Any,
 ) -> None:
-    summary = verify_package(package_path, trust_store=trust, base_model_config=llama_config)
+    summary = verify_package(package_path, trust=trust, base_model_config=llama_config)
     assert summary.signer_key_id == signer.key_id and summary.module_count == 4
     assert summary.line().startswith("OK qv.tssp: adapter 'qv'")
-    pkg = open_package(package_path, trust_store=trust, base_model_config=llama_config)
+    pkg = open_package(package_path, trust=trust, base_model_config=llama_config)
     assert pkg.signature_verified and pkg.signer_key_id == signer.key_id
     assert (pkg.name, pkg.rank, pkg.alpha, pkg.scaling) == ("qv", 8, 16.0, 2.0)
     assert pkg.target_modules == ["q_proj", "v_proj"] and not pkg.use_rslora
@@ -105,7 +112,7 @@ def test_round_trip_rslora_all_linear(
     adapter_all_dir: Path,
     he_keys: Any,
 ) -> None:
-    pkg = open_package(package_all_path, trust_store=trust, base_model_config=llama_config)
+    pkg = open_package(package_all_path, trust=trust, base_model_config=llama_config)
     assert pkg.name == "all-linear.rs" and pkg.use_rslora and pkg.scaling == pytest.approx(4.0)
     assert len(pkg.modules) == 14 and len(pkg.target_modules) == 7
     assert pkg.modules["model.layers.1.mlp.down_proj"].lora_a.shape == (4, 256)
@@ -141,7 +148,7 @@ def test_no_mix(
         mix=False,
         progress=False,
     )
-    pkg = open_package(out, trust_store=trust)
+    pkg = open_package(out, trust=trust)
     assert pkg.manifest["lora"]["mixed"] is False and not pkg.mixed
     np.testing.assert_array_equal(pkg.modules[Q0].lora_a, _peft(adapter_dir)[Q0][0].astype("f4"))
 
@@ -210,9 +217,9 @@ def test_flipped_byte_in_member(
     pos = {"first": offset, "middle": offset + size // 2, "last": offset + size - 1}[where]
     path = write(_flip(package_bytes, pos))
     with pytest.raises(error):
-        open_package(path, trust_store=trust)
+        open_package(path, trust=trust)
     with pytest.raises(error):
-        verify_package(path, trust_store=trust)
+        verify_package(path, trust=trust)
 
 
 def test_flipped_byte_in_manifest(package_bytes: bytes, trust: TrustStore, write) -> None:
@@ -222,7 +229,7 @@ def test_flipped_byte_in_manifest(package_bytes: bytes, trust: TrustStore, write
         with pytest.raises(
             SignatureError, match=r"^Invalid TSSP package: signature verification failed"
         ):
-            open_package(write(_flip(package_bytes, offset + pos)), trust_store=trust)
+            open_package(write(_flip(package_bytes, offset + pos)), trust=trust)
 
 
 def test_flipped_header_bytes(package_bytes: bytes, trust: TrustStore, write) -> None:
@@ -235,7 +242,7 @@ def test_flipped_header_bytes(package_bytes: bytes, trust: TrustStore, write) ->
         (16 + 40 * 4 + 39, MalformedPackageError),
     ]:
         with pytest.raises(error):
-            open_package(write(_flip(package_bytes, pos)), trust_store=trust)
+            open_package(write(_flip(package_bytes, pos)), trust=trust)
 
 
 def test_truncation_at_many_offsets(package_bytes: bytes, trust: TrustStore, write) -> None:
@@ -247,12 +254,12 @@ def test_truncation_at_many_offsets(package_bytes: bytes, trust: TrustStore, wri
     for cut in sorted(c for c in cuts if 0 <= c < len(package_bytes)):
         path.write_bytes(package_bytes[:cut])
         with pytest.raises(MalformedPackageError, match=r"truncated|not a TSSP"):
-            open_package(path, trust_store=trust)
+            open_package(path, trust=trust)
 
 
 def test_appended_bytes(package_bytes: bytes, trust: TrustStore, write) -> None:
     with pytest.raises(MalformedPackageError, match=r"unexpected bytes"):
-        open_package(write(package_bytes + b"\n"), trust_store=trust)
+        open_package(write(package_bytes + b"\n"), trust=trust)
 
 
 # --- signers --------------------------------------------------------------------------------
@@ -275,14 +282,14 @@ def test_untrusted_signer(
         progress=False,
     )
     with pytest.raises(UntrustedSignerError, match=other_signer.key_id) as info:
-        open_package(out, trust_store=trust)
+        open_package(out, trust=trust)
     assert "--tensafe-trusted-keys" in str(info.value)
     with pytest.raises(UntrustedSignerError):
-        verify_package(out, trust_store=trust)
+        verify_package(out, trust=trust)
     with pytest.raises(UntrustedSignerError):
-        open_package(out, trust_store=TrustStore.from_files([]))
+        open_package(out, trust=TrustStore.from_files([]))
     both = TrustStore.from_files([other_signer.pub_path, trust.source(next(iter(trust.key_ids)))])
-    assert open_package(out, trust_store=both).signer_key_id == other_signer.key_id
+    assert open_package(out, trust=both).signer_key_id == other_signer.key_id
 
 
 def test_wrong_signer_claiming_trusted_id(
@@ -291,7 +298,7 @@ def test_wrong_signer_claiming_trusted_id(
     # Signed by a stranger, but the manifest claims the trusted owner's key id.
     forged = resign(package_bytes, other_signer.key)
     with pytest.raises(SignatureError, match=r"^Invalid TSSP package: signature verification"):
-        open_package(write(forged), trust_store=trust)
+        open_package(write(forged), trust=trust)
 
 
 def test_trusted_key_but_manifest_names_another(
@@ -299,19 +306,19 @@ def test_trusted_key_but_manifest_names_another(
 ) -> None:
     forged = resign(package_bytes, signer.key, edit=lambda m: m.update(signer_key_id="ab" * 32))
     with pytest.raises(SignatureError, match=r"manifest names"):
-        open_package(write(forged), trust_store=trust)
+        open_package(write(forged), trust=trust)
 
 
 def test_zero_signature(package_bytes: bytes, trust: TrustStore, write) -> None:
     parts = split(package_bytes)
     parts["signature"] = b"\x00" * 64
     with pytest.raises(SignatureError):
-        open_package(write(build_container([(n, parts[n]) for n in ORDER])), trust_store=trust)
+        open_package(write(build_container([(n, parts[n]) for n in ORDER])), trust=trust)
 
 
 def test_trust_store_required(package_path: Path) -> None:
     with pytest.raises(TsspError, match=r"no trusted signer keys"):
-        open_package(package_path, trust_store=None)
+        open_package(package_path, trust=None)  # type: ignore[arg-type]  # the refusal of no trust
 
 
 def test_verify_off_warns_on_every_load(
@@ -319,7 +326,7 @@ def test_verify_off_warns_on_every_load(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="vllm_tensafe.tssp")
     for _ in range(2):
-        pkg = open_package(package_path, trust_store=None, verify_signature=False)
+        pkg = open_package_unverified(package_path)
         assert not pkg.signature_verified and pkg.signer_key_id is None
     warnings = [r for r in caplog.records if r.name == "vllm_tensafe.tssp"]
     assert len(warnings) == 2 and all(r.levelno == logging.WARNING for r in warnings)
@@ -327,11 +334,7 @@ def test_verify_off_warns_on_every_load(
     # Digests are still checked without the signature.
     offset, size = member_spans(package_bytes)["lora_b.he"]
     with pytest.raises(DigestMismatchError):
-        open_package(
-            write(_flip(package_bytes, offset + size // 3)),
-            trust_store=None,
-            verify_signature=False,
-        )
+        open_package_unverified(write(_flip(package_bytes, offset + size // 3)))
 
 
 # --- base model -----------------------------------------------------------------------------
@@ -341,9 +344,9 @@ def test_base_model_mismatch(
     package_path: Path, trust: TrustStore, qwen2_config: dict, llama_config: dict
 ) -> None:
     with pytest.raises(BaseModelMismatchError, match=r"Qwen2ForCausalLM"):
-        open_package(package_path, trust_store=trust, base_model_config=qwen2_config)
+        open_package(package_path, trust=trust, base_model_config=qwen2_config)
     with pytest.raises(BaseModelMismatchError, match=r"Qwen2ForCausalLM"):
-        verify_package(package_path, trust_store=trust, base_model_config=qwen2_config)
+        verify_package(package_path, trust=trust, base_model_config=qwen2_config)
     bigger = {**llama_config, "hidden_size": 256, "head_dim": 128}
     with pytest.raises(
         BaseModelMismatchError,
@@ -351,8 +354,8 @@ def test_base_model_mismatch(
         r"model\.layers\.0\.self_attn\.q_proj expects \(256, 256\), package has "
         r"\(128, 128\)",
     ):
-        open_package(package_path, trust_store=trust, base_model_config=bigger)
-    pkg = open_package(package_path, trust_store=trust)
+        open_package(package_path, trust=trust, base_model_config=bigger)
+    pkg = open_package(package_path, trust=trust)
     pkg.check_base_model(llama_config)
     pkg.check_base_model({k: v for k, v in llama_config.items() if k != "head_dim"})  # implied
     with pytest.raises(BaseModelMismatchError, match=r"vocab_size: package 512, model 1024"):
@@ -394,15 +397,15 @@ def test_context_with_secret_key_refused(
     for ctx_bytes in (with_secret, secret_file):
         forged = resign(package_bytes, signer.key, members={"he_context": ctx_bytes})
         with pytest.raises(MalformedPackageError, match=r"he_context.*secret key"):
-            open_package(write(forged), trust_store=trust)
+            open_package(write(forged), trust=trust)
         with pytest.raises(MalformedPackageError, match=r"he_context.*secret key"):
-            verify_package(write(forged), trust_store=trust)
+            verify_package(write(forged), trust=trust)
 
 
 def test_garbage_context_refused(package_bytes: bytes, signer: Any, trust: TrustStore, write):
     forged = resign(package_bytes, signer.key, members={"he_context": b"\x00" * 100})
     with pytest.raises(MalformedPackageError, match=r"he_context"):
-        open_package(write(forged), trust_store=trust)
+        open_package(write(forged), trust=trust)
 
 
 def _lora_a(data: bytes) -> dict[str, np.ndarray]:
@@ -446,10 +449,10 @@ def test_bad_lora_a(
     blob = b"\xff" * 64 if case == "garbage" else save(tensors)
     forged = resign(package_bytes, signer.key, members={"lora_a.safetensors": blob})
     with pytest.raises(MalformedPackageError, match=match):
-        open_package(write(forged), trust_store=trust)
+        open_package(write(forged), trust=trust)
     if case != "nan":  # verify checks the header, not the values
         with pytest.raises(MalformedPackageError, match=match):
-            verify_package(write(forged), trust_store=trust)
+            verify_package(write(forged), trust=trust)
 
 
 def _blobs(data: bytes) -> list[tuple[str, bytes]]:
@@ -484,9 +487,9 @@ def test_ciphertext_index_checks(package_bytes: bytes, signer: Any, trust: Trust
     for case, data in cases.items():
         forged = resign(package_bytes, signer.key, members={"lora_b.he": data})
         with pytest.raises(MalformedPackageError, match=r"lora_b.he"):
-            open_package(write(forged), trust_store=trust)
+            open_package(write(forged), trust=trust)
         with pytest.raises(MalformedPackageError, match=r"lora_b.he"):
-            verify_package(write(forged), trust_store=trust)
+            verify_package(write(forged), trust=trust)
         del case
 
 
@@ -500,7 +503,7 @@ def test_swapped_blobs_refused(package_bytes: bytes, signer: Any, trust: TrustSt
     parts = split(package_bytes)
     parts["lora_b.he"] = member
     with pytest.raises(DigestMismatchError):
-        open_package(write(build_container([(n, parts[n]) for n in ORDER])), trust_store=trust)
+        open_package(write(build_container([(n, parts[n]) for n in ORDER])), trust=trust)
 
 
 def test_blob_not_matching_layout(package_bytes: bytes, signer: Any, trust: TrustStore, write):
@@ -509,7 +512,7 @@ def test_blob_not_matching_layout(package_bytes: bytes, signer: Any, trust: Trus
 
     forged = resign(package_bytes, signer.key, edit=edit)
     with pytest.raises(MalformedPackageError, match=f"ciphertexts of {Q0} do not match"):
-        open_package(write(forged), trust_store=trust)
+        open_package(write(forged), trust=trust)
 
 
 def test_garbage_blob(package_bytes: bytes, signer: Any, trust: TrustStore, write) -> None:
@@ -517,7 +520,7 @@ def test_garbage_blob(package_bytes: bytes, signer: Any, trust: TrustStore, writ
     blobs[0] = (blobs[0][0], bytes(len(blobs[0][1])))
     forged = resign(package_bytes, signer.key, members={"lora_b.he": _lora_b(blobs)})
     with pytest.raises(MalformedPackageError, match=r"ciphertexts of"):
-        open_package(write(forged), trust_store=trust)
+        open_package(write(forged), trust=trust)
 
 
 def test_blob_of_another_module(package_bytes: bytes, signer: Any, trust: TrustStore, write):
@@ -533,7 +536,7 @@ def test_blob_of_another_module(package_bytes: bytes, signer: Any, trust: TrustS
         package_bytes, signer.key, members={"lora_b.he": _lora_b(sorted(blobs.items()))}, edit=edit
     )
     with pytest.raises(MalformedPackageError, match=r"ciphertexts of"):
-        open_package(write(forged), trust_store=trust)
+        open_package(write(forged), trust=trust)
 
 
 MANIFEST_EDITS = [
@@ -625,7 +628,7 @@ def test_signed_but_invalid_manifest(
 ) -> None:
     forged = resign(package_bytes, signer.key, edit=edit)
     with pytest.raises(error, match=match):
-        open_package(write(forged), trust_store=trust)
+        open_package(write(forged), trust=trust)
 
 
 def test_signed_non_canonical_manifest(
@@ -634,7 +637,7 @@ def test_signed_non_canonical_manifest(
     pretty = json.dumps(_manifest(package_bytes), indent=1, sort_keys=True).encode()
     forged = resign(package_bytes, signer.key, raw_manifest=pretty)
     with pytest.raises(MalformedPackageError, match=r"canonical"):
-        open_package(write(forged), trust_store=trust)
+        open_package(write(forged), trust=trust)
 
 
 def test_member_size_differs_from_manifest(
@@ -644,11 +647,11 @@ def test_member_size_differs_from_manifest(
         m["members"]["he_context"]["size"] += 1
 
     with pytest.raises(DigestMismatchError, match=r"he_context is"):
-        open_package(write(resign(package_bytes, signer.key, edit=edit)), trust_store=trust)
+        open_package(write(resign(package_bytes, signer.key, edit=edit)), trust=trust)
 
 
 def test_missing_package(tmp_path: Path, trust: TrustStore) -> None:
     with pytest.raises(TsspError, match=r"cannot read TSSP package"):
-        open_package(tmp_path / "missing.tssp", trust_store=trust)
+        open_package(tmp_path / "missing.tssp", trust=trust)
     with pytest.raises(TsspError, match=r"cannot read TSSP package"):
-        verify_package(tmp_path / "missing.tssp", trust_store=trust)
+        verify_package(tmp_path / "missing.tssp", trust=trust)

@@ -44,8 +44,8 @@ def test_without_a_ledger_both_versions_verify(
     versions: dict[int, Path], trust: TrustStore
 ) -> None:
     """The attack: both are validly signed. Only the ledger tells them apart."""
-    assert verify_package(versions[2], trust_store=trust).adapter_version == 2
-    assert verify_package(versions[1], trust_store=trust).adapter_version == 1
+    assert verify_package(versions[2], trust=trust).adapter_version == 2
+    assert verify_package(versions[1], trust=trust).adapter_version == 1
 
 
 def test_older_package_refused_after_a_newer_one(
@@ -53,11 +53,11 @@ def test_older_package_refused_after_a_newer_one(
 ) -> None:
     path = tmp_path / "state" / "versions.json"
     ledger = VersionLedger(path)
-    package = open_package(versions[2], trust_store=trust, versions=ledger)
+    package = open_package(versions[2], trust=trust, versions=ledger)
     assert package.adapter_version == 2 and len(package.manifest_digest) == 64
-    open_package(versions[2], trust_store=trust, versions=ledger)  # the same one again: fine
+    open_package(versions[2], trust=trust, versions=ledger)  # the same one again: fine
     with pytest.raises(RollbackError, match="adapter_version 1, older than version 2") as info:
-        verify_package(versions[1], trust_store=trust, versions=VersionLedger(path))
+        verify_package(versions[1], trust=trust, versions=VersionLedger(path))
     assert "higher --adapter-version" in str(info.value)
     # Persisted: a new process (a restart) remembers it.
     assert VersionLedger(path).highest("sql-adapter") == 2
@@ -67,8 +67,8 @@ def test_older_first_then_newer_raises_the_mark(
     versions: dict[int, Path], trust: TrustStore, tmp_path: Path
 ) -> None:
     ledger = VersionLedger(tmp_path / "v.json")
-    verify_package(versions[1], trust_store=trust, versions=ledger)
-    verify_package(versions[2], trust_store=trust, versions=ledger)
+    verify_package(versions[1], trust=trust, versions=ledger)
+    verify_package(versions[2], trust=trust, versions=ledger)
     assert ledger.highest("sql-adapter") == 2
 
 
@@ -80,7 +80,7 @@ def test_corrupt_ledger_is_refused_not_reset(
     path = tmp_path / "v.json"
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="is corrupt"):
-        verify_package(versions[1], trust_store=trust, versions=VersionLedger(path))
+        verify_package(versions[1], trust=trust, versions=VersionLedger(path))
 
 
 def test_signer_pinned_to_other_names(versions: dict[int, Path], signer: Any) -> None:
@@ -88,14 +88,12 @@ def test_signer_pinned_to_other_names(versions: dict[int, Path], signer: Any) ->
     with pytest.raises(
         UntrustedSignerError, match="trusted only for adapter names billing"
     ) as info:
-        verify_package(versions[2], trust_store=pinned)
+        verify_package(versions[2], trust=pinned)
     assert "named 'sql-adapter'" in str(info.value)
-    assert verify_package(
-        versions[2], trust_store=TrustStore.from_files([f"{signer.pub_path}=sql-*"])
-    )
+    assert verify_package(versions[2], trust=TrustStore.from_files([f"{signer.pub_path}=sql-*"]))
     # Listed once without a pin, the key is trusted for every name.
     both = TrustStore.from_files([f"{signer.pub_path}=billing", signer.pub_path])
-    assert verify_package(versions[2], trust_store=both)
+    assert verify_package(versions[2], trust=both)
 
 
 def test_expired_package(
@@ -111,7 +109,7 @@ def test_expired_package(
         progress=False,
     )
     with pytest.raises(PackageExpiredError, match="expired at 2001-01-01T00:00:00Z"):
-        verify_package(path, trust_store=trust)
+        verify_package(path, trust=trust)
     with pytest.raises(TsspError, match="not a UTC date-time"):
         pack_adapter(
             adapter_dir,

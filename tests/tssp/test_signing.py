@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from vllm_tensafe.errors import TsspError
+from vllm_tensafe.errors import KeyFileError, OutputExistsError
 from vllm_tensafe.tssp.signing import (
     TrustStore,
     key_id,
@@ -36,7 +36,7 @@ def test_keypair_files(tmp_path: Path) -> None:
 def test_refuses_overwrite_unless_forced(tmp_path: Path) -> None:
     key_path, _ = write_signing_keypair(tmp_path / "k")
     before = key_path.read_bytes()
-    with pytest.raises(TsspError, match=r"refusing to overwrite"):
+    with pytest.raises(OutputExistsError, match=r"refusing to overwrite"):
         write_signing_keypair(tmp_path / "k")
     assert key_path.read_bytes() == before
     write_signing_keypair(tmp_path / "k", force=True)
@@ -48,12 +48,12 @@ def test_passphrase(tmp_path: Path) -> None:
     key_path, _ = write_signing_keypair(tmp_path / "k", passphrase="correct horse")
     assert b"ENCRYPTED PRIVATE KEY" in key_path.read_bytes()
     load_signing_key(key_path, "correct horse")
-    with pytest.raises(TsspError, match=r"no passphrase was given"):
+    with pytest.raises(KeyFileError, match=r"no passphrase was given"):
         load_signing_key(key_path)
-    with pytest.raises(TsspError, match=r"wrong passphrase"):
+    with pytest.raises(KeyFileError, match=r"wrong passphrase"):
         load_signing_key(key_path, "battery staple")
     plain, _ = write_signing_keypair(tmp_path / "p")
-    with pytest.raises(TsspError, match=r"not encrypted"):
+    with pytest.raises(KeyFileError, match=r"not encrypted"):
         load_signing_key(plain, "x")
 
 
@@ -69,9 +69,9 @@ def test_signature_domain_separated(tmp_path: Path) -> None:
 def test_trust_store_bad_files_named(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pub"
     garbage.write_text("hello")
-    with pytest.raises(TsspError, match=r"garbage.pub"):
+    with pytest.raises(KeyFileError, match=r"garbage.pub"):
         TrustStore.from_files([garbage])
-    with pytest.raises(TsspError, match=r"missing.pub"):
+    with pytest.raises(KeyFileError, match=r"missing.pub"):
         TrustStore.from_files([tmp_path / "missing.pub"])
     ec_pub = tmp_path / "ec.pub"
     ec_pub.write_bytes(
@@ -79,13 +79,13 @@ def test_trust_store_bad_files_named(tmp_path: Path) -> None:
         .public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
-    with pytest.raises(TsspError, match=r"not an Ed25519 key"):
+    with pytest.raises(KeyFileError, match=r"not an Ed25519 key"):
         TrustStore.from_files([ec_pub])
     key_path, _ = write_signing_keypair(tmp_path / "k")
-    with pytest.raises(TsspError, match=r"k\.key"):
+    with pytest.raises(KeyFileError, match=r"k\.key"):
         TrustStore.from_files([key_path])  # a private key is not a trusted public key file
     huge = tmp_path / "huge.pub"
     huge.write_bytes(b"A" * 100_000)
-    with pytest.raises(TsspError, match=r"huge.pub"):
+    with pytest.raises(KeyFileError, match=r"huge.pub"):
         TrustStore.from_files([huge])
     assert len(TrustStore.from_files([])) == 0

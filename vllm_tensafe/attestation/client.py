@@ -59,7 +59,7 @@ class Grant:
 
 def error_from_reply(
     status: int, payload: dict[str, Any], url: str = "the key holder"
-) -> Exception:
+) -> AttestationError:
     """The typed error for a refused attestation request (the key holder's cause and fix)."""
     code = str(payload.get("error", ""))
     cause = str(payload.get("cause", "")) or f"HTTP {status}"
@@ -230,6 +230,6 @@ def startup_gate(settings: TenSafeSettings) -> None:
     with _gate_lock:
         if _gate_passed:
             return
-        from vllm_tensafe.he.remote import check_key_holder
+        from vllm_tensafe.keyholder.remote import check_key_holder
 
         check_key_holder(settings, [])

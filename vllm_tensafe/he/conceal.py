@@ -123,7 +123,7 @@ class Concealer:
     def conceal(self, ct: Any) -> Concealed:
         """Re-randomise and pad ``ct`` IN PLACE (it is the engine's own product) and return
         its wire bytes with rho."""
-        from vllm_tensafe.he.keyholder import encode_ciphertext
+        from vllm_tensafe.keyholder.wire import encode_ciphertext
 
         m = self._exponents[round(math.log2(ct.scale))]
         cover = self._take()

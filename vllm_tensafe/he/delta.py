@@ -35,12 +35,13 @@ import tenseal.sealapi as seal
 
 from vllm_tensafe.errors import ForeignCiphertextError, HEError, KeyHolderError
 from vllm_tensafe.he.conceal import Concealer
-from vllm_tensafe.he.keyholder import AdapterRef, KeyHolder, LocalKeyHolder
 from vllm_tensafe.he.keys import PublicContext
 from vllm_tensafe.he.lincomb import MAX_RANK, LinearCombiner, fits
 from vllm_tensafe.he.packing import EncryptedMatrix
 from vllm_tensafe.he.residues import LayoutError
 from vllm_tensafe.he.ring import Ring
+from vllm_tensafe.keyholder.local import KeyHolder, LocalKeyHolder
+from vllm_tensafe.keyholder.wire import AdapterRef
 
 
 @dataclass

@@ -45,7 +45,7 @@ def complex_normal(n: int) -> np.ndarray:
 def normals(n: int) -> np.ndarray:
     """n independent N(0, 1) doubles (CSPRNG)."""
     z = complex_normal((n + 1) // 2)
-    return np.concatenate([z.real, z.imag])[:n]
+    return np.concatenate([np.real(z), np.imag(z)])[:n]
 
 
 def flood_coefficients(ring: Ring, sigma: float, count: int) -> np.ndarray:

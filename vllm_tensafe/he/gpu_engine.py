@@ -52,7 +52,6 @@ import torch
 from vllm_tensafe.errors import ForeignCiphertextError, HEError, KeyHolderError
 from vllm_tensafe.he.csprng import random_words
 from vllm_tensafe.he.delta import DeltaStats
-from vllm_tensafe.he.keyholder import encode_ciphertext
 from vllm_tensafe.he.keys import PublicContext, SecretKeySet, secret_key_coefficients
 from vllm_tensafe.he.packing import EncryptedMatrix
 from vllm_tensafe.he.residues import (
@@ -79,6 +78,7 @@ from vllm_tensafe.he.torch_ring import (
     signed_to_residue,
     slot_positions,
 )
+from vllm_tensafe.keyholder.wire import encode_ciphertext
 
 logger = logging.getLogger("vllm_tensafe.he.gpu")
 

@@ -39,15 +39,24 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import tenseal.sealapi as seal
 
 from vllm_tensafe.errors import HEError
+from vllm_tensafe.files import refuse_overwrite, write_private
 from vllm_tensafe.he.profiles import DEFAULT_PROFILE, HEProfile, get_profile
 
 log = logging.getLogger(__name__)
+
+# TenSEAL's SEAL binding (a compiled module) ships no type information: these aliases say
+# which SEAL object a value is, for readers; the type checker sees Any.
+SealParameters: TypeAlias = Any
+SealContext: TypeAlias = Any
+SealPublicKey: TypeAlias = Any
+SealSecretKey: TypeAlias = Any
+SealEncryptor: TypeAlias = Any
 
 PUBLIC_MAGIC = b"TSHEPUB\x00"
 SECRET_MAGIC = b"TSHESEC\x00"
@@ -247,7 +256,7 @@ def _sec_level(profile: HEProfile) -> Any:
     return seal.SEC_LEVEL_TYPE.TC192 if profile.security_bits >= 192 else seal.SEC_LEVEL_TYPE.TC128
 
 
-def _expected_parms(profile: HEProfile) -> seal.EncryptionParameters:
+def _expected_parms(profile: HEProfile) -> SealParameters:
     parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
     parms.set_poly_modulus_degree(profile.poly_modulus_degree)
     parms.set_coeff_modulus(
@@ -256,11 +265,11 @@ def _expected_parms(profile: HEProfile) -> seal.EncryptionParameters:
     return parms
 
 
-def _moduli(parms: seal.EncryptionParameters) -> list[int]:
+def _moduli(parms: SealParameters) -> list[int]:
     return [m.value() for m in parms.coeff_modulus()]
 
 
-def _make_context(profile: HEProfile, parms: seal.EncryptionParameters) -> seal.SEALContext:
+def _make_context(profile: HEProfile, parms: SealParameters) -> SealContext:
     context = seal.SEALContext(parms, True, _sec_level(profile))
     if not context.parameters_set():
         raise HEError(
@@ -311,8 +320,8 @@ class PublicContext:
     def __init__(
         self,
         profile: HEProfile,
-        parms: seal.EncryptionParameters,
-        public_key: seal.PublicKey,
+        parms: SealParameters,
+        public_key: SealPublicKey,
         raw: bytes,
     ) -> None:
         self.profile = profile
@@ -323,7 +332,7 @@ class PublicContext:
         self.public_key = public_key
         self.encoder = seal.CKKSEncoder(self.context)
         self.evaluator = seal.Evaluator(self.context)
-        self._encryptor: seal.Encryptor | None = None
+        self._encryptor: SealEncryptor | None = None
         self._lock = threading.Lock()
         # Parameters every protocol ciphertext must carry.
         self.parms_id = self.context.first_parms_id()
@@ -336,7 +345,7 @@ class PublicContext:
         return self.profile.slot_count
 
     @property
-    def encryptor(self) -> seal.Encryptor:
+    def encryptor(self) -> SealEncryptor:
         with self._lock:
             if self._encryptor is None:
                 self._encryptor = seal.Encryptor(self.context, self.public_key)
@@ -410,7 +419,7 @@ class PublicContext:
         return f"PublicContext(profile={self.profile.name!r}, key_id={self.key_id[:16]}...)"
 
 
-def _load_parms(blob: memoryview | bytes, profile: HEProfile) -> seal.EncryptionParameters:
+def _load_parms(blob: memoryview | bytes, profile: HEProfile) -> SealParameters:
     check_seal_blob(blob, _PARMS_RAW_MAX, "encryption parameters")
     parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
     SEAL_FILES.load(blob, parms.load)
@@ -447,7 +456,7 @@ class SecretKeySet:
     profile: HEProfile
     key_id: str
 
-    def __init__(self, public: PublicContext, secret_key: seal.SecretKey) -> None:
+    def __init__(self, public: PublicContext, secret_key: SealSecretKey) -> None:
         self._public = public
         self.profile = public.profile
         self.key_id = public.key_id
@@ -486,7 +495,7 @@ class SecretKeySet:
             )
             key = _scrypt(passphrase, salt, _SCRYPT_LOG2_N, _SCRYPT_R, _SCRYPT_P)
             data = header + AESGCM(key).encrypt(nonce, body, header)
-        _write_private(Path(path), data)
+        write_private(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], passphrase: str | None = None) -> SecretKeySet:
@@ -618,22 +627,6 @@ def _scrypt(passphrase: str, salt: bytes, log2_n: int, r: int, p: int) -> bytes:
     return Scrypt(salt=salt, length=32, n=1 << log2_n, r=r, p=p).derive(passphrase.encode("utf-8"))
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write atomically with mode 0600 from the first byte on (no window of wider access)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(str(tmp))
-        raise
-    os.chmod(path, 0o600)
-
-
 def _warn_if_readable_by_others(path: Path) -> None:
     try:
         mode = path.stat().st_mode
@@ -650,7 +643,7 @@ def _warn_if_readable_by_others(path: Path) -> None:
 # --- key generation ------------------------------------------------------------------------------
 
 
-def secret_key_coefficients(secret_key: seal.SecretKey, ctx: PublicContext) -> np.ndarray:
+def secret_key_coefficients(secret_key: SealSecretKey, ctx: PublicContext) -> np.ndarray:
     """The ternary coefficients of s (inverse NTT of the key's first RNS component)."""
     n = ctx.profile.poly_modulus_degree
     modulus = ctx.context.key_context_data().parms().coeff_modulus()[0]
@@ -669,7 +662,7 @@ def secret_key_coefficients(secret_key: seal.SecretKey, ctx: PublicContext) -> n
     return signed.astype(np.int8)
 
 
-def secret_embedding_max(secret_key: seal.SecretKey, ctx: PublicContext) -> float:
+def secret_embedding_max(secret_key: SealSecretKey, ctx: PublicContext) -> float:
     """max |s(zeta)| over the primitive 2N-th roots of unity zeta."""
     s = secret_key_coefficients(secret_key, ctx).astype(np.float64)
     n = s.shape[0]
@@ -702,23 +695,27 @@ def write_keypair(
     prefix: str | os.PathLike[str],
     profile: str = DEFAULT_PROFILE,
     passphrase: str | None = None,
+    *,
+    force: bool = False,
 ) -> tuple[Path, Path]:
-    """Write PREFIX.secret (mode 0600, optionally passphrase-sealed) and PREFIX.public."""
+    """Write PREFIX.secret (mode 0600, optionally passphrase-sealed) and PREFIX.public.
+
+    An existing pair is replaced only with ``force`` (OutputExistsError otherwise): a secret
+    key that an adapter still needs is gone for good once replaced.
+    """
     prefix = Path(prefix)
     secret_path = prefix.with_name(prefix.name + ".secret")
     public_path = prefix.with_name(prefix.name + ".public")
-    if secret_path.exists():
-        raise HEError(
-            f"{str(secret_path)!r} already exists; refusing to overwrite a secret key",
-            "choose another prefix, or delete the old key only if no adapter still needs it",
-        )
+    refuse_overwrite(
+        (secret_path, public_path),
+        force,
+        "choose another prefix, or pass --force only if no adapter still needs the old key",
+    )
     if not prefix.parent.is_dir():
         raise HEError(
             f"folder {str(prefix.parent)!r} does not exist", "create it or choose another prefix"
         )
     secret, public = generate_keys(profile)
     secret.save(secret_path, passphrase)
-    tmp = public_path.with_name(f".{public_path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(public.to_bytes())
-    os.replace(tmp, public_path)
+    write_private(public_path, public.to_bytes(), 0o644)
     return secret_path, public_path

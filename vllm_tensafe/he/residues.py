@@ -59,7 +59,7 @@ def _object(obj: Any) -> int:
 def _view(owner: Any, pointer: int, count: int) -> np.ndarray:
     buffer = (_U64 * count).from_address(pointer)
     buffer._owner = owner  # type: ignore[attr-defined]  # the SEAL object outlives the view
-    return np.frombuffer(buffer, dtype=np.uint64)
+    return np.frombuffer(memoryview(buffer), dtype=np.uint64)
 
 
 def ciphertext_residues(ct: Any) -> np.ndarray:

@@ -12,9 +12,10 @@ Modules, one job each:
 * ``ciphertexts`` the B' member (index + EncryptedMatrix blobs)
 * ``pack``        adapter -> package (owner side)
 * ``records``     the owner's key records: one CKKS key per adapter, next adapter_version
-* ``package``     package -> verified objects (host side)
+* ``opener``      package -> verified objects (host side): ``open_package``, ``verify_package``
 * ``versions``    rollback protection: the highest adapter_version seen per name
-* ``commands``    the ``vllm-tensafe keygen/pack/verify/inspect`` subcommands
+
+The ``vllm-tensafe keygen/pack/verify/inspect`` commands are in vllm_tensafe/cli/.
 
 Names are exported lazily, so importing this package (which ``vllm-tensafe --help`` does)
 loads neither TenSEAL nor numpy-heavy code.
@@ -22,21 +23,24 @@ loads neither TenSEAL nor numpy-heavy code.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vllm_tensafe._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from vllm_tensafe.tssp.pack import pack_adapter
-    from vllm_tensafe.tssp.package import (
+    from vllm_tensafe.tssp.opener import (
         ModuleEntry,
         PackageSummary,
         SignedManifest,
         TsspPackage,
         inspect_package,
+        open_configured,
         open_package,
+        open_package_unverified,
         read_signed_manifest,
         verify_package,
     )
+    from vllm_tensafe.tssp.pack import pack_adapter
     from vllm_tensafe.tssp.signing import (
         TrustStore,
         key_id,
@@ -45,24 +49,6 @@ if TYPE_CHECKING:
         write_signing_keypair,
     )
     from vllm_tensafe.tssp.versions import VersionLedger
-
-_EXPORTS = {
-    "ModuleEntry": "package",
-    "PackageSummary": "package",
-    "SignedManifest": "package",
-    "TsspPackage": "package",
-    "read_signed_manifest": "package",
-    "VersionLedger": "versions",
-    "inspect_package": "package",
-    "open_package": "package",
-    "verify_package": "package",
-    "pack_adapter": "pack",
-    "TrustStore": "signing",
-    "key_id": "signing",
-    "load_public_key": "signing",
-    "load_signing_key": "signing",
-    "write_signing_keypair": "signing",
-}
 
 __all__ = [
     "ModuleEntry",
@@ -75,18 +61,45 @@ __all__ = [
     "key_id",
     "load_public_key",
     "load_signing_key",
+    "open_configured",
     "open_package",
+    "open_package_unverified",
     "pack_adapter",
     "read_signed_manifest",
     "verify_package",
     "write_signing_keypair",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        **dict.fromkeys(
+            (
+                "ModuleEntry",
+                "PackageSummary",
+                "SignedManifest",
+                "TsspPackage",
+                "inspect_package",
+                "open_configured",
+                "open_package",
+                "open_package_unverified",
+                "read_signed_manifest",
+                "verify_package",
+            ),
+            "opener",
+        ),
+        "VersionLedger": "versions",
+        "pack_adapter": "pack",
+        **dict.fromkeys(
+            (
+                "TrustStore",
+                "key_id",
+                "load_public_key",
+                "load_signing_key",
+                "write_signing_keypair",
+            ),
+            "signing",
+        ),
+    },
+    globals(),
+)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -102,7 +103,7 @@ def _load_json(path: Path, what: str, error: Callable[[str, str], TsspError]) ->
     return data
 
 
-def load_base_config(model_dir: str | Path) -> dict[str, Any]:
+def load_base_config(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The base model's config.json as a dict (no weights are read)."""
     return _load_json(Path(model_dir) / "config.json", "base model config", TsspError)
 
@@ -247,7 +248,9 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def read_adapter(adapter_dir: str | Path, base_config: Mapping[str, Any]) -> PeftAdapter:
+def read_adapter(
+    adapter_dir: str | os.PathLike[str], base_config: Mapping[str, Any]
+) -> PeftAdapter:
     """Read and check a PEFT LoRA adapter folder against the base model's config.json."""
     folder = Path(adapter_dir)
     if not folder.is_dir():

@@ -11,8 +11,11 @@ recompute over gigabytes at every start (docs/tssp-format.md says so).
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from vllm_tensafe.errors import BaseModelMismatchError, MalformedPackageError, TsspError
@@ -216,3 +219,13 @@ def validate_binding(binding: Mapping[str, Any]) -> None:
                 "its own config does not give",
                 fix,
             )
+
+
+def local_model_config(model: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """The language model's config.json of a local model folder (multimodal configs nest it
+    under ``text_config``), or None for a hub id or a folder without one: the worker checks
+    the binding against the model vLLM loaded in any case."""
+    if not model or not (Path(model) / "config.json").is_file():
+        return None
+    config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    return config.get("text_config", config) if isinstance(config, dict) else None

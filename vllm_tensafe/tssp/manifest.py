@@ -17,7 +17,7 @@ import fnmatch
 import json
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from pydantic import (
     BaseModel,
@@ -66,7 +66,7 @@ DATETIME_RE = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$"
 _FIX = "re-create the package with `vllm-tensafe pack`"
 
 
-def is_adapter_name(name: object) -> bool:
+def is_adapter_name(name: object) -> TypeGuard[str]:
     return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -170,7 +171,7 @@ def pack_adapter(
                 a_prime, b_prime = mix_factors(module.a, module.b, adapter.scaling, rng)
                 offset, width = tiles[module_name]
                 encrypted = encrypt_matrix(
-                    ctx, b_prime, progress=bar.update, slot_offset=offset, tile_width=width
+                    ctx, b_prime, progress=_count(bar), slot_offset=offset, tile_width=width
                 )
                 blob = encrypted.to_bytes()
                 spool.add(module_name, blob)
@@ -255,3 +256,12 @@ def _write_error(out: Path, exc: OSError) -> TsspError:
         "(a package already at that path is unchanged)",
         "free space on that file system (or fix its permissions), or write elsewhere with -o",
     )
+
+
+def _count(bar: Any) -> Callable[[int], None]:
+    """tqdm's ``update`` as the ``progress(n)`` callback ``encrypt_matrix`` calls."""
+
+    def update(n: int) -> None:
+        bar.update(n)
+
+    return update

@@ -13,14 +13,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable
-from contextlib import suppress
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from vllm_tensafe.errors import TsspError
+from vllm_tensafe.errors import KeyFileError
+from vllm_tensafe.files import refuse_overwrite, write_private
 
 SIGNATURE_DOMAIN = b"tssp-manifest-v1\x00"
 MAX_KEY_FILE = 64 * 1024
@@ -50,13 +50,13 @@ def _read_key_file(path: Path, what: str) -> bytes:
     try:
         size = path.stat().st_size
         if size > MAX_KEY_FILE:
-            raise TsspError(
+            raise KeyFileError(
                 f"{what} {str(path)!r} is {size} bytes; a PEM Ed25519 key is well under 1 KiB",
                 "pass the .key/.pub file written by `vllm-tensafe keygen signing`",
             )
         return path.read_bytes()
     except OSError as exc:
-        raise TsspError(
+        raise KeyFileError(
             f"cannot read {what} {str(path)!r}: {exc.strerror or exc}",
             "check the path and its permissions",
         ) from None
@@ -69,12 +69,12 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise TsspError(
+        raise KeyFileError(
             f"trusted key file {str(p)!r} is not a PEM public key",
             "pass the PREFIX.pub file written by `vllm-tensafe keygen signing`",
         ) from None
     if not isinstance(key, Ed25519PublicKey):
-        raise TsspError(
+        raise KeyFileError(
             f"trusted key file {str(p)!r} holds a {type(key).__name__}, not an Ed25519 key",
             "pass the PREFIX.pub file written by `vllm-tensafe keygen signing`",
         )
@@ -93,41 +93,26 @@ def load_signing_key(
     except TypeError:
         # cryptography raises TypeError for "encrypted but no password" and the reverse.
         if password is None:
-            raise TsspError(
+            raise KeyFileError(
                 f"signing key {str(p)!r} is encrypted and no passphrase was given",
                 "pass --passphrase-env VAR with the passphrase in environment variable VAR",
             ) from None
-        raise TsspError(
+        raise KeyFileError(
             f"signing key {str(p)!r} is not encrypted, but a passphrase was given",
             "drop --passphrase-env",
         ) from None
     except (ValueError, UnsupportedAlgorithm):
-        raise TsspError(
+        raise KeyFileError(
             f"cannot load signing key {str(p)!r}: wrong passphrase or not a PEM private key",
             "check the passphrase; pass the PREFIX.key file written by "
             "`vllm-tensafe keygen signing`",
         ) from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise TsspError(
+        raise KeyFileError(
             f"signing key {str(p)!r} holds a {type(key).__name__}, not an Ed25519 key",
             "make one with `vllm-tensafe keygen signing --out PREFIX`",
         )
     return key
-
-
-def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:
-    """Create ``path`` with ``mode`` from the start (never world-readable, not even briefly)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    if force:
-        with suppress(FileNotFoundError):
-            path.unlink()
-    fd = os.open(path, flags, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(path, mode)  # the umask may have narrowed it; state it exactly
 
 
 def write_signing_keypair(
@@ -137,15 +122,11 @@ def write_signing_keypair(
     prefix_path = Path(prefix)
     key_path = prefix_path.with_name(prefix_path.name + ".key")
     pub_path = prefix_path.with_name(prefix_path.name + ".pub")
-    if not force:
-        existing = [str(p) for p in (key_path, pub_path) if p.exists()]
-        if existing:
-            raise TsspError(
-                f"refusing to overwrite existing key file(s) {', '.join(existing)}",
-                "choose another --out prefix, or pass --force to replace them",
-            )
+    refuse_overwrite(
+        (key_path, pub_path), force, "choose another --out prefix, or pass --force to replace them"
+    )
     if not prefix_path.parent.is_dir():
-        raise TsspError(
+        raise KeyFileError(
             f"folder {str(prefix_path.parent)!r} does not exist",
             "create it first or choose another --out prefix",
         )
@@ -161,8 +142,8 @@ def write_signing_keypair(
     public_pem = private_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _write_new(key_path, private_pem, 0o600, force)
-    _write_new(pub_path, public_pem, 0o644, force)
+    write_private(key_path, private_pem, 0o600)
+    write_private(pub_path, public_pem, 0o644)
     return key_path, pub_path
 
 
@@ -219,12 +200,6 @@ class TrustStore:
         # A key listed once without a pin is trusted for every name.
         pins = {kid: tuple(sorted(p)) for kid, p in patterns.items() if kid not in unpinned}
         return cls(keys, pins)
-
-    @classmethod
-    def from_keys(
-        cls, keys: Iterable[Ed25519PublicKey], pins: dict[str, tuple[str, ...]] | None = None
-    ) -> TrustStore:
-        return cls({key_id(k): (k, "<in memory>") for k in keys}, pins)
 
     @property
     def key_ids(self) -> set[str]:

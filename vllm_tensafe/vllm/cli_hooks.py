@@ -7,8 +7,9 @@
   processes vLLM spawns read the same settings), checked, and the arguments TenSafe cannot
   work with are refused in the first second, before vLLM loads anything.
 * ``create_engine_config``: every route that builds an engine passes here (``vllm serve``,
-  ``vllm.LLM``, ``AsyncLLM.from_engine_args``, the guide's API in compat.py). When TenSafe is
-  enabled it activates the hooks, turns on LoRA, and hands the finished config to the graph
+  ``vllm.LLM``, ``AsyncLLM.from_engine_args``, the guide's API in vllm_tensafe/api/). When
+  TenSafe is enabled it activates the hooks, turns on LoRA, and hands the finished config to
+  the graph
   guard (graph_safety.py) before any engine process exists.
 """
 
@@ -78,7 +79,7 @@ def require_cli_hooks() -> None:
 
 def _wrap_add_cli_args(original: Any) -> Any:
     def add_cli_args(parser: Any, *args: Any, **kwargs: Any) -> Any:
-        from vllm_tensafe.plugin import add_tensafe_args
+        from vllm_tensafe.vllm.cli_args import add_tensafe_args
 
         parser = original(parser, *args, **kwargs)
         add_tensafe_args(parser)
@@ -90,11 +91,12 @@ def _wrap_add_cli_args(original: Any) -> Any:
 def _wrap_from_cli_args(original: Any) -> Any:
     def from_cli_args(cls: type, args: argparse.Namespace, *rest: Any, **kwargs: Any) -> Any:
         from vllm_tensafe import plugin
+        from vllm_tensafe.vllm.cli_args import apply_cli_args
         from vllm_tensafe.vllm.graph_safety import precheck_engine_args
 
         plugin._announce()
         try:
-            settings = plugin.apply_cli_args(args)
+            settings = apply_cli_args(args)
             engine_args = original(cls, args, *rest, **kwargs)
             if settings is not None:
                 precheck_engine_args(engine_args)
@@ -136,9 +138,9 @@ def _wrap_create_engine_config(original: Any) -> Any:
 def _activate_from_environment(engine_args: Any) -> bool:
     """The Python API parses no flags: TenSafe is on when ``TENSAFE_ENABLED`` says so."""
     from vllm_tensafe import plugin
-    from vllm_tensafe.settings import load_settings
+    from vllm_tensafe.settings import any_tensafe_environment, load_settings
 
-    if not plugin._any_tensafe_env() or not (settings := load_settings()).enabled:
+    if not any_tensafe_environment() or not (settings := load_settings()).enabled:
         return False
     plugin.activate()
     from vllm_tensafe.attestation.client import startup_gate

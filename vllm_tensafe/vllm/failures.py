@@ -396,7 +396,7 @@ def fail_adapter_requests(
                     request_id=req_id, new_token_ids=[], finish_reason=finish_reason.ERROR
                 )
             )
-            finished = set(batch.finished_requests or ())
+            finished: set[str] = set(batch.finished_requests or ())
             finished.add(req_id)
             batch.finished_requests = finished
     return sorted(failed)
@@ -489,7 +489,7 @@ def _graceful_bases(generation_error: type) -> tuple[type, ...]:
 
 
 def _init_error(
-    error: Any, base: type, message: str, status: Any, graceful: tuple[type, ...]
+    error: Any, base: type[Exception], message: str, status: Any, graceful: tuple[type, ...]
 ) -> None:
     if graceful:
         # The two bases' __init__ take different arguments: set what each of them reads.

@@ -16,7 +16,8 @@ from vllm_tensafe.errors import ConfigError
 from vllm_tensafe.settings import TenSafeSettings, load_settings
 
 if TYPE_CHECKING:
-    from vllm_tensafe.he import AdapterRef, DeltaEngine, EncryptedMatrix, KeyHolder, SecretKeySet
+    from vllm_tensafe.he import DeltaEngine, EncryptedMatrix, SecretKeySet
+    from vllm_tensafe.keyholder import AdapterRef, KeyHolder
     from vllm_tensafe.tssp import TrustStore, TsspPackage, VersionLedger
 
 logger = logging.getLogger("vllm_tensafe.runtime")
@@ -128,7 +129,7 @@ class EncryptedAdapter:
     @property
     def ref(self) -> AdapterRef:
         """What the key holder is told on every decrypt: name, key id, manifest digest."""
-        from vllm_tensafe.he.keyholder import AdapterRef
+        from vllm_tensafe.keyholder.wire import AdapterRef
 
         key_id = self.key_id or (self.engine.ctx.key_id if self.engine is not None else "")
         return AdapterRef(self.name, key_id, self.manifest_digest)
@@ -228,22 +229,16 @@ class TenSafeRuntime:
         return self._trust_store
 
     def open_package(self, path: str, base_model_config: dict | None) -> TsspPackage:
-        from vllm_tensafe import observability
-        from vllm_tensafe.tssp import open_package
+        """Open a package as the settings say, with rollback protection (the ledger)."""
+        from vllm_tensafe.tssp import open_configured
 
-        try:
-            package = open_package(
-                path,
-                trust_store=self.trust_store,
-                verify_signature=self.settings.verify_signature,
-                base_model_config=base_model_config,
-                versions=self.versions,
-            )
-        except Exception as exc:
-            observability.record_tssp_verification(observability.verification_outcome(exc))
-            raise
-        observability.record_tssp_verification("ok")
-        return package
+        return open_configured(
+            path,
+            self.settings,
+            trust=self.trust_store,
+            base_model_config=base_model_config,
+            versions=self.versions,
+        )
 
     def plan_for(self, model_device: str, target_modules: Sequence[str] | None) -> HEPlan:
         """This worker's HEPlan (made once; logged)."""
@@ -272,7 +267,7 @@ class TenSafeRuntime:
 
     def key_holder(self) -> KeyHolder:
         """The key holder the settings describe (made once per process)."""
-        from vllm_tensafe.he.keyholder import key_holder_from_settings
+        from vllm_tensafe.keyholder import key_holder_from_settings
 
         with self._lock:
             if self._key_holder is None:

@@ -89,9 +89,9 @@ class TenSafeStatusPlugin:
 
 
 async def adapter_status_response(state: Any) -> tuple[int, dict[str, Any]]:
-    from vllm_tensafe.plugin import _env_enabled
+    from vllm_tensafe.settings import enabled_in_environment
 
-    if not _env_enabled():
+    if not enabled_in_environment():
         return 200, {"tensafe_enabled": False, "adapters": []}
     engine = getattr(state, "engine_client", None)
     if engine is None:

@@ -90,7 +90,9 @@ class SourceTree:
         value = getattr(node, "value", None)
         if not isinstance(value, ast.Dict):
             return set()
-        return {k.value for k in value.keys if isinstance(k, ast.Constant)}
+        return {
+            k.value for k in value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)
+        }
 
     def _is_package(self, module: str) -> bool:
         return (self.root.joinpath(*module.split(".")) / "__init__.py").is_file()

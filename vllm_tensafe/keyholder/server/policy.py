@@ -155,7 +155,7 @@ class AdapterPolicy:
         return policy
 
     def _add_package(self, path: Path, trust_store: TrustStore | None) -> None:
-        from vllm_tensafe.tssp.package import read_signed_manifest
+        from vllm_tensafe.tssp.opener import read_signed_manifest
 
         if trust_store is None or not len(trust_store):
             raise ConfigError(
@@ -163,7 +163,7 @@ class AdapterPolicy:
                 "pass --trusted-keys OWNER.pub (PUB=PATTERN pins a key to adapter names)",
             )
         try:
-            signed = read_signed_manifest(path, trust_store=trust_store)
+            signed = read_signed_manifest(path, trust=trust_store)
         except TsspError as exc:
             raise ConfigError(f"--adapters {path}: {exc.cause}", exc.fix) from None
         self.bind_manifest(

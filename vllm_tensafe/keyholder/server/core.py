@@ -29,15 +29,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vllm_tensafe.errors import ForeignCiphertextError, HEError, ProtocolVersionError
-from vllm_tensafe.he.service.audit import AuditLog, AuditRecord, AuditWriteError
-from vllm_tensafe.he.service.policy import AdapterPolicy
-from vllm_tensafe.he.service.revocation import RevocationFile, Revocations
-from vllm_tensafe.he.service.tokens import Token
+from vllm_tensafe.keyholder.server.audit import AuditLog, AuditRecord, AuditWriteError
+from vllm_tensafe.keyholder.server.policy import AdapterPolicy
+from vllm_tensafe.keyholder.server.revocation import RevocationFile, Revocations
+from vllm_tensafe.keyholder.server.tokens import Token
 
 if TYPE_CHECKING:
     from vllm_tensafe.attestation.routes import AttestationRoutes
     from vllm_tensafe.attestation.routes import Caller as AttestationCaller
-    from vllm_tensafe.he.keyholder import AdapterRef, LocalKeyHolder
+    from vllm_tensafe.keyholder.local import LocalKeyHolder
+    from vllm_tensafe.keyholder.wire import AdapterRef
 
 log = logging.getLogger("vllm_tensafe.key_holder")
 
@@ -258,7 +259,7 @@ class KeyHolderCore:
     # --- routes ----------------------------------------------------------------------------
 
     def decrypt(self, body: bytes, caller: Caller) -> bytes:
-        from vllm_tensafe.he.keyholder import decode_request, encode_response
+        from vllm_tensafe.keyholder.wire import decode_request, encode_response
 
         assert caller.token is not None
         event: dict[str, Any] = {"route": "decrypt", **caller.fields()}

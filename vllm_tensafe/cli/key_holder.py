@@ -1,5 +1,7 @@
 """``vllm-tensafe key-holder serve | cert | token | revoke | unrevoke | status | audit verify``.
 
+The service itself is vllm_tensafe/keyholder/server/; its client, vllm_tensafe/keyholder/remote.py.
+
 Heavy imports (TenSEAL, FastAPI, uvicorn, cryptography's x509) happen inside the handlers, so
 ``--help`` stays instant. Handlers return an exit code; refusals are TenSafeError, printed by
 cli.main as one ``vllm-tensafe: error: ...`` line.
@@ -17,11 +19,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from vllm_tensafe.cli.common import TRUSTED_KEYS_ENV, passphrase_from_env, trust_store_from_args
 from vllm_tensafe.errors import ConfigError
+from vllm_tensafe.files import refuse_overwrite
 
 log = logging.getLogger("vllm_tensafe.key_holder")
 
-TRUSTED_KEYS_ENV = "TENSAFE_TRUSTED_KEYS"
 URL_ENV = "TENSAFE_KEY_HOLDER_URL"
 CA_ENV = "TENSAFE_KEY_HOLDER_CA"
 ADMIN_TOKEN_ENV = "TENSAFE_KEY_HOLDER_ADMIN_TOKEN_FILE"
@@ -50,7 +53,7 @@ def add_commands(subparsers: Any) -> None:
 
 
 def _add_serve(actions: Any) -> None:
-    from vllm_tensafe.he.service.server import DEFAULT_PORT
+    from vllm_tensafe.keyholder.server.server import DEFAULT_PORT
 
     serve = actions.add_parser(
         "serve",
@@ -181,29 +184,6 @@ def _add_serve(actions: Any) -> None:
     serve.set_defaults(handler=_serve)
 
 
-def _passphrase(var: str | None) -> str | None:
-    if not var:
-        return None
-    value = os.environ.get(var)
-    if value is None:
-        raise ConfigError(
-            f"environment variable {var} is not set",
-            "export it with the secret file's passphrase, or drop --passphrase-env",
-        )
-    return value
-
-
-def _trust_store(values: list[str] | None) -> Any:
-    from vllm_tensafe.tssp.signing import TrustStore
-
-    entries: list[str] = []
-    for value in values or (
-        [os.environ[TRUSTED_KEYS_ENV]] if os.environ.get(TRUSTED_KEYS_ENV) else []
-    ):
-        entries += [part.strip() for part in value.split(",") if part.strip()]
-    return TrustStore.from_files(entries) if entries else None
-
-
 def _budgets(values: list[str] | None) -> tuple[int | None, dict[str, int]]:
     from vllm_tensafe.tssp.manifest import is_adapter_name
 
@@ -229,11 +209,11 @@ def _budgets(values: list[str] | None) -> tuple[int | None, dict[str, int]]:
 
 def build_service(args: argparse.Namespace) -> Any:
     from vllm_tensafe.he.keys import SecretKeySet
-    from vllm_tensafe.he.service.app import Limits
-    from vllm_tensafe.he.service.policy import AdapterPolicy
-    from vllm_tensafe.he.service.server import KeyHolderService
-    from vllm_tensafe.he.service.tls import TLSConfig, is_loopback
-    from vllm_tensafe.he.service.tokens import TokenStore
+    from vllm_tensafe.keyholder.server.app import Limits
+    from vllm_tensafe.keyholder.server.policy import AdapterPolicy
+    from vllm_tensafe.keyholder.server.server import KeyHolderService
+    from vllm_tensafe.keyholder.server.tls import TLSConfig, is_loopback
+    from vllm_tensafe.keyholder.server.tokens import TokenStore
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError(
@@ -252,7 +232,9 @@ def build_service(args: argparse.Namespace) -> Any:
         raise ConfigError("--max-request-mb and --max-inflight must be >= 1", "use the defaults")
     default_budget, named = _budgets(args.budget)
     tokens = TokenStore.from_file(args.token_file)
-    policy = AdapterPolicy.load(args.adapters, _trust_store(args.trusted_keys))
+    policy = AdapterPolicy.load(
+        args.adapters, trust_store_from_args(args.trusted_keys, required=False)
+    )
     for name, budget in named.items():
         binding = policy.binding(name)
         if binding is None:
@@ -261,7 +243,7 @@ def build_service(args: argparse.Namespace) -> Any:
                 f"use one of {', '.join(policy.names())}",
             )
         binding.budget = budget
-    passphrase = _passphrase(args.passphrase_env)
+    passphrase = passphrase_from_env(args.passphrase_env)
     secrets = [SecretKeySet.load(path, passphrase) for path in args.he_secret]
     tls = (
         TLSConfig(args.tls_cert, args.tls_key, args.client_ca)
@@ -361,7 +343,7 @@ def _add_cert(actions: Any) -> None:
 
 
 def _cert(args: argparse.Namespace) -> int:
-    from vllm_tensafe.he.service.tls import make_certificates
+    from vllm_tensafe.keyholder.server.tls import make_certificates
 
     paths = make_certificates(
         args.out, args.host, days=args.days, clients=args.client, force=args.force
@@ -407,15 +389,14 @@ def _add_token(actions: Any) -> None:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from vllm_tensafe.he.service.tokens import (
+    from vllm_tensafe.keyholder.server.tokens import (
         new_token,
         parse_token_line,
         token_fingerprint,
         token_line,
     )
 
-    if args.out.exists() and not args.force:
-        raise ConfigError(f"refusing to overwrite {args.out}", "choose another --out or --force")
+    refuse_overwrite([args.out], args.force, "choose another --out, or pass --force")
     adapters = tuple(args.adapters.split(",")) if args.adapters else None
     secret = new_token()
     line = token_line(secret, args.role, args.host, adapters)
@@ -483,8 +464,8 @@ def _add_admin(actions: Any) -> None:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    from vllm_tensafe.he.keyholder import read_token_file
-    from vllm_tensafe.he.remote import RemoteKeyHolder
+    from vllm_tensafe.keyholder.remote import RemoteKeyHolder
+    from vllm_tensafe.keyholder.server.tokens import read_token_file
 
     if not args.url:
         raise ConfigError("no key holder URL", f"pass --url or set {URL_ENV}")
@@ -538,7 +519,7 @@ def _add_audit(actions: Any) -> None:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from vllm_tensafe.he.service.audit import verify_chain
+    from vllm_tensafe.keyholder.server.audit import verify_chain
 
     report = verify_chain(args.file)
     print(f"OK {args.file}: {report.lines} lines, chain intact, head {report.head}")

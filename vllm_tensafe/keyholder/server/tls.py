@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_tensafe.errors import ConfigError
+from vllm_tensafe.files import refuse_overwrite
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -123,12 +124,11 @@ def make_certificates(
     for name in clients:
         paths[f"client:{name}"] = out / f"client-{name}.pem"
         paths[f"client_key:{name}"] = out / f"client-{name}.key"
-    existing = [p for k, p in paths.items() if p.exists() and not k.startswith("ca")]
-    if existing and not force:
-        raise ConfigError(
-            f"refusing to overwrite {', '.join(map(str, existing))}",
-            "choose another --out folder, or pass --force",
-        )
+    refuse_overwrite(
+        (p for k, p in paths.items() if not k.startswith("ca")),
+        force,
+        "choose another --out folder, or pass --force",
+    )
     now = datetime.datetime.now(datetime.UTC)
     pem = serialization.Encoding.PEM
 

@@ -18,7 +18,7 @@ Builders are idempotent: a marker file records what was built, and a folder whos
 matches is returned as is. Folders are built under a temporary name and renamed into place, so
 an interrupted or concurrent build never leaves a half-written folder that looks complete.
 
-Command line: ``python -m vllm_tensafe.testing build-demo --workdir DIR``.
+Command line: ``python -m tests.support.builders build-demo --workdir DIR``.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def _build_atomically(
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and _read_marker(out_dir) is None:
         raise FileExistsError(
-            f"{out_dir} exists, is not empty and was not made by vllm_tensafe.testing; "
+            f"{out_dir} exists, is not empty and was not made by tests.support.builders; "
             "choose another folder or remove it"
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -724,7 +724,7 @@ def build_demo(workdir: Path) -> DemoPaths:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_tensafe.testing",
+        prog="python -m tests.support.builders",
         description="Build the tiny test models and adapters locally (no downloads).",
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -26,10 +26,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -67,7 +68,10 @@ from vllm_tensafe.tssp.signing import TrustStore, signature_valid
 
 if TYPE_CHECKING:
     from vllm_tensafe.he import EncryptedMatrix, PublicContext
+    from vllm_tensafe.settings import TenSafeSettings
     from vllm_tensafe.tssp.versions import VersionLedger
+
+_T = TypeVar("_T")
 
 logger = logging.getLogger("vllm_tensafe.tssp")
 
@@ -96,7 +100,7 @@ class TsspPackage:
 
     path: Path
     name: str
-    signer_key_id: str | None  # None only when opened with verify_signature=False
+    signer_key_id: str | None  # None only when opened with open_package_unverified
     manifest: dict[str, Any]
     manifest_digest: str  # SHA-256 (hex) of the signed manifest bytes: names this version
     rank: int
@@ -365,22 +369,65 @@ def _guard(path: str | os.PathLike[str], exc: BaseException) -> MalformedPackage
 def open_package(
     path: str | os.PathLike[str],
     *,
-    trust_store: TrustStore | None,
-    verify_signature: bool = True,
+    trust: TrustStore,
     base_model_config: dict[str, Any] | None = None,
     versions: VersionLedger | None = None,
 ) -> TsspPackage:
     """Verify and load a package. Nothing is deserialised before it is authenticated.
 
-    ``versions``: refuse a package older than the highest version seen for its name (and
-    record this one), after every other check passed.
+    ``trust``: the signer keys the caller trusts (and their name pins). ``versions``: refuse a
+    package older than the highest version seen for its name (and record this one), after
+    every other check passed.
     """
+    return _recorded(_open, path, trust, True, base_model_config, versions)
+
+
+def open_package_unverified(
+    path: str | os.PathLike[str],
+    *,
+    base_model_config: dict[str, Any] | None = None,
+    versions: VersionLedger | None = None,
+) -> TsspPackage:
+    """Load a package WITHOUT checking who signed it: local experiments only.
+
+    Every other check still runs (structure, digests against the manifest, binding, payloads);
+    a warning is logged, because anyone who can write the file controls the adapter.
+    """
+    return _recorded(_open, path, None, False, base_model_config, versions)
+
+
+def open_configured(
+    path: str | os.PathLike[str],
+    settings: TenSafeSettings,
+    *,
+    trust: TrustStore | None = None,
+    base_model_config: dict[str, Any] | None = None,
+    versions: VersionLedger | None = None,
+) -> TsspPackage:
+    """Open a package as the host's settings say: verified against ``trust`` (default: the
+    settings' trusted keys), or unverified where ``TENSAFE_VERIFY_SIGNATURE=false``."""
+    if not settings.verify_signature:
+        return open_package_unverified(path, base_model_config=base_model_config, versions=versions)
+    if trust is None:
+        trust = TrustStore.from_files(settings.trusted_keys)
+    return open_package(path, trust=trust, base_model_config=base_model_config, versions=versions)
+
+
+def _recorded(step: Callable[..., _T], path: str | os.PathLike[str], *args: Any) -> _T:
+    """Run one of the public checks: record its outcome as the verification metric, and turn
+    anything that is not a TenSafeError into a MalformedPackageError."""
+    from vllm_tensafe import observability
+
     try:
-        return _open(path, trust_store, verify_signature, base_model_config, versions)
-    except TenSafeError:  # TsspError, or ConfigError from the version ledger
+        result = step(path, *args)
+    except TenSafeError as exc:  # TsspError, or ConfigError from the version ledger
+        observability.record_tssp_verification(observability.verification_outcome(exc))
         raise
     except (Exception, RecursionError) as exc:
+        observability.record_tssp_verification(observability.verification_outcome(exc))
         raise _guard(path, exc) from exc
+    observability.record_tssp_verification("ok")
+    return result
 
 
 def _open(
@@ -449,7 +496,7 @@ def _open(
 def verify_package(
     path: str | os.PathLike[str],
     *,
-    trust_store: TrustStore,
+    trust: TrustStore,
     base_model_config: dict[str, Any] | None = None,
     versions: VersionLedger | None = None,
 ) -> PackageSummary:
@@ -458,26 +505,17 @@ def verify_package(
     Large members are hashed as a stream, so verifying needs little memory whatever the
     package size.
     """
-    try:
-        return _verify(path, trust_store, base_model_config, versions)
-    except TenSafeError:  # TsspError, or ConfigError from the version ledger
-        raise
-    except (Exception, RecursionError) as exc:
-        raise _guard(path, exc) from exc
+    return _recorded(_verify, path, trust, base_model_config, versions)
 
 
 def _verify(
     path: str | os.PathLike[str],
-    trust_store: TrustStore,
+    trust: TrustStore,
     base_model_config: dict[str, Any] | None,
     versions: VersionLedger | None,
 ) -> PackageSummary:
-    if trust_store is None:
-        raise TsspError(
-            "no trusted signer keys were given, so the package cannot be verified", _FIX_TRUST
-        )
     with ContainerReader(path) as reader:
-        auth = _authenticate(reader, trust_store, True)
+        auth = _authenticate(reader, trust, True)
         manifest = auth.manifest
         _check_sizes(reader, manifest)
         for name in DIGESTED_MEMBERS:
@@ -538,15 +576,13 @@ class SignedManifest:
     signer_key_id: str
 
 
-def read_signed_manifest(
-    path: str | os.PathLike[str], *, trust_store: TrustStore
-) -> SignedManifest:
+def read_signed_manifest(path: str | os.PathLike[str], *, trust: TrustStore) -> SignedManifest:
     """Container structure, signature by a trusted key (and its name pin), schema and expiry
     of a package's manifest. The members are not read: a key holder binds names, keys and
     manifest digests, and never needs the ciphertexts."""
     try:
         with ContainerReader(path) as reader:
-            auth = _authenticate(reader, trust_store, True)
+            auth = _authenticate(reader, trust, True)
     except TenSafeError:  # TsspError, or ConfigError from the version ledger
         raise
     except (Exception, RecursionError) as exc:
@@ -593,7 +629,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def inspect_package(
-    path: str | os.PathLike[str], *, trust_store: TrustStore | None = None
+    path: str | os.PathLike[str], *, trust: TrustStore | None = None
 ) -> dict[str, Any]:
     """A JSON-able description of a package, for people. Needs no trust.
 
@@ -602,16 +638,16 @@ def inspect_package(
     holds none, and no member payload is copied into the report.
     """
     try:
-        return _inspect(path, trust_store)
+        return _inspect(path, trust)
     except TenSafeError:  # TsspError, or ConfigError from the version ledger
         raise
     except (Exception, RecursionError) as exc:
         raise _guard(path, exc) from exc
 
 
-def _inspect(path: str | os.PathLike[str], trust_store: TrustStore | None) -> dict[str, Any]:
-    if trust_store is not None:
-        summary = verify_package(path, trust_store=trust_store)
+def _inspect(path: str | os.PathLike[str], trust: TrustStore | None) -> dict[str, Any]:
+    if trust is not None:
+        summary = verify_package(path, trust=trust)
         signature = f"valid, trusted key {summary.signer_key_id} ({summary.signer_key_source})"
     else:
         signature = "not checked (pass --trusted-keys to verify)"

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vllm_tensafe.errors import ConfigError
-from vllm_tensafe.he.service.app import CHANNEL_SCOPE_KEY, SERVICE_NAME, Limits, build_app
-from vllm_tensafe.he.service.audit import AuditLog
-from vllm_tensafe.he.service.core import Caller, KeyHolderCore
-from vllm_tensafe.he.service.policy import AdapterPolicy
-from vllm_tensafe.he.service.revocation import RevocationFile
-from vllm_tensafe.he.service.tls import TLSConfig
-from vllm_tensafe.he.service.tokens import TokenStore
+from vllm_tensafe.keyholder.server.app import CHANNEL_SCOPE_KEY, SERVICE_NAME, Limits, build_app
+from vllm_tensafe.keyholder.server.audit import AuditLog
+from vllm_tensafe.keyholder.server.core import Caller, KeyHolderCore
+from vllm_tensafe.keyholder.server.policy import AdapterPolicy
+from vllm_tensafe.keyholder.server.revocation import RevocationFile
+from vllm_tensafe.keyholder.server.tls import TLSConfig
+from vllm_tensafe.keyholder.server.tokens import TokenStore
 
 if TYPE_CHECKING:
     from vllm_tensafe.attestation.routes import AttestationRoutes
@@ -141,8 +141,8 @@ class KeyHolderService:
     ) -> None:
         """``attestation``: an attestation policy file (or its routes): every decryption then
         needs the host's TPM quote first (docs/attestation.md)."""
-        from vllm_tensafe.he.keyholder import LocalKeyHolder
         from vllm_tensafe.he.keys import SecretKeySet
+        from vllm_tensafe.keyholder.local import LocalKeyHolder
 
         secret_list = [secrets] if isinstance(secrets, SecretKeySet) else list(secrets)
         if not secret_list:
@@ -177,7 +177,7 @@ class KeyHolderService:
         self._ssl: ssl.SSLContext | None = tls.server_context() if tls is not None else None
         self.audit = audit_log if isinstance(audit_log, AuditLog) else AuditLog(audit_log)
         revocations = RevocationFile(revoked_file) if revoked_file is not None else None
-        from vllm_tensafe.he.keyholder import ciphertext_size
+        from vllm_tensafe.keyholder.wire import ciphertext_size
 
         # The most ciphertexts that fit in one request, so a request's count field cannot ask
         # for more (every v2 request ciphertext has its profile's fixed size).
@@ -270,7 +270,7 @@ class KeyHolderService:
             app,
             http=_protocol_class(self.limits),
             lifespan="off",
-            loop="vllm_tensafe.he.service.server:quiet_loop",
+            loop="vllm_tensafe.keyholder.server.server:quiet_loop",
             log_config=None,
             access_log=False,
             proxy_headers=False,
@@ -371,6 +371,6 @@ def _attestation_routes(
 
 
 def _protocol_version() -> int:
-    from vllm_tensafe.he.keyholder import PROTOCOL_VERSION
+    from vllm_tensafe.keyholder.wire import PROTOCOL_VERSION
 
     return PROTOCOL_VERSION

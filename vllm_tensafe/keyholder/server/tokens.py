@@ -15,6 +15,9 @@ Token file, one token per line, fields separated by spaces; ``#`` starts a comme
 Tokens are compared as SHA-256 digests in constant time against every known token. Logs and
 the audit trail name a token by its fingerprint (the first 12 hex digits of its SHA-256),
 never by the token.
+
+A host's token file (``--tensafe-key-holder-token-file``, an admin's ``--token-file``) holds
+one bare token, read by ``read_token_file`` under the same line rules.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ _LABEL_OK = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234
 
 
 def token_fingerprint(token: str) -> str:
+    """Identifies a token in logs and the audit log without revealing it."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
 
 
@@ -82,24 +86,12 @@ class TokenStore:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> TokenStore:
         p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-            mode = p.stat().st_mode
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"token file {str(p)!r} cannot be read: {getattr(exc, 'strerror', None) or exc}",
-                "pass --token-file with one token per line (vllm-tensafe key-holder token "
-                "makes them)",
-            ) from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("token file %s is accessible to group/others; chmod 600 it", p)
-        tokens = []
-        # Split on "\n" only: str.splitlines() also splits at U+2028 and other separators.
-        for number, raw in enumerate(text.split("\n"), 1):
-            line = raw.strip(" \t\r")
-            if not line or line.startswith("#"):
-                continue
-            tokens.append(parse_token_line(line, f"token file {p}, line {number}"))
+        lines = token_file_lines(
+            p,
+            "token file",
+            "pass --token-file with one token per line (vllm-tensafe key-holder token makes them)",
+        )
+        tokens = [parse_token_line(line, f"token file {p}, line {n}") for n, line in lines]
         if not tokens:
             raise ConfigError(f"token file {str(p)!r} holds no token", "add one token per line")
         return cls(tokens)
@@ -135,6 +127,41 @@ class TokenStore:
     @property
     def tokens(self) -> list[Token]:
         return list(self._tokens)
+
+
+def token_file_lines(path: Path, what: str, fix: str) -> list[tuple[int, str]]:
+    """The numbered token lines of a token file: blank lines and ``#`` comments skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"{what} {str(path)!r} cannot be read: {reason}", fix) from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s %s is accessible to group/others; chmod 600 it", what, path)
+    out = []
+    # Split on "\n" only: str.splitlines() also splits at U+2028 and other separators.
+    for number, raw in enumerate(text.split("\n"), 1):
+        line = raw.strip(" \t\r")
+        if line and not line.startswith("#"):
+            out.append((number, line))
+    return out
+
+
+def read_token_file(path: str | os.PathLike[str]) -> str:
+    """The one bearer token of a host's (or an admin's) token file."""
+    p = Path(path)
+    lines = token_file_lines(
+        p,
+        "key holder token file",
+        "set TENSAFE_KEY_HOLDER_TOKEN_FILE to a readable file holding the token",
+    )
+    if len(lines) != 1:
+        raise ConfigError(
+            f"key holder token file {str(p)!r} holds {len(lines)} tokens, expected 1",
+            "put exactly one bearer token in the file",
+        )
+    return lines[0][1]
 
 
 def make_token(

@@ -155,7 +155,7 @@ def _check_policy(args: argparse.Namespace) -> int:
 def _attest(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from vllm_tensafe.he.remote import RemoteKeyHolder, attest_at_startup
+    from vllm_tensafe.keyholder.remote import RemoteKeyHolder, attest_at_startup
     from vllm_tensafe.settings import TenSafeSettings, config_error_from
 
     try:

@@ -28,7 +28,7 @@ attested on the same connection (403 ``attestation_*`` otherwise; docs/attestati
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +37,8 @@ from vllm_tensafe.tssp.manifest import NAME_RE, is_adapter_name
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from vllm_tensafe.he.service.core import KeyHolderCore
-    from vllm_tensafe.he.service.tokens import Token, TokenStore
+    from vllm_tensafe.keyholder.server.core import KeyHolderCore
+    from vllm_tensafe.keyholder.server.tokens import Token, TokenStore
 
 log = logging.getLogger("vllm_tensafe.key_holder")
 
@@ -82,13 +82,13 @@ def build_app(
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.responses import JSONResponse, Response
 
-    from vllm_tensafe.he.keyholder import (
+    from vllm_tensafe.keyholder.server.core import Caller, Refusal
+    from vllm_tensafe.keyholder.wire import (
         PROTOCOL_VERSION,
         REQUEST_CONTENT_TYPE,
         RESPONSE_CONTENT_TYPE,
         AdapterRef,
     )
-    from vllm_tensafe.he.service.core import Caller, Refusal
 
     class ErrorBody(BaseModel):
         error: str
@@ -210,7 +210,7 @@ def build_app(
         return False
 
     @contextlib.asynccontextmanager
-    async def slot() -> Any:
+    async def slot() -> AsyncIterator[None]:
         try:
             async with asyncio.timeout(limits.busy_timeout):
                 await inflight.acquire()

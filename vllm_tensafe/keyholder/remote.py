@@ -57,12 +57,12 @@ from vllm_tensafe.errors import (
     ProtocolVersionError,
     TenSafeError,
 )
-from vllm_tensafe.he.keyholder import (
+from vllm_tensafe.keyholder.local import KeyHolder
+from vllm_tensafe.keyholder.wire import (
     PROTOCOL_VERSION,
     REQUEST_CONTENT_TYPE,
     RESPONSE_CONTENT_TYPE,
     AdapterRef,
-    KeyHolder,
     decode_response,
     encode_request,
 )
@@ -82,7 +82,7 @@ _FIX_CERT = (
 
 
 def is_loopback_host(host: str) -> bool:
-    from vllm_tensafe.he.service.tls import is_loopback
+    from vllm_tensafe.keyholder.server.tls import is_loopback
 
     return is_loopback(host)
 
@@ -176,7 +176,7 @@ class RemoteKeyHolder(KeyHolder):
     def from_settings(cls, settings: TenSafeSettings) -> RemoteKeyHolder:
         """The client the settings describe; with require_attestation it attests (its TPM is
         checked here: no TPM raises TpmError)."""
-        from vllm_tensafe.he.keyholder import read_token_file
+        from vllm_tensafe.keyholder.server.tokens import read_token_file
 
         if not settings.key_holder_url or settings.key_holder_token_file is None:
             raise ConfigError(
@@ -463,9 +463,11 @@ class RemoteKeyHolder(KeyHolder):
 
     # --- decryption --------------------------------------------------------------------------
 
-    def decrypt(self, ref: AdapterRef, ciphertexts: Sequence[bytes]) -> list[np.ndarray]:
+    def decrypt(
+        self, ref: AdapterRef, ciphertexts: Sequence[bytes | memoryview]
+    ) -> list[np.ndarray]:
         out: list[np.ndarray] = []
-        batch: list[bytes] = []
+        batch: list[bytes | memoryview] = []
         size = 0
         for blob in ciphertexts:
             if batch and size + len(blob) > self.max_request_bytes:
@@ -477,7 +479,7 @@ class RemoteKeyHolder(KeyHolder):
             out.extend(self._decrypt_batch(ref, batch))
         return out
 
-    def _decrypt_batch(self, ref: AdapterRef, batch: list[bytes]) -> list[np.ndarray]:
+    def _decrypt_batch(self, ref: AdapterRef, batch: list[bytes | memoryview]) -> list[np.ndarray]:
         body = encode_request(ref, batch)
         status, ctype, data = self._request(
             "POST", "/v1/decrypt", body, REQUEST_CONTENT_TYPE, attested=True
@@ -586,8 +588,8 @@ def check_key_holder(settings: TenSafeSettings, packages: Iterable[str]) -> dict
 
     Raises the TenSafeError that names the cause; returns the key holder's health.
     """
-    from vllm_tensafe.he.keyholder import key_holder_from_settings
-    from vllm_tensafe.tssp.package import read_manifest_digest
+    from vllm_tensafe.keyholder import key_holder_from_settings
+    from vllm_tensafe.tssp.opener import read_manifest_digest
 
     packages = list(packages)
     holder = key_holder_from_settings(settings)  # with require_attestation: TpmError, no TPM

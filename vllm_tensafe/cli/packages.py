@@ -1,4 +1,4 @@
-"""``vllm-tensafe keygen | pack | verify | inspect``: the package workflow on the command line.
+"""``vllm-tensafe pack | verify | inspect``: the package workflow on the command line.
 
 Heavy imports (numpy, TenSEAL, safetensors) happen inside the handlers, so building the
 parser for ``--help`` stays instant. Handlers return an exit code; refusals are raised as
@@ -9,170 +9,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from vllm_tensafe.errors import ConfigError, TsspError
-from vllm_tensafe.settings import PROFILE_NAMES
-
-TRUSTED_KEYS_ENV = "TENSAFE_TRUSTED_KEYS"
+from vllm_tensafe.cli.common import (
+    add_trusted_keys_arg,
+    passphrase_from_env,
+    trust_store_from_args,
+)
+from vllm_tensafe.errors import KeyFileError, TsspError
+from vllm_tensafe.files import refuse_overwrite
 
 
 def add_commands(subparsers: Any) -> None:
-    _add_keygen(subparsers)
     _add_pack(subparsers)
     _add_verify(subparsers)
     _add_inspect(subparsers)
-
-
-# --- shared helpers --------------------------------------------------------------------------
-
-
-def _passphrase(var: str | None) -> str | None:
-    """The passphrase from environment variable ``var`` (never from argv: argv is visible to
-    every user through ps and lands in shell history)."""
-    if var is None:
-        return None
-    value = os.environ.get(var)
-    if not value:
-        raise ConfigError(
-            f"--passphrase-env names {var}, but that environment variable is "
-            f"{'empty' if value == '' else 'not set'}",
-            f"export {var}=... before running, or drop --passphrase-env",
-        )
-    return value
-
-
-def _split_paths(values: list[str] | None) -> list[Path]:
-    out: list[Path] = []
-    for value in values or []:
-        out += [Path(part.strip()) for part in value.split(",") if part.strip()]
-    return out
-
-
-def _trust_store(values: list[str] | None, required: bool) -> Any:
-    from vllm_tensafe.tssp.signing import TrustStore
-
-    paths = _split_paths(values)
-    if not paths and os.environ.get(TRUSTED_KEYS_ENV):
-        paths = _split_paths([os.environ[TRUSTED_KEYS_ENV]])
-    if not paths:
-        if required:
-            raise TsspError(
-                "no trusted signer keys were given, so the package cannot be verified",
-                f"pass --trusted-keys SIGNER.pub[,...] (or set {TRUSTED_KEYS_ENV})",
-            )
-        return None
-    return TrustStore.from_files(paths)
-
-
-def _base_config(model_dir: str | None) -> dict[str, Any] | None:
-    if model_dir is None:
-        return None
-    from vllm_tensafe.tssp.adapter import load_base_config
-
-    return load_base_config(model_dir)
-
-
-def _trusted_keys_arg(parser: argparse.ArgumentParser, required_text: str) -> None:
-    parser.add_argument(
-        "--trusted-keys",
-        action="append",
-        metavar="PUB[,PUB...]",
-        help=f"Ed25519 public keys (PREFIX.pub from `keygen signing`) whose signatures you "
-        f"trust; comma-separated or repeated. Default: ${TRUSTED_KEYS_ENV}. {required_text}",
-    )
-
-
-def _refuse_existing(paths: list[Path], force: bool) -> None:
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not force:
-        raise TsspError(
-            f"refusing to overwrite {', '.join(existing)}",
-            "choose another output, or pass --force to replace it",
-        )
-
-
-# --- keygen ----------------------------------------------------------------------------------
-
-
-def _add_keygen(subparsers: Any) -> None:
-    keygen = subparsers.add_parser(
-        "keygen",
-        help="make a signing key pair or a CKKS (HE) key pair",
-        description="Make the adapter owner's keys: an Ed25519 signing key pair (who made a "
-        "package) or a CKKS key pair (the secret key decrypts; the public part encrypts).",
-    )
-    kinds = keygen.add_subparsers(dest="kind", metavar="KIND", required=True)
-
-    signing = kinds.add_parser(
-        "signing",
-        help="Ed25519 key pair: PREFIX.key (private, 0600) and PREFIX.pub (give to hosts)",
-        description="Write PREFIX.key (Ed25519 private key, PKCS8 PEM, mode 0600, encrypted "
-        "when --passphrase-env is given) and PREFIX.pub (SubjectPublicKeyInfo PEM). Hosts list "
-        "PREFIX.pub in --tensafe-trusted-keys; PREFIX.key never leaves the adapter owner.",
-    )
-    signing.add_argument("--out", required=True, metavar="PREFIX", help="output path prefix")
-    signing.add_argument(
-        "--passphrase-env",
-        metavar="VAR",
-        help="encrypt the private key with the passphrase in environment variable VAR",
-    )
-    signing.add_argument("--force", action="store_true", help="replace existing key files")
-    signing.set_defaults(handler=_keygen_signing)
-
-    he = kinds.add_parser(
-        "he",
-        help="CKKS key pair: PREFIX.secret (key holder only) and PREFIX.public (for pack)",
-        description="Write PREFIX.secret (CKKS secret key; only the key holder may have it) "
-        "and PREFIX.public (public context without secret key; `pack --he-public` encrypts "
-        "with it and it travels inside every package).",
-    )
-    he.add_argument("--out", required=True, metavar="PREFIX", help="output path prefix")
-    he.add_argument(
-        "--profile",
-        choices=PROFILE_NAMES,
-        default="default",
-        help="HE parameter profile (default: %(default)s; 128-bit security)",
-    )
-    he.add_argument(
-        "--passphrase-env",
-        metavar="VAR",
-        help="encrypt the secret key file with the passphrase in environment variable VAR",
-    )
-    he.add_argument("--force", action="store_true", help="replace existing key files")
-    he.set_defaults(handler=_keygen_he)
-
-
-def _keygen_signing(args: argparse.Namespace) -> int:
-    from vllm_tensafe.tssp.signing import key_id, load_public_key, write_signing_keypair
-
-    key_path, pub_path = write_signing_keypair(
-        args.out, passphrase=_passphrase(args.passphrase_env), force=args.force
-    )
-    kid = key_id(load_public_key(pub_path))
-    print(f"wrote {key_path} (private, keep it secret) and {pub_path} (public)")
-    print(f"signer key id: {kid}")
-    return 0
-
-
-def _keygen_he(args: argparse.Namespace) -> int:
-    prefix = Path(args.out)
-    targets = [prefix.with_name(prefix.name + ext) for ext in (".secret", ".public")]
-    _refuse_existing(targets, args.force)
-    passphrase = _passphrase(args.passphrase_env)
-    if args.force:
-        for path in targets:
-            path.unlink(missing_ok=True)
-    from vllm_tensafe.he import PublicContext, write_keypair
-
-    secret_path, public_path = write_keypair(prefix, profile=args.profile, passphrase=passphrase)
-    ctx = PublicContext.from_bytes(Path(public_path).read_bytes())
-    print(f"wrote {secret_path} (CKKS secret key: key holder only) and {public_path} (public)")
-    print(f"HE profile {args.profile}, public key id: {ctx.key_id}")
-    return 0
 
 
 # --- pack ------------------------------------------------------------------------------------
@@ -267,7 +120,7 @@ def _load_public_context(path: str) -> Any:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise TsspError(
+        raise KeyFileError(
             f"cannot read CKKS public context {path!r}: {exc.strerror or exc}",
             "pass the PREFIX.public file written by `vllm-tensafe keygen he`",
         ) from None
@@ -280,8 +133,8 @@ def _pack(args: argparse.Namespace) -> int:
     from vllm_tensafe.tssp.signing import load_signing_key
 
     out = Path(args.output)
-    _refuse_existing([out], args.force)
-    signing_key = load_signing_key(args.signing_key, _passphrase(args.passphrase_env))
+    refuse_overwrite([out], args.force)
+    signing_key = load_signing_key(args.signing_key, passphrase_from_env(args.passphrase_env))
     ctx = _load_public_context(args.he_public)
     name = args.name if args.name is not None else default_name(out)
     records = KeyRecords(args.key_records or default_records_path(args.he_public))
@@ -316,7 +169,7 @@ def _pack(args: argparse.Namespace) -> int:
         not_after=_not_after(args.not_after),
     )
     records.record(ctx.key_id, name, version)
-    from vllm_tensafe.tssp.package import read_manifest
+    from vllm_tensafe.tssp.opener import read_manifest
 
     manifest = read_manifest(path)
     print(
@@ -376,7 +229,7 @@ def _add_verify(subparsers: Any) -> None:
         "a one-line summary when valid; exit 1 and the reason otherwise.",
     )
     verify.add_argument("package", metavar="NAME.tssp", help="package to verify")
-    _trusted_keys_arg(verify, "Required.")
+    add_trusted_keys_arg(verify, "Required.")
     verify.add_argument(
         "--base-model",
         metavar="MODEL_DIR",
@@ -386,12 +239,12 @@ def _add_verify(subparsers: Any) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from vllm_tensafe.tssp.package import verify_package
+    from vllm_tensafe.tssp.adapter import load_base_config
+    from vllm_tensafe.tssp.opener import verify_package
 
-    store = _trust_store(args.trusted_keys, required=True)
-    summary = verify_package(
-        args.package, trust_store=store, base_model_config=_base_config(args.base_model)
-    )
+    store = trust_store_from_args(args.trusted_keys, required=True)
+    base = load_base_config(args.base_model) if args.base_model is not None else None
+    summary = verify_package(args.package, trust=store, base_model_config=base)
     print(summary.line())
     return 0
 
@@ -410,19 +263,19 @@ def _add_inspect(subparsers: Any) -> None:
     )
     inspect.add_argument("package", metavar="NAME.tssp", help="package to inspect")
     inspect.add_argument("--json", action="store_true", help="machine-readable JSON output")
-    _trusted_keys_arg(inspect, "Optional: without it the signature is not checked.")
+    add_trusted_keys_arg(inspect, "Optional: without it the signature is not checked.")
     inspect.set_defaults(handler=_inspect)
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from vllm_tensafe.tssp.package import inspect_package
+    from vllm_tensafe.tssp.opener import inspect_package
 
     # An explicit --trusted-keys asks for verification; the environment default does not
     # apply here, because inspecting an untrusted file is the point of this command.
     store = None
     if args.trusted_keys:
-        store = _trust_store(args.trusted_keys, required=True)
-    report = inspect_package(args.package, trust_store=store)
+        store = trust_store_from_args(args.trusted_keys, required=True)
+    report = inspect_package(args.package, trust=store)
     if args.json:
         json.dump(report, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")

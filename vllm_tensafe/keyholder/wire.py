@@ -1,14 +1,9 @@
-"""Key holders: whoever holds the CKKS secret key and decrypts the host's delta batches.
-
-``LocalKeyHolder`` runs in the host process (the key is in host memory: adapters are protected at
-rest and in transit only). ``RemoteKeyHolder`` (remote.py) talks to ``vllm-tensafe key-holder
-serve`` (service/): the host never holds the key; every decryption is authenticated, checked
-against the key holder's adapter policy, metered, audited and revocable.
+"""The key-holder wire protocol v2: who asks (``AdapterRef``) and the bytes on the wire.
 
 Wire protocol v2 (docs/he-scheme.md, "What the key holder sees"): the host sends re-randomised
 ciphertexts whose c0 carries a uniform pad, so each decryption is a uniform polynomial to the
-key holder; the key holder floods it (flooding.py) and returns it modulus-switched to 64-bit
-coefficients (ring.py); the host removes the pad and decodes. A key holder never returns a
+key holder; the key holder floods it (he/flooding.py) and returns it modulus-switched to 64-bit
+coefficients (he/ring.py); the host removes the pad and decodes. A key holder never returns a
 partial, zero or stale result: it returns every reply or raises a KeyHolderError.
 
 ``POST /v1/decrypt`` (little-endian)::
@@ -25,36 +20,24 @@ partial, zero or stale result: it returns every reply or raises a KeyHolderError
 
 from __future__ import annotations
 
-import abc
-import hmac
-import logging
 import math
 import struct
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import tenseal.sealapi as seal
 
 from vllm_tensafe.errors import (
-    ConfigError,
     ForeignCiphertextError,
     HEError,
     KeyHolderError,
     ProtocolVersionError,
 )
-from vllm_tensafe.he.flooding import flood_coefficients
-from vllm_tensafe.he.keys import PublicContext, SecretKeySet
-from vllm_tensafe.he.packing import check_ciphertext
 from vllm_tensafe.he.residues import ciphertext_from_residues, ciphertext_residues
-from vllm_tensafe.he.ring import Ring
 
 if TYPE_CHECKING:
-    from vllm_tensafe.settings import TenSafeSettings
-
-log = logging.getLogger(__name__)
+    from vllm_tensafe.he.keys import PublicContext
 
 PROTOCOL_VERSION = 2
 REQUEST_CONTENT_TYPE = "application/vnd.tensafe.decrypt-v2"
@@ -183,7 +166,7 @@ def decode_ciphertext(ctx: PublicContext, blob: bytes | memoryview, what: str) -
 # --- requests and responses -------------------------------------------------------------------
 
 
-def encode_request(ref: AdapterRef, ciphertexts: Sequence[bytes]) -> bytes:
+def encode_request(ref: AdapterRef, ciphertexts: Sequence[bytes | memoryview]) -> bytes:
     name = ref.name.encode("utf-8")
     size = len(ciphertexts[0]) if ciphertexts else 0
     if any(len(blob) != size for blob in ciphertexts):
@@ -203,7 +186,7 @@ def encode_request(ref: AdapterRef, ciphertexts: Sequence[bytes]) -> bytes:
 
 def decode_request(body: bytes, max_count: int) -> tuple[AdapterRef, list[memoryview]]:
     """Inverse of encode_request; HEError on anything malformed, ProtocolVersionError for v1."""
-    fix = "send requests made by vllm_tensafe.he.keyholder.RemoteKeyHolder"
+    fix = "send requests made by vllm_tensafe.keyholder.RemoteKeyHolder"
     view = memoryview(body)
     if bytes(view[:8]) == _OLD_REQUEST_MAGIC:
         raise _protocol_mismatch(1, "host")
@@ -260,168 +243,3 @@ def decode_response(data: bytes, expected_count: int) -> list[np.ndarray]:
         raise bad("wrong length")
     arr = np.frombuffer(data, dtype="<u8", offset=_RESPONSE_HEAD.size).reshape(count, n)
     return [row.astype(np.uint64) for row in arr]
-
-
-# --- key holders ------------------------------------------------------------------------------
-
-
-class KeyHolder(abc.ABC):
-    """Decrypts batches of the delta engine's ciphertexts for one CKKS key."""
-
-    kind: str
-
-    @abc.abstractmethod
-    def decrypt(self, ref: AdapterRef, ciphertexts: list[bytes]) -> list[np.ndarray]:
-        """One reply per ciphertext: S_m of its flooded decryption, a uint64 array of N."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
-        """Release connections or key material."""
-
-    def __enter__(self) -> KeyHolder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class LocalKeyHolder(KeyHolder):
-    """Decrypts in this process: decrypt, inverse NTT, flood, modulus switch (ring.py).
-
-    It never decodes: what it returns is the flooded decryption switched to 64-bit
-    coefficients, a polynomial that says nothing about the key beyond the flood's
-    statistical distance, and (on the remote path, where the host pads every request)
-    nothing about the request either.
-    """
-
-    kind = "local"
-
-    def __init__(self, secret: SecretKeySet) -> None:
-        self._secret = secret
-        self.ctx = secret.public_context()
-        self.profile = self.ctx.profile
-        self.key_id = secret.key_id
-        # Tests switch this off to show what flooding prevents; nothing else may.
-        self._flood = True
-        self._decryptor = seal.Decryptor(self.ctx.context, secret.secret_key)
-        self._ring = Ring(self.ctx.context, self.ctx.parms_id, self.profile.poly_modulus_degree)
-        self._plain = seal.Plaintext()
-        self._lock = threading.Lock()
-        self.ciphertexts_decrypted = 0
-
-    def _check_key(self, ref: AdapterRef) -> None:
-        if ref.key_id != self.key_id:
-            raise ForeignCiphertextError(
-                f"ciphertexts declare key {ref.key_id[:16]}, this key holder holds "
-                f"{self.key_id[:16]}",
-                "route the adapter to the key holder of the key it was packed with",
-            )
-
-    def decrypt(self, ref: AdapterRef, ciphertexts: list[bytes]) -> list[np.ndarray]:
-        self._check_key(ref)
-        loaded = [
-            decode_ciphertext(self.ctx, blob, f"ciphertext {i}")
-            for i, blob in enumerate(ciphertexts)
-        ]
-        return self._decrypt_checked(loaded)
-
-    def decrypt_ciphertexts(self, ref: AdapterRef, ciphertexts: Sequence[Any]) -> list[np.ndarray]:
-        """In-process path: SEAL ciphertext objects, no serialisation."""
-        self._check_key(ref)
-        for i, ct in enumerate(ciphertexts):
-            check_ciphertext(
-                ct,
-                self.ctx,
-                self.profile.accepted_scales,
-                f"ciphertext {i}",
-                ForeignCiphertextError,
-            )
-        return self._decrypt_checked(ciphertexts)
-
-    def _decrypt_checked(self, ciphertexts: Sequence[Any]) -> list[np.ndarray]:
-        profile, ring = self.profile, self._ring
-        if not ciphertexts:
-            return []
-        with self._lock:
-            decrypted = np.empty((len(ciphertexts), ring.primes, ring.n), dtype=np.uint64)
-            scale_bits = []
-            for i, ct in enumerate(ciphertexts):
-                self._decryptor.decrypt(ct, self._plain)
-                decrypted[i] = _plain_residues(self._plain, ring)
-                scale_bits.append(round(math.log2(ct.scale)))
-            coefficients = ring.transform(decrypted, to_ntt=False)
-            out: list[np.ndarray] = [np.empty(0, dtype=np.uint64)] * len(ciphertexts)
-            for bits in sorted(set(scale_bits)):
-                rows = [i for i, b in enumerate(scale_bits) if b == bits]
-                x = coefficients[rows]
-                if self._flood:
-                    sigma = profile.flood_coefficient_sigma(bits)
-                    ring.add(x, flood_coefficients(ring, sigma, len(rows)))
-                replies = ring.switch(x, profile.reply_exponent(bits))
-                for row, reply in zip(rows, replies, strict=True):
-                    out[row] = reply
-            self.ciphertexts_decrypted += len(out)
-        return out
-
-    def close(self) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        return f"LocalKeyHolder(key_id={self.key_id[:16]}...)"
-
-
-def _plain_residues(plain: Any, ring: Ring) -> np.ndarray:
-    from vllm_tensafe.he.residues import plaintext_residues
-
-    return plaintext_residues(plain, ring.primes)
-
-
-def token_fingerprint(token: str) -> str:
-    """Identifies a token in logs without revealing it."""
-    import hashlib
-
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
-
-
-def same_token(presented: str, expected: str) -> bool:
-    return hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8"))
-
-
-def read_token_file(path: Any) -> str:
-    from pathlib import Path
-
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ConfigError(
-            f"key holder token file {str(path)!r} cannot be read: {exc.strerror}",
-            "set TENSAFE_KEY_HOLDER_TOKEN_FILE to a readable file holding the token",
-        ) from None
-    tokens = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    if len(tokens) != 1:
-        raise ConfigError(
-            f"key holder token file {str(path)!r} holds {len(tokens)} tokens, expected 1",
-            "put exactly one bearer token in the file",
-        )
-    return tokens[0]
-
-
-def key_holder_from_settings(settings: TenSafeSettings) -> KeyHolder:
-    """The key holder the settings describe; never falls back to another kind."""
-    if settings.key_holder == "local":
-        if settings.he_secret is None:
-            raise ConfigError(
-                "key_holder is 'local' but no secret key file is set",
-                "set --tensafe-he-secret / TENSAFE_HE_SECRET to PREFIX.secret",
-            )
-        secret = SecretKeySet.load(settings.he_secret, settings.he_secret_passphrase)
-        return LocalKeyHolder(secret)
-    if settings.key_holder == "remote":
-        if not settings.key_holder_url or settings.key_holder_token_file is None:
-            raise ConfigError(
-                "key_holder is 'remote' but the URL or token file is missing",
-                "set TENSAFE_KEY_HOLDER_URL and TENSAFE_KEY_HOLDER_TOKEN_FILE",
-            )
-        from vllm_tensafe.he.remote import RemoteKeyHolder
-
-        return RemoteKeyHolder.from_settings(settings)
-    raise ConfigError(f"unknown key holder kind {settings.key_holder!r}", "use 'local' or 'remote'")
