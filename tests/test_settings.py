@@ -21,7 +21,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
         if key.startswith("TENSAFE_"):
             monkeypatch.delenv(key)
     yield monkeypatch
-    # plugin.apply_cli_args writes TENSAFE_* into os.environ itself: drop what it wrote, so
+    # cli_args.apply_cli_args writes TENSAFE_* into os.environ itself: drop what it wrote, so
     # later tests (which read the settings) do not see this test's values.
     for key in list(os.environ):
         if key.startswith("TENSAFE_"):
@@ -167,6 +167,7 @@ def test_flag_wins_over_env_and_turns_on_lora(
     key_files: dict[str, Path],
 ) -> None:
     from vllm_tensafe import plugin
+    from vllm_tensafe.vllm import cli_args
 
     clean_env.setattr(plugin, "activate", lambda: None)  # hooks are tested with a real server
     clean_env.setenv("TENSAFE_KEY_HOLDER_TIMEOUT", "3")
@@ -176,7 +177,7 @@ def test_flag_wins_over_env_and_turns_on_lora(
         ["--model", "m", "--enable-tensafe", "--tensafe-key-holder-timeout", "7"]
     )
     assert not args.enable_lora
-    settings = plugin.apply_cli_args(args)
+    settings = cli_args.apply_cli_args(args)
     assert settings is not None and settings.key_holder_timeout == 7.0
     assert args.enable_lora is True
     import os
@@ -190,10 +191,10 @@ def test_bad_flag_value_is_one_clear_error(
     serve_parser,  # type: ignore[no-untyped-def]
     clean_env: pytest.MonkeyPatch,
 ) -> None:
-    from vllm_tensafe import plugin
+    from vllm_tensafe.vllm import cli_args
 
     args = serve_parser.parse_args(["--model", "m", "--tensafe-verify-signature", "maybe"])
     with pytest.raises(ConfigError) as info:
-        plugin.apply_cli_args(args)
+        cli_args.apply_cli_args(args)
     assert "--tensafe-verify-signature" in str(info.value)
     assert "true or false" in str(info.value)

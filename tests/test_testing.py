@@ -18,7 +18,7 @@ pytest.importorskip("peft")
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from vllm_tensafe import testing
+from tests.support import builders as testing
 
 
 @pytest.fixture(scope="session")

@@ -71,7 +71,7 @@ def test_flags_come_from_the_settings() -> None:
     parser = argparse.ArgumentParser()
     add_tensafe_args(parser)
     text = parser.format_help()
-    assert "--tensafe-require-attestation {true,false}" in text
+    assert "--tensafe-require-attestation [{true,false}]" in text
     assert "--tensafe-tpm-tcti" in text and "--tensafe-tpm-ak" in text
     assert "[env: TENSAFE_REQUIRE_ATTESTATION; default: false]" in " ".join(text.split())
 
