@@ -131,10 +131,14 @@ def one_request(
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
+        # Token ids in every chunk: random weights often generate tokens that decode to no
+        # text, and a chunk without text must still count as a token for TTFT and ITL.
+        extra_body={"ignore_eos": True, "return_token_ids": True},
     )
     for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
+        if chunk.choices and (
+            chunk.choices[0].text or getattr(chunk.choices[0], "token_ids", None)
+        ):
             stamps.append(time.perf_counter())
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens

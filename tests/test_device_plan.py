@@ -69,7 +69,13 @@ def test_captured_only_where_every_condition_holds() -> None:
     local = {"he_device": "auto", "key_holder": "local"}
     assert plan_he(settings(**local), "cuda", TARGETS).captured
     cases = {
-        "remote key holder": (settings(he_device="auto", key_holder="remote", key_holder_url="https://kh.example:8443"), "cuda", TARGETS),
+        "remote key holder": (
+            settings(
+                he_device="auto", key_holder="remote", key_holder_url="https://kh.example:8443"
+            ),
+            "cuda",
+            TARGETS,
+        ),
         "graphs off": (settings(**local, he_cuda_graphs=False), "cuda", TARGETS),
         "no target modules": (settings(**local), "cuda", None),
         "empty target modules": (settings(**local), "cuda", []),

@@ -149,7 +149,7 @@ def test_encrypted_adapter_through_a_tls_key_holder(deployment: Deployment, clie
     assert {"demo", "other"} <= models  # the extra --lora-modules added, not replaced
     host_log = deployment.host.log.read_text(errors="replace")
     assert "accepts the packages" in host_log  # the start-up check ran
-    assert "for its first request" in host_log  # the one-time work is named
+    assert "Loading encrypted adapter 'demo' in this worker" in host_log  # the work is named
 
 
 def test_status_route_keeps_adapters_after_eviction(deployment: Deployment, client: Any) -> None:

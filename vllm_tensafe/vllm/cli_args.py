@@ -63,7 +63,7 @@ def add_tensafe_args(parser: argparse.ArgumentParser) -> None:
                 dest=_dest(name),
                 nargs="?",
                 const="true",
-                default=None,
+                default=argparse.SUPPRESS,
                 metavar="{true,false}",
                 help=help_text,
             )
