@@ -54,12 +54,9 @@ SHAPES = [(128, 8), (896, 8), (4096, 16)]
 TOKENS = [1, 16, 64]
 TOKEN = "bench-token-0123456789abcdef"
 SERVE = """
-import argparse, sys
-from vllm_tensafe.keyholder.server import add_commands
-parser = argparse.ArgumentParser(prog="vllm-tensafe")
-add_commands(parser.add_subparsers(dest="command"))
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.handler(args))
+import sys
+from vllm_tensafe.cli import main
+sys.exit(main(sys.argv[1:]))
 """
 
 
