@@ -2,7 +2,7 @@
 # Install everything, then run the linters and the tests.
 #   scripts/test.sh          linters + the whole suite, real vLLM included (about 30 minutes
 #                            on 2 cores)
-#   scripts/test.sh --fast   linters + every test that starts no vLLM (under 3 minutes):
+#   scripts/test.sh --fast   linters + every test that starts no vLLM (about 4 minutes):
 #                            deselects the markers vllm and slow (pyproject.toml)
 # Other arguments go to pytest, e.g. scripts/test.sh -k tssp, scripts/test.sh --fast -x
 set -euo pipefail
