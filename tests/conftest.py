@@ -133,6 +133,24 @@ def adapter_keys(artifacts: Path, owner: Keys, name: str) -> Keys:
     )
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts without the TENSAFE_* settings an earlier test left in os.environ.
+
+    The plugin and the guide's API write their settings into os.environ on purpose (vLLM's
+    engine and worker processes read them from there), so a test that starts an engine in
+    this process leaves them behind; a later test building settings would read them, and its
+    outcome would depend on the order the tests ran in. The run's version ledger stays.
+    """
+    from vllm_tensafe.settings import TenSafeSettings, env_name
+
+    keep = {env_name("version_file")}
+    names = {env_name(field) for field in TenSafeSettings.model_fields}
+    names |= {"TENSAFE_RUN_DIR", "TENSAFE_ENGINE_ID"}
+    for name in names - keep:
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _version_ledger(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The hosts' rollback ledger (highest adapter_version per name) of this test run only,
