@@ -151,6 +151,12 @@ def _no_leaked_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(scope="module")
+def base_config() -> object:
+    """vLLM's default VllmConfig, which the graph-guard tests give compilation settings."""
+    return pytest.importorskip("vllm.config").VllmConfig()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _version_ledger(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The hosts' rollback ledger (highest adapter_version per name) of this test run only,

@@ -8,7 +8,6 @@ op and vLLM's FULL graphs are turned off, as before.
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -94,12 +93,10 @@ def test_captured_only_where_every_condition_holds() -> None:
 
 # --- the graph guard ------------------------------------------------------------------------------
 
-vllm_config_mod = pytest.importorskip("vllm.config")
-from vllm.config.compilation import (  # noqa: E402
-    CompilationConfig,
-    CompilationMode,
-    CUDAGraphMode,
-)
+pytest.importorskip("vllm.config")
+from vllm.config.compilation import CUDAGraphMode  # noqa: E402
+
+from tests.test_graph_safety import gpu_config  # noqa: E402
 
 CAPTURED = HEPlan("torch", "cuda", True, "test")
 SPLIT = HEPlan("torch", "cuda", False, "test: remote key holder")
@@ -109,21 +106,6 @@ SPLIT = HEPlan("torch", "cuda", False, "test: remote key holder")
 def _vllm_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in (graph_safety.DUAL_STREAM_ENV, graph_safety.BREAKABLE_ENV):
         monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture(scope="module")
-def base_config() -> Any:
-    return vllm_config_mod.VllmConfig()
-
-
-def gpu_config(base: Any, **compilation: Any) -> Any:
-    """A VllmConfig with the compilation settings vLLM resolves on a GPU (test_graph_safety)."""
-    cc = CompilationConfig(**{"mode": CompilationMode.VLLM_COMPILE, **compilation})
-    cc.set_splitting_ops_for_v1(all2all_backend="allgather_reducescatter")
-    config = copy.copy(base)
-    config.compilation_config = cc
-    config.additional_config = {}
-    return config
 
 
 def test_captured_plan_keeps_vllms_default_graphs(

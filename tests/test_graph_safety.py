@@ -41,11 +41,6 @@ def _vllm_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture(scope="module")
-def base_config() -> Any:
-    return vllm_config_mod.VllmConfig()
-
-
 def gpu_config(base: Any, **compilation: Any) -> Any:
     """A VllmConfig whose compilation settings are what vLLM resolves them to on a GPU."""
     import copy
