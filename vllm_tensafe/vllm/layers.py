@@ -155,13 +155,11 @@ def _add_slot_delta(
         # failed after the step and these tokens are discarded, so the key holder is not
         # asked again (its first error stands).
         return
-    if adapter.load_error is not None:
-        # Its package could not be read again: fail its requests, add nothing.
-        board.record_adapter_failure(adapter.lora_int_id, adapter.name, adapter.load_error)
-        return
-    if adapter.bind_error is not None:
-        # It could not be put on the device (device_he.py): its requests fail, no delta.
-        board.record_adapter_failure(adapter.lora_int_id, adapter.name, adapter.bind_error)
+    if adapter.serve_error is not None:
+        # Its package could not be read again, or it could not be put on the device
+        # (device_he.py): its requests fail, no delta. (_after_mapping records this before the
+        # forward pass; this is the same rule where a layer runs without it.)
+        board.record_adapter_failure(adapter.lora_int_id, adapter.name, adapter.serve_error)
         return
     if entry.engine is not None:
         _add_device_delta(entry, xs, rows, output)
@@ -415,15 +413,12 @@ def _after_mapping(manager: Any, mapping: Any) -> None:
         state.refresh_token_slots()
     # Adapters that cannot be served fail their requests here, every step they are in the
     # batch: on the captured path no Python of the op runs per step to do it.
-    failing = [
-        (a, a.load_error or a.bind_error)
-        for a in get_runtime().adapters.values()
-        if a.load_error is not None or a.bind_error is not None
-    ]
+    failing = [a for a in get_runtime().adapters.values() if a.serve_error is not None]
     if failing:
         present = set(mapping.index_mapping)
         board = get_board()
-        for adapter, error in failing:
+        for adapter in failing:
+            error = adapter.serve_error
             if adapter.lora_int_id in present and error is not None:
                 # Every worker records (tensor-parallel ranks share the board; the engine core
                 # keeps one cause) and counts it on its own adapter status.

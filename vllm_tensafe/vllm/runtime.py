@@ -122,6 +122,12 @@ class EncryptedAdapter:
     load_error: Exception | None = None
 
     @property
+    def serve_error(self) -> Exception | None:
+        """Why every request of this adapter must fail (its package could not be read again,
+        or it cannot be put on the device); None while it can be served."""
+        return self.load_error or self.bind_error
+
+    @property
     def adapter_id(self) -> str:
         # The key holder meters and revokes by this name; it is the package's signed name.
         return self.name
