@@ -8,13 +8,17 @@ d_in 896, 24 layers; Llama-3-8B: q 4096 and v 1024, r 16, d_in 4096, 32 layers) 
 per call (one ciphertext per token and group), it times with the device synchronised around
 each stage:
 
-* local key holder (``GpuDeltaEngine``), with the secret folded into the columns (the default)
-  and without (per-token decryption c0 + c1 s): weights (U, norm, limbs), products (GEMM +
+* local key holder (``GpuDeltaEngine``), B' encrypted with per-token decryption c0 + c1 s
+  (the default, ``local_decrypt``) and with the secret folded into the columns
+  (``--tensafe-he-fold-secret``, ``local_folded``): weights (U, norm, limbs), products (GEMM +
   exact reduction), decrypt, flood, switch (S_m), decode (FFT), assemble (gather, factors),
-  the whole ``compute`` eagerly and, on CUDA, replayed from a CUDA graph;
+  the whole ``compute`` eagerly and, on CUDA, replayed from a CUDA graph, and the kernels one
+  call launches; on CUDA also both with their stages compiled (``*_compiled``, what vLLM
+  serving runs: TENSAFE_HE_COMPILE), checked against the eager result on the same inputs;
 * remote key holder, host side (``GpuRemoteDeltaEngine``): re-randomisation + pad and the NTT
-  on the device, copy to the host + serialisation, unpad + decode of replies. The key holder's
-  own work and the network are not included.
+  on the device, copy to the host + serialisation, unpad + decode of replies, op by op and
+  (on CUDA, ``remote_host_compiled``) compiled. The key holder's own work and the network are
+  not included.
 
 ``estimate_step_ms`` multiplies a layer's compute by the model's layer count: the HE time one
 decode step of T concurrent sequences adds (CUDA graph replay where available). Prints one JSON
@@ -36,9 +40,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import DeviceType
 
 from vllm_tensafe.he import encrypt_matrix, generate_keys
-from vllm_tensafe.he.gpu_engine import GpuDeltaEngine, GpuRemoteDeltaEngine
+from vllm_tensafe.he.gpu_engine import GpuDeltaEngine, GpuRemoteDeltaEngine, _compiled_stage
 from vllm_tensafe.he.packing import fused_layouts
 from vllm_tensafe.he.residues import ciphertext_from_residues
 from vllm_tensafe.keyholder.wire import encode_ciphertext
@@ -119,6 +124,7 @@ def local_stages(
     }
     if engine.capturable:
         out["compute_graph"] = timer.ms(_captured(engine, x, slots))
+    out["kernels_per_call"] = kernel_count(engine, x, slots)
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
         base = torch.cuda.memory_allocated(engine.device)
@@ -138,17 +144,37 @@ def compiled_stages(
     started = time.perf_counter()
     engine.compute(x, slots)
     timer.sync()
-    out = {"first_call_s_including_compile": round(time.perf_counter() - started, 1)}
+    out: dict[str, Any] = {
+        "first_call_s_including_compile": round(time.perf_counter() - started, 1)
+    }
     u = engine.project(x)
-    slot_row, limbs, factors = engine._stage_weights(u, slots)
+    slot_row, limbs, factors = reference._weights(u, slots)
     digits = torch.bmm(limbs, engine.table)
     normals, words = engine.flood_source.draw((len(engine.groups), x.shape[0], engine.ring.n))
-    fused = engine._stage_finish(digits, normals, words, slot_row, factors)
+    finish = _compiled_stage(GpuDeltaEngine, "_finish", engine.compile_backend)
+    fused = finish(engine, digits, normals, words, slot_row, factors)
     eager = reference._finish(digits, normals, words, slot_row, factors)
     out["max_abs_diff_vs_eager"] = float((fused - eager).abs().max())
     out["compute_eager"] = timer.ms(lambda: engine.compute(x, slots))
     out["compute_graph"] = timer.ms(_captured(engine, x, slots))
+    out["kernels_per_call"] = kernel_count(engine, x, slots)
     return out
+
+
+def kernel_count(engine: GpuDeltaEngine, x: torch.Tensor, slots: torch.Tensor) -> int:
+    """CUDA kernels (and copies/memsets) one ``compute`` call launches."""
+    if engine.device.type != "cuda":
+        return 0
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.compute(x, slots)
+    torch.cuda.synchronize(engine.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.compute(x, slots)
+        torch.cuda.synchronize(engine.device)
+    return sum(
+        1 for event in prof.events() if getattr(event, "device_type", None) == DeviceType.CUDA
+    )
 
 
 def _captured(engine: GpuDeltaEngine, x: torch.Tensor, slots: torch.Tensor) -> Callable[[], Any]:
@@ -169,13 +195,14 @@ def _captured(engine: GpuDeltaEngine, x: torch.Tensor, slots: torch.Tensor) -> C
 def remote_stages(
     engine: GpuRemoteDeltaEngine, timer: Timer, x: torch.Tensor, slots: torch.Tensor
 ) -> dict[str, float]:
+    """The host's side of one exchange; compiled stages where the engine compiles."""
     u = engine.project(x)
-    _, limbs, _ = engine._weights(u, slots)
-    products = engine._products(limbs)  # (G, T, 2, L, N)
+    _, limbs, _ = engine._stage("_weights", u, slots)
+    products = engine._stage("_products", limbs)  # (G, T, 2, L, N)
     batch = products.flatten(0, 1)
     outgoing, rho = engine.prepare_outgoing(batch)
     replies = torch.randint(-(1 << 62), 1 << 62, rho.shape, device=rho.device)
-    ntt_form = engine.ring.ntt(outgoing)
+    ntt_form = engine._stage("_ntt_form", outgoing)
     scale = engine.profile.product_scale
     context, parms_id = engine.ctx.context, engine.ctx.parms_id
 
@@ -186,11 +213,11 @@ def remote_stages(
         ]
 
     return {
-        "products": timer.ms(lambda: engine._products(limbs)),
+        "products": timer.ms(lambda: engine._stage("_products", limbs)),
         "rerandomise_pad": timer.ms(lambda: engine.prepare_outgoing(batch)),
-        "ntt": timer.ms(lambda: engine.ring.ntt(outgoing)),
+        "ntt": timer.ms(lambda: engine._stage("_ntt_form", outgoing)),
         "to_host_serialise": timer.ms(to_host_serialise),
-        "unpad_decode": timer.ms(lambda: engine.unpad_evaluations(replies, rho)),
+        "unpad_decode": timer.ms(lambda: engine._stage("unpad_evaluations", replies, rho)),
         "ciphertexts": int(batch.shape[0]),
         "bytes_out": int(batch.shape[0]) * engine.profile.ciphertext_bytes,
     }
@@ -212,15 +239,22 @@ def run_device(
             "device": device,
         }
         engines: dict[str, Any] = {
-            "local_folded": GpuDeltaEngine.from_matrices(secret, matrices, **kwargs),
+            "local_folded": GpuDeltaEngine.from_matrices(
+                secret, matrices, fold_secret=True, **kwargs
+            ),
             "local_decrypt": GpuDeltaEngine.from_matrices(
                 secret, matrices, fold_secret=False, **kwargs
             ),
             "remote_host": GpuRemoteDeltaEngine.from_matrices(None, matrices, **kwargs),
         }
         if device.type == "cuda" and args.compile:
-            engines["local_folded_compiled"] = GpuDeltaEngine.from_matrices(
-                secret, matrices, compile=True, **kwargs
+            for fold in (True, False):
+                name_c = "local_folded_compiled" if fold else "local_decrypt_compiled"
+                engines[name_c] = GpuDeltaEngine.from_matrices(
+                    secret, matrices, fold_secret=fold, compile=True, **kwargs
+                )
+            engines["remote_host_compiled"] = GpuRemoteDeltaEngine.from_matrices(
+                None, matrices, compile=True, **kwargs
             )
         for engine in engines.values():
             engine.load(0, matrices, a_primes)
@@ -230,10 +264,11 @@ def run_device(
             slots = torch.zeros(t, dtype=torch.int64, device=device)
             point: dict[str, Any] = {"T": t, "groups": len(engines["local_folded"].groups)}
             for variant, engine in engines.items():
-                if variant == "remote_host":
+                if variant.startswith("remote_host"):
                     stages = remote_stages(engine, timer, x, slots)
-                elif variant == "local_folded_compiled":
-                    stages = compiled_stages(engine, engines["local_folded"], timer, x, slots)
+                elif variant.endswith("_compiled"):
+                    reference = engines[variant.removesuffix("_compiled")]
+                    stages = compiled_stages(engine, reference, timer, x, slots)
                 else:
                     stages = local_stages(engine, timer, x, slots)
                 point[variant] = {"ms_per_call": stages}
@@ -241,7 +276,9 @@ def run_device(
                     k: round(v / t, 4) for k, v in stages.items() if isinstance(v, float)
                 }
             estimate: dict[str, Any] = {}
-            for variant in ("local_folded", "local_folded_compiled"):
+            for variant in (
+                "local_folded", "local_decrypt", "local_folded_compiled", "local_decrypt_compiled"
+            ):  # fmt: skip
                 if variant in point:
                     timing = point[variant]["ms_per_call"]
                     layer_ms = timing.get("compute_graph", timing["compute_eager"])
@@ -254,7 +291,8 @@ def run_device(
             point["estimate_step_ms"] = estimate
             points.append(point)
             print(
-                f"[gpu-he-bench] {device.type} {name} T={t}: {per_layer:.3f} ms/layer",
+                f"[gpu-he-bench] {device.type} {name} T={t}: {per_layer:.3f} ms/layer folded; "
+                f"per step {estimate}",
                 file=sys.stderr,
             )
         report[name] = {"shape": spec, "points": points}

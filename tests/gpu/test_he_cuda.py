@@ -98,13 +98,15 @@ def _capture(engine: GpuDeltaEngine, x: torch.Tensor, slots: torch.Tensor):
     return graph, out
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 def test_local_engine_replays_in_a_cuda_graph(
-    ctx: PublicContext, secret: SecretKeySet, rng: np.random.Generator
+    ctx: PublicContext, secret: SecretKeySet, rng: np.random.Generator, compiled: bool
 ) -> None:
     d_in, (lq, lv), (mq, mv) = _fused_qv(ctx, rng)
     engine = GpuDeltaEngine.from_matrices(
-        secret, [mq, None, mv], output_slices=[96, 16, 32], d_in=d_in, max_slots=2, device=CUDA
-    )
+        secret, [mq, None, mv], output_slices=[96, 16, 32], d_in=d_in, max_slots=2, device=CUDA,
+        compile=compiled,
+    )  # fmt: skip
     assert engine.capturable
     x_buf, slot_buf = _static_inputs(d_in, 4)
     # Captured before any adapter is loaded (vLLM captures at startup): replays must still

@@ -23,12 +23,13 @@ from tests.he.torch_ring_reference import (
     seal_rerandomise,
     switch_reference,
 )
-from vllm_tensafe.he import PublicContext, SecretKeySet
+from vllm_tensafe.he import PublicContext, SecretKeySet, gpu_engine
 from vllm_tensafe.he.gpu_engine import (
     DeviceRing,
     GpuDeltaEngine,
     GpuRemoteDeltaEngine,
     Member,
+    _compiled_stage,
     adapter_groups,
     coefficient_residues,
     layer_groups_for,
@@ -154,14 +155,19 @@ def test_worst_case_columns_are_exact(ring: DeviceRing) -> None:
 
 
 def test_negacyclic_product_worst_case_is_exact(ring: DeviceRing) -> None:
-    """a with every residue q - 1 (all limbs 2^20 - 1) times b = 1 + X + ... + X^(N-1): the
-    largest coefficients; (a b)_i = (q - 1) * (i + 1 - (N - 1 - i))."""
+    """a with every residue q - 1, and with every 30-bit limb 2^30 - 1, times b = 1 + X + ... +
+    X^(N-1): the largest coefficients; (a b)_i = (q - 1) * (i + 1 - (N - 1 - i)). The
+    rounding distance stays below the bound in torch_ring's docstring (2^-4.8), far from 1/2."""
     n = ring.n
     qs = ring.moduli.values
     a = torch.tensor([[q - 1] * n for q in qs], dtype=torch.int64, device=ring.device)
     spectrum = ring.fft.spectrum(torch.ones(n, dtype=torch.int64, device=ring.device))
     limb_product = ring.fft.limb_spectra(a) * spectrum
-    assert ring.fft.max_rounding_distance(limb_product) < 1e-3
+    assert ring.fft.max_rounding_distance(limb_product) < 2**-4.8
+    full_limbs = torch.full((n,), (1 << 60) - 1, dtype=torch.int64, device=ring.device)
+    distance = ring.fft.max_rounding_distance(ring.fft.limb_spectra(full_limbs) * spectrum)
+    print(f"worst-case FFT rounding distance: {distance:.3g}")
+    assert distance < 2**-4.8
     got = as_u64(ring.fft.multiply(a, spectrum))
     i = np.arange(n)
     for row, q in zip(got, qs, strict=True):
@@ -351,6 +357,88 @@ def test_local_engine_deltas(
     assert engine.capturable == (engine.device.type == "cuda")
 
 
+@pytest.mark.parametrize("fold_secret", [True, False])
+def test_compiled_stages_are_bit_identical_and_shared(
+    qv: tuple, secret: SecretKeySet, local_engines: dict, rng: np.random.Generator,
+    device: torch.device, fold_secret: bool,
+) -> None:  # fmt: skip
+    """TENSAFE_HE_COMPILE: the compiled stages give the eager stages' deltas bit for bit on
+    the same GEMM digits and flood draws, for one token and for several (dynamo compiles T = 1
+    apart), and a second engine of the same shape reuses the compiled code (32 layers must
+    not compile 32 times, nor exceed dynamo's recompile limit and fall back to eager). On CUDA
+    this is inductor's Triton code; on the CPU the "aot_eager" backend checks the tracing
+    (whole-graph, shareable) without a C++ toolchain and minutes of compiling."""
+    import torch._dynamo.utils as dynamo_utils
+
+    d_in, (lq, lv), (mq, mv) = qv
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    reference = local_engines[fold_secret]
+    kwargs = {"output_slices": [96, 16, 32], "d_in": d_in, "max_slots": 2, "device": device}
+    compiled = [
+        GpuDeltaEngine.from_matrices(
+            secret,
+            [mq, None, mv],
+            fold_secret=fold_secret,
+            compile=True,
+            compile_backend=backend,
+            **kwargs,
+        )
+        for _ in range(2)
+    ]
+    for engine in compiled:
+        engine.load(1, [mq, None, mv], [lq.a_mixed, None, lv.a_mixed])
+    frames = None
+    for engine in compiled:
+        for tokens in (1, 3, 4):
+            x = on(rng.normal(size=(tokens, d_in)), device).float()
+            slots = on(np.array([1, -1, 1, 0][:tokens]), device)
+            u = reference.project(x)
+            slot_row, limbs, factors = reference._weights(u, slots)
+            got_weights = gpu_engine._compiled_stage(GpuDeltaEngine, "_weights", backend)(
+                engine, u, slots
+            )
+            assert all(
+                torch.equal(a, b)
+                for a, b in zip(got_weights, (slot_row, limbs, factors), strict=True)
+            )
+            digits = torch.bmm(limbs, reference.table)
+            normals, words = reference.flood_source.draw((1, tokens, reference.ring.n))
+            want = reference._finish(digits, normals, words, slot_row, factors)
+            got = gpu_engine._compiled_stage(GpuDeltaEngine, "_finish", backend)(
+                engine, digits, normals, words, slot_row, factors
+            )
+            assert torch.equal(got, want)
+            # The whole call takes the compiled path and stays within the tolerance.
+            delta = engine.compute(x, slots).cpu().numpy()
+            zero = [r for r in (1, 3) if r < tokens]  # slot -1 and the empty slot 0
+            ref = _reference(x.cpu().numpy().astype(np.float64), lq, lv, zero)
+            assert np.abs(delta - ref).max() < engine.profile.tolerance
+            assert engine.compiled
+        if frames is None:
+            frames = dynamo_utils.counters["frames"]["total"]
+    # The second engine compiled nothing new.
+    assert dynamo_utils.counters["frames"]["total"] == frames
+
+
+def test_failed_compile_falls_back_to_the_eager_stages(
+    qv: tuple, secret: SecretKeySet, rng: np.random.Generator, device: torch.device,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    d_in, (lq, lv), (mq, mv) = qv
+    engine = GpuDeltaEngine.from_matrices(
+        secret, [mq, None, mv], output_slices=[96, 16, 32], d_in=d_in, max_slots=2,
+        device=device, compile=True, compile_backend="no-such-backend",
+    )  # fmt: skip
+    engine.load(1, [mq, None, mv], [lq.a_mixed, None, lv.a_mixed])
+    x = on(rng.normal(size=(2, d_in)), device).float()
+    with caplog.at_level("WARNING", logger="vllm_tensafe.he.gpu"):
+        delta = engine.compute(x, on(np.array([1, 1]), device)).cpu().numpy()
+    assert not engine.compiled
+    assert "torch.compile of the HE engine's stages failed" in caplog.text
+    ref = _reference(x.cpu().numpy().astype(np.float64), lq, lv, [])
+    assert np.abs(delta - ref).max() < engine.profile.tolerance
+
+
 def test_folded_products_equal_decrypted_products(
     ctx: PublicContext, secret: SecretKeySet, qv: tuple, local_engines: dict,
     rng: np.random.Generator,
@@ -431,6 +519,49 @@ def test_remote_engine_deltas_through_the_v2_key_holder(
     for blob in holder.received:
         sent = decode_ciphertext(ctx, blob, "sent")
         assert sent.is_ntt_form() and sent.scale == ctx.profile.product_scale
+
+
+def test_remote_engine_compiled_stages_are_bit_identical(
+    remote_setup: tuple, qv: tuple, rng: np.random.Generator, ctx: PublicContext,
+    device: torch.device,
+) -> None:  # fmt: skip
+    """The remote engine's compiled stages (products, re-randomisation + pad, SEAL's NTT,
+    unpad + decode) give the eager stages' integers on the same inputs, and its deltas through
+    the key holder stay within the tolerance."""
+    engine, holder, d_in, (lq, lv) = remote_setup
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    mats = [qv[2][0], None, qv[2][1]]
+    compiled = GpuRemoteDeltaEngine.from_matrices(
+        holder, mats, output_slices=[96, 16, 32], d_in=d_in, device=device, compile=True,
+        compile_backend=backend,
+    )  # fmt: skip
+    ref = AdapterRef("bench", ctx.key_id, "0" * 64)
+    compiled.load(0, mats, [lq.a_mixed, None, lv.a_mixed], ref=ref)
+    cls = GpuRemoteDeltaEngine
+    u = on(rng.normal(size=(2, 1, 3, 8)), device)
+    slots = torch.zeros(2, dtype=torch.int64, device=device)
+    weights = engine._weights(u, slots)[1]
+    products = engine._products(weights)
+    assert torch.equal(_compiled_stage(cls, "_products", backend)(compiled, weights), products)
+    batch = products.flatten(0, 1)
+    ternary, errors, uniform = compiled.covers.draw(batch.shape[0])
+    v, e1 = on(ternary, device), on(errors, device)
+    pad = on(uniform.view(np.int64), device)
+    spectra = engine.ring.public_key_spectra()
+    want = engine._conceal(batch, v, e1, pad, spectra)
+    got = _compiled_stage(cls, "_conceal", backend)(compiled, batch, v, e1, pad, spectra)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    ntt = _compiled_stage(cls, "_ntt_form", backend)(compiled, want[0])
+    assert torch.equal(ntt, engine._ntt_form(want[0]))
+    replies = torch.randint(-(1 << 62), 1 << 62, want[1].shape, device=device)
+    unpadded = _compiled_stage(cls, "unpad_evaluations", backend)(compiled, replies, want[1])
+    assert torch.equal(unpadded, engine.unpad_evaluations(replies, want[1]))
+    x = rng.normal(size=(3, d_in))
+    got_delta = compiled.compute(on(x, device).float(), on(np.array([0, -1, 0]), device))
+    assert compiled.compiled
+    assert (
+        np.abs(got_delta.cpu().numpy() - _reference(x, lq, lv, [1])).max() < ctx.profile.tolerance
+    )
 
 
 def test_remote_pad_hides_the_product_from_the_key_holder(

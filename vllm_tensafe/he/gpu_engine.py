@@ -205,9 +205,17 @@ class DeviceRing:
             self._pk_spectra = self.fft.limb_spectra(pk)
         return self._pk_spectra
 
-    def rerandomise(self, ct: torch.Tensor, v: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """(B, 2, L, N) + (pk0 * v + e0, pk1 * v + e1): v (B, N) ternary, e (B, 2, N) small."""
-        spectra = self.public_key_spectra()  # (2, L, limbs, h)
+    def rerandomise(
+        self,
+        ct: torch.Tensor,
+        v: torch.Tensor,
+        e: torch.Tensor,
+        spectra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, 2, L, N) + (pk0 * v + e0, pk1 * v + e1): v (B, N) ternary, e (B, 2, N) small;
+        ``spectra``: ``public_key_spectra()`` (passed in by compiled callers)."""
+        if spectra is None:
+            spectra = self.public_key_spectra()  # (2, L, limbs, h)
         v_spec = self.fft.spectrum(v)[:, None, None, None, :]  # (B, 1, 1, 1, h)
         pkv = self.fft.from_spectra(spectra.unsqueeze(0) * v_spec)  # (B, 2, L, N)
         noise = signed_to_residue(e.unsqueeze(-2), self.arith.q)  # (B, 2, 1->L, N)
@@ -351,6 +359,25 @@ def _layer_defaults(matrices: Sequence[EncryptedMatrix | None], kwargs: dict[str
     kwargs.setdefault("max_rank", max(m.rank for m in matrices if m is not None))
 
 
+# torch.compile'd stages, shared by every engine of the process: (class, stage, backend) -> fn.
+_COMPILED_STAGES: dict[tuple[str, str, str], Any] = {}
+_COMPILED_LOCK = threading.Lock()
+
+
+def _compiled_stage(cls: type, name: str, backend: str) -> Any:
+    """``cls.<name>`` compiled (the engine is its first argument; shapes that change between
+    calls, such as the token count, become dynamic after their second value). Dynamo guards on
+    the engine's constants (profile, slots, groups), not on its identity, so every layer engine
+    of one shape shares the compiled code."""
+    key = (cls.__qualname__, name, backend)
+    with _COMPILED_LOCK:
+        fn = _COMPILED_STAGES.get(key)
+        if fn is None:
+            fn = torch.compile(getattr(cls, name), dynamic=None, backend=backend)
+            _COMPILED_STAGES[key] = fn
+        return fn
+
+
 @dataclass
 class _SlotState:
     adapter_id: str
@@ -384,6 +411,7 @@ class GpuDeltaEngine:
         generator: torch.Generator | str | None = None,
         ring: DeviceRing | None = None,
         compile: bool = False,
+        compile_backend: str = "inductor",
         chunk_tokens: int = 512,
     ) -> None:
         if not isinstance(ctx, PublicContext):
@@ -429,17 +457,12 @@ class GpuDeltaEngine:
         self.chunk_tokens = max(1, int(chunk_tokens))
         self._setup(secret, fold_secret, generator)
         # The stages around the GEMM and the random draw are pure tensor code: compiled, their
-        # ~150 elementwise kernels fuse into a few (launch overhead dominates at small T).
+        # ~150 elementwise kernels fuse into ~20 (launch latency dominates at small T, even
+        # replayed from a CUDA graph). One compiled function per stage serves every engine of
+        # the process (``_compiled_stage``): the engine is an argument, not captured, so
+        # dropping an engine frees its device memory at once and 32 layers compile once.
         self.compiled = bool(compile)
-        # Only the compiled stages are kept (they hold the engine): a plain engine must not
-        # reference itself, so that dropping it (vLLM unbinding a slot) frees its device
-        # memory at once rather than at the next cyclic garbage collection.
-        self._compiled_stages: tuple[Any, Any] | None = None
-        if self.compiled:
-            self._compiled_stages = (
-                torch.compile(self._weights, dynamic=True),
-                torch.compile(self._finish, dynamic=True),
-            )
+        self.compile_backend = compile_backend
 
     # --- construction ----------------------------------------------------------------------
 
@@ -724,18 +747,29 @@ class GpuDeltaEngine:
         )
 
     def _compute_chunk(self, u: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        slot_row, weights, factors = self._stage_weights(u, slots)
+        slot_row, weights, factors = self._stage("_weights", u, slots)
         digits = torch.bmm(weights, self.table)  # exact float64 digit sums
         normals, words = self.flood_source.draw((len(self.groups), u.shape[0], self.ring.n))
-        return self._stage_finish(digits, normals, words, slot_row, factors)
+        return self._stage("_finish", digits, normals, words, slot_row, factors)
 
-    @property
-    def _stage_weights(self) -> Any:
-        return self._weights if self._compiled_stages is None else self._compiled_stages[0]
-
-    @property
-    def _stage_finish(self) -> Any:
-        return self._finish if self._compiled_stages is None else self._compiled_stages[1]
+    def _stage(self, name: str, *args: Any) -> Any:
+        """Run the pure method ``name``: compiled when the engine compiles (and compiling has
+        not failed in this process), else op by op."""
+        if self.compiled:
+            try:
+                return _compiled_stage(type(self), name, self.compile_backend)(self, *args)
+            except Exception as exc:  # any compiler failure: the eager stages
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise
+                self.compiled = False
+                logger.warning(
+                    "torch.compile of the HE engine's stages failed (%s: %s); this engine runs "
+                    "them op by op (same results, slower). Set TENSAFE_HE_COMPILE=false to skip "
+                    "the attempt.",
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:300] if str(exc) else "",
+                )
+        return getattr(self, name)(*args)
 
     def _finish(
         self,
@@ -924,6 +958,8 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
         self.covers = OutgoingCovers.for_context(ctx, prefetch=cover_prefetch)
         self.covers.start()  # ready by the first step
         self.seconds_serialise = 0.0
+        self._ntt = self.ring.ntt  # built here (SEAL's roots): the compiled stage only runs it
+        self.ring.public_key_spectra()
 
     @classmethod
     def from_matrices(  # type: ignore[override]
@@ -942,8 +978,8 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
     def _compute_chunk(self, u: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         tokens = u.shape[0]
         started = time.perf_counter()
-        slot_row, weights, factors = self._weights(u, slots)
-        residues = self._products(weights)  # (G, T, 2, L, N)
+        slot_row, weights, factors = self._stage("_weights", u, slots)
+        residues = self._stage("_products", weights)  # (G, T, 2, L, N)
         evaluations = torch.zeros(
             (len(self.groups), tokens, self.ring.n // 2), dtype=torch.complex128, device=self.device
         )
@@ -964,8 +1000,8 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
             self.stats.seconds_products += time.perf_counter() - started
             replies = self._exchange(state, outgoing)
             started = time.perf_counter()
-            evaluations[g_idx, t_idx] = self.unpad_evaluations(replies, rho)
-        out = self._assemble(evaluations, slot_row, factors)
+            evaluations[g_idx, t_idx] = self._stage("unpad_evaluations", replies, rho)
+        out = self._stage("_assemble", evaluations, slot_row, factors)
         self.stats.seconds_unmask += time.perf_counter() - started
         return out
 
@@ -982,14 +1018,20 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
         v = self._upload(ternary)
         e1 = self._upload(errors)
         pad = self._upload(uniform.view(np.int64))
+        return self._stage("_conceal", ct, v, e1, pad, self.ring.public_key_spectra())
+
+    def _conceal(
+        self, ct: torch.Tensor, v: torch.Tensor, e1: torch.Tensor, pad: torch.Tensor,
+        pk_spectra: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Re-randomise and pad (a pure function of its inputs: compiled with the engine)."""
         e = torch.stack([torch.zeros_like(e1), e1], dim=1)
-        return self.pad(self.ring.rerandomise(ct, v, e), pad)
+        return self.pad(self.ring.rerandomise(ct, v, e, pk_spectra), pad)
 
     def _upload(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+        # A plain (pageable) copy: pinning a fresh buffer per call costs more than it saves
+        # for these few hundred KB.
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def pad(self, ct: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """c0 += R (coefficient form); rho = S_m(R)."""
@@ -999,12 +1041,15 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
     def serialise(self, outgoing: torch.Tensor) -> list[bytes]:
         """Coefficient-form (B, 2, L, N) -> v2 wire ciphertexts: the NTT runs on the device,
         only the NTT-form residues cross to the host."""
-        host = self.ring.ntt(outgoing).cpu().numpy().view(np.uint64)
+        host = self._stage("_ntt_form", outgoing).cpu().numpy().view(np.uint64)
         scale = self.profile.product_scale
         context, parms_id = self.ctx.context, self.ctx.parms_id
         return [
             encode_ciphertext(ciphertext_from_residues(context, parms_id, ct, scale)) for ct in host
         ]
+
+    def _ntt_form(self, outgoing: torch.Tensor) -> torch.Tensor:
+        return self._ntt(outgoing)
 
     def unpad_evaluations(self, replies: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
         """Replies y (B, N) words -> evaluations of (y - rho) / Delta' (B, N/2)."""

@@ -26,13 +26,15 @@ Exactness arguments, one per operation:
   (D_j * 2^(WB a) mod q), so one float64 GEMM yields K digit sums, each a sum of
   rank * A products below 2^(WB + RB): ``limb_plan`` picks the limbs so that every digit sum is
   an integer below 2^53, which float64 GEMMs (any summation order, FMA or not) add exactly.
-* ``NegacyclicFFT`` (a * b mod X^N + 1, b with |b_i| <= 1, a residues): a is split into 20-bit
-  limbs, so each limb product has integer coefficients |c_i| <= 2^20 * N = 2^33 (N = 8192). The
-  product is computed with the folding of X^N + 1 = (X^(N/2) - i)(X^(N/2) + i): one complex FFT
-  of size N/2 per real polynomial. float64 FFT convolution errors are bounded by about
-  ||a||_2 ||b||_2 * 2^-53 * 3 log2(N/2) <= 2^26.5 * 2^6.5 * 2^-53 * 2^5.2 = 2^-14.8, far below
-  1/2, so rounding recovers every coefficient exactly (the tests check the distance to the
-  nearest integer on worst-case inputs as well).
+* ``NegacyclicFFT`` (a * b mod X^N + 1, b with |b_i| <= 1, a residues): a is split into 30-bit
+  limbs (two for the profiles' primes of at most 60 bits), so each limb product has integer
+  coefficients |c_i| <= 2^30 * N = 2^43 (N = 8192). The product is computed with the folding of
+  X^N + 1 = (X^(N/2) - i)(X^(N/2) + i): one complex FFT of size N/2 per real polynomial. float64
+  FFT convolution errors are bounded by about ||a||_2 ||b||_2 * 2^-53 * 3 log2(N/2)
+  <= 2^36.5 * 2^6.5 * 2^-53 * 2^5.2 = 2^-4.8 (0.036), below 1/2, so rounding recovers every
+  coefficient exactly (the tests check the distance to the nearest integer on worst-case inputs
+  as well: every limb 2^30 - 1 times the all-ones polynomial). Two limbs instead of three
+  (20 bits) cut the per-token decryption's FFTs by a third.
 * ``ModulusSwitch`` (S_m of docs/v2-math): exact 64 x 64 -> 128-bit products from 32-bit halves.
 * ``CkksDecoder``: the canonical embedding at SEAL's slot roots zeta^(3^j mod 2N) as one complex
   FFT of size N/2 of the folded polynomial; only real parts are returned (they do not depend on
@@ -51,8 +53,7 @@ import torch
 from vllm_tensafe.errors import HEError
 
 MASK32 = (1 << 32) - 1
-FFT_LIMB_BITS = 20
-FFT_LIMBS = 3
+FFT_LIMB_BITS = 30
 # float64 integers are exact below 2^53.
 EXACT_BITS = 53
 _U64 = 1 << 64
@@ -266,6 +267,7 @@ class NegacyclicFFT:
         angle = math.pi * j / n
         self.twist = torch.polar(torch.ones_like(angle), angle)  # psi^j, psi = exp(i pi / N)
         self.untwist = self.twist.conj()
+        self.limbs = -(-arith.moduli.bits // FFT_LIMB_BITS)
 
     def spectrum(self, b: torch.Tensor) -> torch.Tensor:
         """(..., N) real polynomial -> (..., N/2) complex spectrum of its folding."""
@@ -274,9 +276,9 @@ class NegacyclicFFT:
         return torch.fft.fft(torch.complex(b[..., :h], b[..., h:]) * self.twist)
 
     def limb_spectra(self, a: torch.Tensor) -> torch.Tensor:
-        """(..., L, N) residues -> (..., L, limbs, N/2) spectra of their 20-bit limbs."""
+        """(..., L, N) residues -> (..., L, limbs, N/2) spectra of their 30-bit limbs."""
         mask = (1 << FFT_LIMB_BITS) - 1
-        limbs = torch.stack([(a >> (FFT_LIMB_BITS * k)) & mask for k in range(FFT_LIMBS)], dim=-2)
+        limbs = torch.stack([(a >> (FFT_LIMB_BITS * k)) & mask for k in range(self.limbs)], dim=-2)
         return self.spectrum(limbs)
 
     def from_spectra(self, product: torch.Tensor) -> torch.Tensor:

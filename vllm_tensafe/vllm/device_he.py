@@ -372,6 +372,7 @@ def build_captured_layer(
         max_rank=int(lora_config.max_lora_rank),
         device=device,
         fold_secret=runtime.settings.he_fold_secret,
+        compile=runtime.settings.he_compile and device.type == "cuda",
         rows=rows,
         ring=state.ring(ctx, device),
         # torch registers the default generator with every CUDA graph capture (vLLM's too);
@@ -427,11 +428,20 @@ def eager_engine(
     a = [None if p is None else p.to(device) for p in a_primes(layer, slot, slices, adapter.rank)]
     if runtime.settings.key_holder == "local":
         engine = GpuDeltaEngine.from_matrices(
-            runtime.local_secret(), slices, fold_secret=runtime.settings.he_fold_secret, **kwargs
+            runtime.local_secret(),
+            slices,
+            fold_secret=runtime.settings.he_fold_secret,
+            compile=runtime.settings.he_compile and device.type == "cuda",
+            **kwargs,
         )
         engine.load(0, slices, a, adapter_id=adapter.name)
         return engine
-    remote = GpuRemoteDeltaEngine.from_matrices(runtime.key_holder(), slices, **kwargs)
+    remote = GpuRemoteDeltaEngine.from_matrices(
+        runtime.key_holder(),
+        slices,
+        compile=runtime.settings.he_compile and device.type == "cuda",
+        **kwargs,
+    )
     remote.load(0, slices, a, adapter_id=adapter.name, ref=adapter.ref)
     return remote
 
