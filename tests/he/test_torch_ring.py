@@ -370,6 +370,8 @@ def test_compiled_stages_are_bit_identical_and_shared(
     (whole-graph, shareable) without a C++ toolchain and minutes of compiling."""
     import torch._dynamo.utils as dynamo_utils
 
+    if fold_secret and device.type == "cpu":
+        pytest.skip("the folded variant's tracing is the same; its Triton code is run on CUDA")
     d_in, (lq, lv), (mq, mv) = qv
     backend = "inductor" if device.type == "cuda" else "aot_eager"
     reference = local_engines[fold_secret]
