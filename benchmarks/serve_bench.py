@@ -161,15 +161,20 @@ def run_load(
     seconds: float | None = None,
 ) -> dict:
     """``requests`` requests, ``concurrency`` at a time; with ``seconds``, no request starts
-    after that budget (those running finish), so a slow variant cannot eat the whole run."""
+    after that budget (those running finish), so a slow variant cannot eat the whole run.
+
+    A token-id prompt gives every request its own ids of that length (seeded by the request's
+    number): with one prompt for all, vLLM's prefix cache would serve every prefill after the
+    first, and TTFT would time the cache instead of the model (and the HE op)."""
     one_request(client, model, 4, prompt)  # warm-up (adapter load, first compile)
     started = time.perf_counter()
     deadline = None if seconds is None else started + seconds
 
-    def worker(_: int) -> dict[str, Any] | None:
+    def worker(index: int) -> dict[str, Any] | None:
         if deadline is not None and time.perf_counter() > deadline:
             return None
-        return one_request(client, model, max_tokens, prompt)
+        own = token_prompt(len(prompt), seed=index + 1) if isinstance(prompt, list) else prompt
+        return one_request(client, model, max_tokens, own)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
         results = [r for r in pool.map(worker, range(requests)) if r is not None]
@@ -427,7 +432,8 @@ def main() -> int:
     )
     parser.add_argument(
         "--requests", type=int, default=16,
-        help="requests per level (at least the concurrency; default 16)",
+        help="requests per level (at least three times the concurrency, so that a level is more "
+        "than one wave of requests; default 16)",
     )  # fmt: skip
     parser.add_argument("--max-tokens", type=int, help="output tokens (default 32; llama8b 128)")
     parser.add_argument(
@@ -618,7 +624,13 @@ def run_server(
             for c, prompt in itertools.product(variant_level_list, variant_prompts):
                 before = he_counters(server.base_url) if he else {}
                 level = run_load(
-                    client, model, c, max(args.requests, c), max_tokens, prompt, args.level_seconds
+                    client,
+                    model,
+                    c,
+                    max(args.requests, 3 * c),
+                    max_tokens,
+                    prompt,
+                    args.level_seconds,
                 )
                 if he and before:
                     after = he_counters(server.base_url)
