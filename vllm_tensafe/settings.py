@@ -133,7 +133,7 @@ class TenSafeSettings(BaseSettings):
     he_compile: bool = Field(
         default=True,
         description="Torch engine on CUDA: fuse the HE op's elementwise stages with "
-        "torch.compile (a Llama-3-8B q/v layer call launches 26 kernels instead of 236; "
+        "torch.compile (a Llama-3-8B q/v layer call launches 26 kernels instead of 216; "
         "bit-identical results), local and remote key holder. The first calls compile "
         "(vLLM's warm-up runs them before it captures its graphs; seconds per shape). A failed "
         "compile falls back to the op-by-op stages with a warning. Ignored on the CPU.",
