@@ -424,21 +424,28 @@ def test_compiled_stages_are_bit_identical_and_shared(
 
 def test_failed_compile_falls_back_to_the_eager_stages(
     qv: tuple, secret: SecretKeySet, rng: np.random.Generator, device: torch.device,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
+    """A compiler that fails: the deltas come from the op-by-op stages, with one warning per
+    process (not one per layer engine)."""
+    monkeypatch.setattr(gpu_engine, "_COMPILE_FAILED", set())
     d_in, (lq, lv), (mq, mv) = qv
-    engine = GpuDeltaEngine.from_matrices(
-        secret, [mq, None, mv], output_slices=[96, 16, 32], d_in=d_in, max_slots=2,
-        device=device, compile=True, compile_backend="no-such-backend",
-    )  # fmt: skip
-    engine.load(1, [mq, None, mv], [lq.a_mixed, None, lv.a_mixed])
     x = on(rng.normal(size=(2, d_in)), device).float()
-    with caplog.at_level("WARNING", logger="vllm_tensafe.he.gpu"):
-        delta = engine.compute(x, on(np.array([1, 1]), device)).cpu().numpy()
-    assert not engine.compiled
-    assert "torch.compile of the HE engine's stages failed" in caplog.text
     ref = _reference(x.cpu().numpy().astype(np.float64), lq, lv, [])
-    assert np.abs(delta - ref).max() < engine.profile.tolerance
+    warnings = []
+    for _ in range(2):
+        engine = GpuDeltaEngine.from_matrices(
+            secret, [mq, None, mv], output_slices=[96, 16, 32], d_in=d_in, max_slots=2,
+            device=device, compile=True, compile_backend="no-such-backend",
+        )  # fmt: skip
+        engine.load(1, [mq, None, mv], [lq.a_mixed, None, lv.a_mixed])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="vllm_tensafe.he.gpu"):
+            delta = engine.compute(x, on(np.array([1, 1]), device)).cpu().numpy()
+        warnings.append(caplog.text.count("torch.compile of the HE engine's stages failed"))
+        assert not engine.compiled
+        assert np.abs(delta - ref).max() < engine.profile.tolerance
+    assert warnings == [1, 0]
 
 
 def test_folded_products_equal_decrypted_products(

@@ -362,6 +362,8 @@ def _layer_defaults(matrices: Sequence[EncryptedMatrix | None], kwargs: dict[str
 # torch.compile'd stages, shared by every engine of the process: (class, stage, backend) -> fn.
 _COMPILED_STAGES: dict[tuple[str, str, str], Any] = {}
 _COMPILED_LOCK = threading.Lock()
+# Backends whose compile failed in this process: every engine then runs op by op.
+_COMPILE_FAILED: set[str] = set()
 
 
 def _compiled_stage(cls: type, name: str, backend: str) -> Any:
@@ -755,20 +757,25 @@ class GpuDeltaEngine:
     def _stage(self, name: str, *args: Any) -> Any:
         """Run the pure method ``name``: compiled when the engine compiles (and compiling has
         not failed in this process), else op by op."""
-        if self.compiled:
+        if self.compiled and self.compile_backend not in _COMPILE_FAILED:
             try:
                 return _compiled_stage(type(self), name, self.compile_backend)(self, *args)
             except Exception as exc:  # any compiler failure: the eager stages
                 if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                     raise
                 self.compiled = False
-                logger.warning(
-                    "torch.compile of the HE engine's stages failed (%s: %s); this engine runs "
-                    "them op by op (same results, slower). Set TENSAFE_HE_COMPILE=false to skip "
-                    "the attempt.",
-                    type(exc).__name__,
-                    str(exc).splitlines()[0][:300] if str(exc) else "",
-                )
+                with _COMPILED_LOCK:
+                    first = self.compile_backend not in _COMPILE_FAILED
+                    _COMPILE_FAILED.add(self.compile_backend)
+                if first:  # one warning per process, not one per layer
+                    logger.warning(
+                        "torch.compile of the HE engine's stages failed (%s: %s); the engines "
+                        "of this process run them op by op (same results, slower). Set "
+                        "TENSAFE_HE_COMPILE=false to skip the attempt.",
+                        type(exc).__name__,
+                        str(exc).splitlines()[0][:300] if str(exc) else "",
+                    )
+        self.compiled = False
         return getattr(self, name)(*args)
 
     def _finish(
