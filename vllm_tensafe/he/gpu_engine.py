@@ -459,7 +459,7 @@ class GpuDeltaEngine:
         self.chunk_tokens = max(1, int(chunk_tokens))
         self._setup(secret, fold_secret, generator)
         # The stages around the GEMM and the random draw are pure tensor code: compiled, their
-        # ~150 elementwise kernels fuse into ~20 (launch latency dominates at small T, even
+        # ~200 elementwise kernels fuse into ~25 (launch latency dominates at small T, even
         # replayed from a CUDA graph). One compiled function per stage serves every engine of
         # the process (``_compiled_stage``): the engine is an argument, not captured, so
         # dropping an engine frees its device memory at once and 32 layers compile once.
