@@ -40,3 +40,27 @@ def test_he_bench_key_holder_command_exists() -> None:
     proc = _run(["-c", he_bench.SERVE, "key-holder", "serve", "--help"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--he-secret" in proc.stdout
+
+
+def test_serve_bench_sends_every_request_its_own_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one prompt for every request, vLLM's prefix cache serves every prefill after the
+    first and TTFT times the cache: each timed request must carry its own token ids."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import serve_bench
+    finally:
+        sys.path.pop(0)
+    sent: list[list[int]] = []
+
+    def fake_request(client: object, model: str, max_tokens: int, prompt: list[int]) -> dict:
+        sent.append(list(prompt))
+        return {"ttft": 0.01, "itl": [0.001], "tokens": max_tokens, "elapsed": 0.02}
+
+    monkeypatch.setattr(serve_bench, "one_request", fake_request)
+    prompt = serve_bench.token_prompt(64)
+    level = serve_bench.run_load(None, "m", concurrency=4, requests=12, max_tokens=8, prompt=prompt)
+    assert level["requests"] == 12 and level["prompt_tokens"] == 64
+    warm_up, timed = sent[0], sent[1:]
+    assert warm_up == prompt
+    assert all(len(p) == 64 for p in timed)
+    assert len({tuple(p) for p in timed} | {tuple(prompt)}) == 13
