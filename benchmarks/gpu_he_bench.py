@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.profiler import DeviceType
+from torch.profiler import DeviceType, ProfilerActivity, profile
 
 from vllm_tensafe.he import encrypt_matrix, generate_keys
 from vllm_tensafe.he.gpu_engine import GpuDeltaEngine, GpuRemoteDeltaEngine, _compiled_stage
@@ -165,8 +165,6 @@ def kernel_count(engine: GpuDeltaEngine, x: torch.Tensor, slots: torch.Tensor) -
     """CUDA kernels (and copies/memsets) one ``compute`` call launches."""
     if engine.device.type != "cuda":
         return 0
-    from torch.profiler import ProfilerActivity, profile
-
     engine.compute(x, slots)
     torch.cuda.synchronize(engine.device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

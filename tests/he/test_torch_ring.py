@@ -396,9 +396,7 @@ def test_compiled_stages_are_bit_identical_and_shared(
             slots = on(np.array([1, -1, 1, 0][:tokens]), device)
             u = reference.project(x)
             slot_row, limbs, factors = reference._weights(u, slots)
-            got_weights = gpu_engine._compiled_stage(GpuDeltaEngine, "_weights", backend)(
-                engine, u, slots
-            )
+            got_weights = _compiled_stage(GpuDeltaEngine, "_weights", backend)(engine, u, slots)
             assert all(
                 torch.equal(a, b)
                 for a, b in zip(got_weights, (slot_row, limbs, factors), strict=True)
@@ -406,7 +404,7 @@ def test_compiled_stages_are_bit_identical_and_shared(
             digits = torch.bmm(limbs, reference.table)
             normals, words = reference.flood_source.draw((1, tokens, reference.ring.n))
             want = reference._finish(digits, normals, words, slot_row, factors)
-            got = gpu_engine._compiled_stage(GpuDeltaEngine, "_finish", backend)(
+            got = _compiled_stage(GpuDeltaEngine, "_finish", backend)(
                 engine, digits, normals, words, slot_row, factors
             )
             assert torch.equal(got, want)

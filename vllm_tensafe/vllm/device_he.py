@@ -338,6 +338,12 @@ def _record_metrics(adapter: EncryptedAdapter, ciphertexts: int) -> None:
         logger.debug("Could not record HE metrics", exc_info=True)
 
 
+def compiles(runtime: TenSafeRuntime, device: torch.device) -> bool:
+    """Whether a torch engine on ``device`` runs its stages compiled (TENSAFE_HE_COMPILE; CUDA
+    only: on the CPU inductor would spend minutes in a C++ compiler for no launch savings)."""
+    return runtime.settings.he_compile and device.type == "cuda"
+
+
 def build_captured_layer(
     state: DeviceState,
     manager: Any,
@@ -372,7 +378,7 @@ def build_captured_layer(
         max_rank=int(lora_config.max_lora_rank),
         device=device,
         fold_secret=runtime.settings.he_fold_secret,
-        compile=runtime.settings.he_compile and device.type == "cuda",
+        compile=compiles(runtime, device),
         rows=rows,
         ring=state.ring(ctx, device),
         # torch registers the default generator with every CUDA graph capture (vLLM's too);
@@ -431,7 +437,7 @@ def eager_engine(
             runtime.local_secret(),
             slices,
             fold_secret=runtime.settings.he_fold_secret,
-            compile=runtime.settings.he_compile and device.type == "cuda",
+            compile=compiles(runtime, device),
             **kwargs,
         )
         engine.load(0, slices, a, adapter_id=adapter.name)
@@ -439,7 +445,7 @@ def eager_engine(
     remote = GpuRemoteDeltaEngine.from_matrices(
         runtime.key_holder(),
         slices,
-        compile=runtime.settings.he_compile and device.type == "cuda",
+        compile=compiles(runtime, device),
         **kwargs,
     )
     remote.load(0, slices, a, adapter_id=adapter.name, ref=adapter.ref)
