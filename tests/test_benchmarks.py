@@ -64,3 +64,22 @@ def test_serve_bench_sends_every_request_its_own_prompt(monkeypatch: pytest.Monk
     assert warm_up == prompt
     assert all(len(p) == 64 for p in timed)
     assert len({tuple(p) for p in timed} | {tuple(prompt)}) == 13
+
+
+def test_key_holder_bench_runs_one_small_point() -> None:
+    """One batch of two ciphertexts, one repeat: the whole path (in-process key holder, stages,
+    `key-holder serve` over loopback) still runs and reports every field."""
+    import json
+
+    proc = _run(
+        [str(ROOT / "benchmarks" / "key_holder_bench.py"), "--batches", "2", "--workers",
+         "1,default", "--repeats", "1"]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (point,) = json.loads(proc.stdout)["points"]
+    assert point["ciphertexts"] == 2
+    assert set(point["local_ms_by_workers"]) == {"1", "default"}
+    assert point["remote_exchange_ms"] > 0
+    assert set(point["stages_ms_one_thread"]) == {
+        "parse", "decrypt", "inverse_ntt", "flood", "switch"
+    }  # fmt: skip

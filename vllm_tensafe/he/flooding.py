@@ -21,6 +21,7 @@ import numpy as np
 
 from vllm_tensafe.he.csprng import random_words
 from vllm_tensafe.he.residues import mul_pow2
+from vllm_tensafe.he.ring import block_rows
 
 if TYPE_CHECKING:
     from vllm_tensafe.he.ring import Ring
@@ -48,6 +49,11 @@ def normals(n: int) -> np.ndarray:
     return np.concatenate([np.real(z), np.imag(z)])[:n]
 
 
+def flood_step_bits(sigma: float) -> int:
+    """k of the flood F = hi * 2^k + u: hi then keeps about 46 significant bits."""
+    return max(0, math.floor(math.log2(sigma)) - 45) if sigma > 0 else 0
+
+
 def flood_coefficients(ring: Ring, sigma: float, count: int) -> np.ndarray:
     """(count, L, N) residues of ``count`` floods with std ``sigma`` per coefficient.
 
@@ -57,14 +63,78 @@ def flood_coefficients(ring: Ring, sigma: float, count: int) -> np.ndarray:
     2^k, so shifting it by a noise e changes its distribution by about |e| / sigma
     (statistical distance), whatever the step.
     """
-    n = ring.n * count
-    k = max(0, math.floor(math.log2(sigma)) - 45) if sigma > 0 else 0
-    hi = np.rint(normals(n) * (sigma / 2.0**k)).astype(np.int64)
-    flood = ring.residues_of(hi)  # (L, n)
-    if k:
+    k = flood_step_bits(sigma)
+    if k > _FAST_STEP_BITS:
+        n = ring.n * count  # no profile floods this wide; the general residue path
+        hi = np.rint(normals(n) * (sigma / 2.0**k)).astype(np.int64)
+        flood = ring.residues_of(hi)  # (L, n)
         mul_pow2(flood, k, ring.q)
         ring.add(flood, _uniform_centred(ring, k, n))
-    return np.ascontiguousarray(flood.reshape(ring.primes, count, ring.n).transpose(1, 0, 2))
+        return np.ascontiguousarray(flood.reshape(ring.primes, count, ring.n).transpose(1, 0, 2))
+    out = np.empty((count, ring.primes, ring.n), dtype=np.uint64)
+    step = block_rows(ring.n)  # a few floods at a time: the temporaries stay in cache
+    for start in range(0, count, step):
+        rows = min(step, count - start)
+        size = rows * ring.n
+        # One keystream draw: words for the Gaussians (Box-Muller pairs), then the low parts.
+        words = random_words(2 * size)
+        hi = np.rint(normals_from_words(words[:size]) * (sigma / 2.0**k)).astype(np.int64)
+        if k:
+            low = (words[size:] >> np.uint64(64 - k)).view(np.int64) - np.int64(1 << (k - 1))
+        else:
+            low = np.zeros(size, dtype=np.int64)
+        shape = (rows, ring.n)
+        out[start : start + rows] = flood_residues(ring, hi.reshape(shape), low.reshape(shape), k)
+    return out
+
+
+# Up to this k, F mod q is one float-assisted reduction (flood_residues); beyond, the general path.
+_FAST_STEP_BITS = 62
+
+
+def normals_from_words(words: np.ndarray) -> np.ndarray:
+    """2h uint64 words -> 2h independent N(0, 1) (Box-Muller: the first h words give the radii,
+    the last h the angles; the cosines come first). As torch_ring.normal_from_words."""
+    h = words.size // 2
+    u = (words[: 2 * h] >> np.uint64(11)).astype(np.float64)
+    u *= _INV_2_53
+    radius = np.log1p(-u[:h])  # 1 - u in (0, 1]: log never sees 0
+    radius *= -2.0
+    np.sqrt(radius, out=radius)
+    angle = u[h:]
+    angle *= _TWO_PI
+    out = np.empty(2 * h)
+    np.cos(angle, out=out[:h])
+    np.sin(angle, out=out[h:])
+    out[:h] *= radius
+    out[h:] *= radius
+    return out
+
+
+def flood_residues(ring: Ring, hi: np.ndarray, low: np.ndarray, k: int) -> np.ndarray:
+    """(..., L, N) residues of F = hi * 2^k + low for int64 hi, low (..., N) with
+    |hi| < 2^50, |low| <= 2^(k-1) and k <= 62 (as torch_ring.flood_residues).
+
+    Per prime q (< 2^62): c = 2^k mod q; the float64 quotient of hi * c + low by q is within
+    1/2 of the true one (|hi * c / q| < 2^50), so the wrapping int64 difference
+    hi * c + low - floor(quotient) * q lies in [-q, 2q) and two corrections make it exact.
+    """
+    out = np.empty((*hi.shape[:-1], ring.primes, hi.shape[-1]), dtype=np.int64)
+    hi_f = hi.astype(np.float64)
+    low_f = low.astype(np.float64)
+    quotient = np.empty_like(hi_f)
+    for prime, q in enumerate(ring.moduli):
+        c = pow(2, k, q)
+        row = out[..., prime, :]
+        np.multiply(hi, np.int64(c), out=row)  # wraps: exact mod 2^64
+        row += low
+        np.multiply(hi_f, c / q, out=quotient)
+        quotient += low_f * (1.0 / q)
+        np.floor(quotient, out=quotient)
+        row -= quotient.astype(np.int64) * np.int64(q)
+        row += np.where(row < 0, np.int64(q), np.int64(0))
+        row -= np.where(row >= q, np.int64(q), np.int64(0))
+    return out.view(np.uint64)
 
 
 def _uniform_centred(ring: Ring, bits: int, n: int) -> np.ndarray:

@@ -38,7 +38,6 @@ from vllm_tensafe.he.residues import (
 
 _M32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
-_HALF = np.uint64(1 << 63)
 # SEAL's CKKS encoder enumerates the slot roots zeta^(3^s mod 2N) (its matrix_reps_index_map).
 _SLOT_GENERATOR = 3
 # Errors of the re-randomisation: a centred binomial of 2 x 21 bits (as Kyber samples its
@@ -51,20 +50,14 @@ _ERROR_MASK = np.uint64((1 << ERROR_BITS) - 1)
 _MAX_POLYS = 16
 
 
-def mul_wide(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact 64 x 64 -> 128-bit products of uint64 arrays: (high word, low word)."""
-    return _mul_halves(x & _M32, x >> _S32, y & _M32, y >> _S32)
+# Elements per operand of one vectorised step (256 KiB of uint64: a core's L2 holds the
+# temporaries of a step).
+_BLOCK_ELEMENTS = 1 << 15
 
 
-def _mul_halves(
-    x0: np.ndarray, x1: np.ndarray, y0: np.ndarray, y1: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """mul_wide on 32-bit halves (x = x1 2^32 + x0, y likewise)."""
-    p00, p01, p10, p11 = x0 * y0, x0 * y1, x1 * y0, x1 * y1
-    mid = (p00 >> _S32) + (p01 & _M32) + (p10 & _M32)  # < 3 * 2^32: no overflow
-    high = p11 + (p01 >> _S32) + (p10 >> _S32) + (mid >> _S32)
-    low = (mid << _S32) | (p00 & _M32)
-    return high, low
+def block_rows(n: int) -> int:
+    """Polynomials of n coefficients per block of a batched numpy computation."""
+    return max(1, _BLOCK_ELEMENTS // n)
 
 
 @dataclass(frozen=True)
@@ -141,16 +134,47 @@ class Ring:
         """
         k = self.switch_constants(m)
         x = np.asarray(residues, dtype=np.uint64)
-        high, low = _mul_halves(x & _M32, x >> _S32, k.fraction & _M32, k.fraction >> _S32)
-        total = (x * k.integer).sum(axis=-2, dtype=np.uint64)  # wrapping: mod 2^64 is wanted
-        total += high.sum(axis=-2, dtype=np.uint64)
-        acc = np.full(total.shape, _HALF, dtype=np.uint64)
-        carry = np.zeros(total.shape, dtype=np.uint64)
-        for lo in np.moveaxis(low, -2, 0):
-            acc += lo
-            carry += acc < lo  # a wrap of the 64-bit sum is a carry of 2^64
-        total += carry
-        return total & k.mask
+        lead = x.shape[:-2]
+        rows = x.reshape(-1, *x.shape[-2:])
+        out = np.empty((rows.shape[0], x.shape[-1]), dtype=np.uint64)
+        # Blocks of a few polynomials: every temporary stays in the core's cache (one pass over
+        # a whole batch per operation is memory-bound, ~4x slower at 32 ciphertexts).
+        step = block_rows(x.shape[-1])
+        for start in range(0, rows.shape[0], step):
+            out[start : start + step] = self._switch_block(rows[start : start + step], k)
+        return out.reshape(*lead, x.shape[-1])
+
+    @staticmethod
+    def _switch_block(x: np.ndarray, k: SwitchConstants) -> np.ndarray:
+        shape = (x.shape[0], x.shape[-1])
+        total = np.zeros(shape, dtype=np.uint64)
+        low_sum = np.zeros(shape, dtype=np.uint64)  # sum of the low halves of low(x_l*F_l)
+        mid_sum = np.zeros(shape, dtype=np.uint64)  # sum of their high halves
+        # One prime at a time: x_l*F_l from 32-bit halves.
+        for prime in range(x.shape[-2]):
+            x_l = x[:, prime, :]
+            fraction = int(k.fraction[prime, 0])
+            f0, f1 = np.uint64(fraction & 0xFFFFFFFF), np.uint64(fraction >> 32)
+            x0, x1 = x_l & _M32, x_l >> _S32
+            p00, p01, p10, p11 = x0 * f0, x0 * f1, x1 * f0, x1 * f1
+            mid = p00 >> _S32
+            mid += p01 & _M32
+            mid += p10 & _M32  # < 3 * 2^32: no overflow
+            total += x_l * k.integer[prime, 0]  # wrapping: mod 2^64 is wanted
+            p11 += p01 >> _S32
+            p11 += p10 >> _S32
+            p11 += mid >> _S32
+            total += p11  # high(x_l*F_l)
+            p00 &= _M32
+            low_sum += p00
+            mid &= _M32
+            mid_sum += mid
+        # carry = floor((sum_l low(x_l*F_l) + 2^63) / 2^64), from the 32-bit halves.
+        mid_sum += np.uint64(1 << 31)
+        mid_sum += low_sum >> _S32
+        total += mid_sum >> _S32
+        total &= k.mask
+        return total
 
     def reply_scale(self, scale_bits: int, m: int) -> float:
         """Delta' = 2^(scale_bits + m) / Q, the scale of a switched reply."""
