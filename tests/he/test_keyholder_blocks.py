@@ -185,3 +185,20 @@ def test_a_forked_child_decrypts_with_its_own_workers(
     os.waitpid(pid, 0)
     holder.close()
     assert got == digest
+
+
+def test_uniform_residues_in_blocks(ring: Ring) -> None:
+    """The pad R of outgoing ciphertexts, drawn a few polynomials at a time: reduced, uniform
+    in every block (mean ~q/2, every top-bit bucket filled evenly), fresh per block."""
+    count = 2 * block_rows(ring.n) + 1
+    pads = ring.uniform(count)
+    assert pads.shape == (count, ring.primes, ring.n)
+    for prime, q in enumerate(ring.moduli):
+        rows = pads[:, prime, :]
+        assert (rows < q).all()
+        for block in (rows[0], rows[block_rows(ring.n)], rows[-1]):
+            fraction = block.astype(np.float64) / q
+            assert abs(fraction.mean() - 0.5) < 0.02
+            counts = np.bincount((fraction * 8).astype(np.int64), minlength=8)
+            assert counts.min() > 0.8 * ring.n / 8
+    assert not np.array_equal(pads[0], pads[-1])

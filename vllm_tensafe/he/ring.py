@@ -240,17 +240,21 @@ class Ring:
     def uniform(self, count: int = 1) -> np.ndarray:
         """(count, L, N) residues uniform in [0, q_l): rejection sampling of the top bits."""
         out = np.empty((count, self.primes, self.n), dtype=np.uint64)
-        for prime, q in enumerate(self.moduli):
-            shift = np.uint64(64 - q.bit_length())
-            need = count * self.n
-            taken: list[np.ndarray] = []
-            have = 0
-            while have < need:
-                words = random_words(need - have + 64) >> shift
-                good = words[words < np.uint64(q)]
-                taken.append(good)
-                have += good.size
-            out[:, prime, :] = np.concatenate(taken)[:need].reshape(count, self.n)
+        step = block_rows(self.n)  # a few polynomials per draw: the words stay in cache
+        for start in range(0, count, step):
+            rows = min(step, count - start)
+            for prime, q in enumerate(self.moduli):
+                shift = np.uint64(64 - q.bit_length())
+                need = rows * self.n
+                taken: list[np.ndarray] = []
+                have = 0
+                while have < need:
+                    words = random_words(need - have + 64) >> shift
+                    good = words[words < np.uint64(q)]
+                    taken.append(good)
+                    have += good.size
+                block = np.concatenate(taken)[:need].reshape(rows, self.n)
+                out[start : start + rows, prime, :] = block
         return out
 
     def ternary(self, count: int = 1) -> np.ndarray:
