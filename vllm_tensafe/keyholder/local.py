@@ -63,11 +63,13 @@ class LocalKeyHolder(KeyHolder):
     statistical distance, and (on the remote path, where the host pads every request)
     nothing about the request either.
 
-    A batch is worked in blocks of a few ciphertexts (``block``), each start to finish by one
-    of ``workers`` threads with its own SEAL decryptor and scratch ciphertexts: numpy releases
-    the GIL inside its loops, so the flood and the switch of one block overlap SEAL's work on
-    another, and concurrent requests (several hosts or tensor-parallel ranks) share the
-    threads instead of queueing on one lock. Replies are those of a one-thread key holder.
+    A batch is worked in blocks of a few ciphertexts (``block``: their temporaries stay in the
+    core's cache), each start to finish by one of ``workers`` threads with its own SEAL
+    decryptor and scratch ciphertexts, so that concurrent requests (several hosts or
+    tensor-parallel ranks) share the threads instead of queueing on one lock. SEAL's calls
+    hold the GIL and numpy's loops release it: how much the threads overlap depends on the
+    machine (on 2 cores they measured no faster than one; docs/benchmarks.md, "Key holder").
+    Replies are those of a one-thread key holder.
     """
 
     kind = "local"

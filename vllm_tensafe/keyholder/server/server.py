@@ -349,6 +349,8 @@ class KeyHolderService:
     def close(self) -> None:
         self.stop()
         self.audit.close()
+        for holder in self.holders.values():
+            holder.close()  # its worker threads
 
     def __enter__(self) -> KeyHolderService:
         self.start()
