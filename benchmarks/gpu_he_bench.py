@@ -45,8 +45,6 @@ from torch.profiler import DeviceType, ProfilerActivity, profile
 from vllm_tensafe.he import encrypt_matrix, generate_keys
 from vllm_tensafe.he.gpu_engine import GpuDeltaEngine, GpuRemoteDeltaEngine, _compiled_stage
 from vllm_tensafe.he.packing import fused_layouts
-from vllm_tensafe.he.residues import ciphertext_from_residues
-from vllm_tensafe.keyholder.wire import encode_ciphertext
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen0.5b": {"d_in": 896, "q": 896, "kv": 128, "rank": 8, "layers": 24, "fused": True},
@@ -201,14 +199,9 @@ def remote_stages(
     outgoing, rho = engine.prepare_outgoing(batch)
     replies = torch.randint(-(1 << 62), 1 << 62, rho.shape, device=rho.device)
     ntt_form = engine._stage("_ntt_form", outgoing)
-    scale = engine.profile.product_scale
-    context, parms_id = engine.ctx.context, engine.ctx.parms_id
 
-    def to_host_serialise() -> list[bytes]:
-        host = ntt_form.cpu().numpy().view(np.uint64)
-        return [
-            encode_ciphertext(ciphertext_from_residues(context, parms_id, ct, scale)) for ct in host
-        ]
+    def to_host_serialise() -> list[memoryview]:
+        return engine.wire_ciphertexts(ntt_form.cpu().numpy())
 
     return {
         "products": timer.ms(lambda: engine._stage("_products", limbs)),

@@ -37,7 +37,7 @@ from vllm_tensafe.he.gpu_engine import (
 )
 from vllm_tensafe.he.lincomb import LinearCombiner, ResidueColumns
 from vllm_tensafe.he.packing import encrypt_matrix, fused_layouts
-from vllm_tensafe.he.residues import ciphertext_residues
+from vllm_tensafe.he.residues import ciphertext_from_residues, ciphertext_residues
 from vllm_tensafe.he.ring import Ring
 from vllm_tensafe.he.torch_ring import (
     FloodParameters,
@@ -50,7 +50,13 @@ from vllm_tensafe.he.torch_ring import (
     limb_plan,
 )
 from vllm_tensafe.keyholder.local import LocalKeyHolder
-from vllm_tensafe.keyholder.wire import AdapterRef, decode_ciphertext
+from vllm_tensafe.keyholder.wire import (
+    AdapterRef,
+    decode_ciphertext,
+    decode_request,
+    encode_ciphertext,
+    encode_request,
+)
 
 
 def as_u64(t: torch.Tensor) -> np.ndarray:
@@ -526,6 +532,29 @@ def test_remote_engine_deltas_through_the_v2_key_holder(
     for blob in holder.received:
         sent = decode_ciphertext(ctx, blob, "sent")
         assert sent.is_ntt_form() and sent.scale == ctx.profile.product_scale
+
+
+def test_remote_wire_bytes_equal_sealed_ciphertexts(
+    remote_setup: tuple, rng: np.random.Generator, ctx: PublicContext
+) -> None:
+    """The batch encoding (one buffer, no SEAL object per ciphertext) gives the bytes of
+    encode_ciphertext on a SEAL ciphertext holding the same residues, and they decode."""
+    engine = remote_setup[0]
+    qs = engine.ring.moduli.values
+    n = engine.ring.n
+    host = np.stack(
+        [np.stack([np.stack([rng.integers(0, q, n, dtype=np.uint64) for q in qs])] * 2)
+         for _ in range(3)]
+    )  # fmt: skip
+    got = engine.wire_ciphertexts(host)
+    scale = ctx.profile.product_scale
+    for blob, ct in zip(got, host, strict=True):
+        sealed = ciphertext_from_residues(ctx.context, ctx.parms_id, ct, scale)
+        assert bytes(blob) == encode_ciphertext(sealed)
+        back = decode_ciphertext(ctx, blob, "sent")
+        assert np.array_equal(ciphertext_residues(back), ct)
+    body = encode_request(AdapterRef("a", ctx.key_id, "ab" * 32), got)
+    assert decode_request(body, 8)[1][2] == got[2]
 
 
 def test_remote_engine_compiled_stages_are_bit_identical(

@@ -78,7 +78,7 @@ from vllm_tensafe.he.torch_ring import (
     signed_to_residue,
     slot_positions,
 )
-from vllm_tensafe.keyholder.wire import encode_ciphertext
+from vllm_tensafe.keyholder.wire import encode_residue_batch
 
 logger = logging.getLogger("vllm_tensafe.he.gpu")
 
@@ -1045,15 +1045,15 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
         c0 = self.ring.arith.add(ct[:, 0], pad)
         return torch.stack([c0, ct[:, 1]], dim=1), self.ring.switch(pad)
 
-    def serialise(self, outgoing: torch.Tensor) -> list[bytes]:
+    def serialise(self, outgoing: torch.Tensor) -> list[memoryview]:
         """Coefficient-form (B, 2, L, N) -> v2 wire ciphertexts: the NTT runs on the device,
         only the NTT-form residues cross to the host."""
-        host = self._stage("_ntt_form", outgoing).cpu().numpy().view(np.uint64)
-        scale = self.profile.product_scale
-        context, parms_id = self.ctx.context, self.ctx.parms_id
-        return [
-            encode_ciphertext(ciphertext_from_residues(context, parms_id, ct, scale)) for ct in host
-        ]
+        return self.wire_ciphertexts(self._stage("_ntt_form", outgoing).cpu().numpy())
+
+    def wire_ciphertexts(self, ntt_form: np.ndarray) -> list[memoryview]:
+        """(B, 2, L, N) NTT-form residues on the host -> v2 wire ciphertexts (views of one
+        buffer; no SEAL object per ciphertext)."""
+        return encode_residue_batch(ntt_form.view(np.uint64), self.profile.product_scale_bits)
 
     def _ntt_form(self, outgoing: torch.Tensor) -> torch.Tensor:
         return self._ntt(outgoing)

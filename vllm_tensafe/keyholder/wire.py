@@ -128,8 +128,26 @@ def encode_ciphertext(ct: Any) -> bytes:
             "of the delta engine",
             "send only ciphertexts computed by vllm_tensafe.he.DeltaEngine",
         )
-    head = _CT_HEAD.pack(int(scale_bits), 1)
-    return head + np.ascontiguousarray(ciphertext_residues(ct), dtype="<u8").tobytes()
+    return encode_residues(ciphertext_residues(ct), int(scale_bits))
+
+
+def encode_residues(residues: np.ndarray, scale_bits: int) -> bytes:
+    """v2 wire bytes of NTT-form residues (2, L, N) at scale 2^scale_bits: what
+    ``encode_ciphertext`` makes of a SEAL ciphertext holding them."""
+    head = _CT_HEAD.pack(scale_bits, 1)
+    return head + np.ascontiguousarray(residues, dtype="<u8").tobytes()
+
+
+def encode_residue_batch(residues: np.ndarray, scale_bits: int) -> list[memoryview]:
+    """v2 wire ciphertexts of a batch (B, 2, L, N) of NTT-form residues, as views of one
+    buffer (one copy for the whole batch, no SEAL object per ciphertext)."""
+    batch = np.ascontiguousarray(residues, dtype="<u8").reshape(residues.shape[0], -1)
+    size = _CT_HEAD.size + batch.shape[1] * 8
+    buffer = np.empty((batch.shape[0], size), dtype=np.uint8)
+    buffer[:, : _CT_HEAD.size] = np.frombuffer(_CT_HEAD.pack(scale_bits, 1), dtype=np.uint8)
+    buffer[:, _CT_HEAD.size :] = batch.view(np.uint8)
+    view = memoryview(buffer.data).cast("B")
+    return [view[i * size : (i + 1) * size] for i in range(batch.shape[0])]
 
 
 def decode_ciphertext(ctx: PublicContext, blob: bytes | memoryview, what: str) -> Any:
@@ -171,7 +189,7 @@ def encode_request(ref: AdapterRef, ciphertexts: Sequence[bytes | memoryview]) -
     size = len(ciphertexts[0]) if ciphertexts else 0
     if any(len(blob) != size for blob in ciphertexts):
         raise HEError("ciphertexts of one request differ in size", "encode them with one profile")
-    parts = [
+    parts: list[bytes | memoryview] = [
         REQUEST_MAGIC,
         _U16.pack(len(name)),
         name,
@@ -180,7 +198,7 @@ def encode_request(ref: AdapterRef, ciphertexts: Sequence[bytes | memoryview]) -
         _U32.pack(len(ciphertexts)),
         _U32.pack(size),
     ]
-    parts.extend(bytes(blob) for blob in ciphertexts)
+    parts.extend(ciphertexts)  # bytes or memoryviews: join copies each once
     return b"".join(parts)
 
 
