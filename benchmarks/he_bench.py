@@ -42,6 +42,7 @@ from vllm_tensafe.he import DeltaEngine, encrypt_matrix, generate_keys
 from vllm_tensafe.he.conceal import Concealer
 from vllm_tensafe.he.flooding import complex_normal, flood_coefficients, uniform01
 from vllm_tensafe.he.residues import ciphertext_residues, mul_pow2, plaintext_residues
+from vllm_tensafe.he.ring import Ring
 from vllm_tensafe.keyholder import AdapterRef, LocalKeyHolder, RemoteKeyHolder
 from vllm_tensafe.keyholder.wire import (
     ciphertext_size,
@@ -167,8 +168,7 @@ _V1_MASK_BITS, _V1_MASK_ENCODE_BITS = 30, 35
 def per_ciphertext(ctx: Any, secret: Any, repeats: int) -> dict[str, Any]:
     """ms per request ciphertext beyond its products, protocol v1 against v2, same run."""
     p = ctx.profile
-    holder = LocalKeyHolder(secret)
-    ring = holder._ring
+    ring = Ring(ctx.context, ctx.parms_id, p.poly_modulus_degree)
     concealer = Concealer(ctx, ring)
     decryptor = seal.Decryptor(ctx.context, secret.secret_key)
     rng = np.random.default_rng(5)

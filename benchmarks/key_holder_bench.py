@@ -20,10 +20,8 @@ import math
 import os
 import platform
 import signal
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ import tenseal.sealapi as seal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from he_bench import TOKEN, _ref, start_service
+from he_bench import TOKEN, _ref, start_service, timed
 
 from vllm_tensafe.he import generate_keys
 from vllm_tensafe.he.flooding import flood_coefficients
@@ -45,13 +43,7 @@ from vllm_tensafe.keyholder.wire import decode_ciphertext, encode_ciphertext
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
     """Median ms of ``repeats`` calls after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return round(statistics.median(samples) * 1e3, 3)
+    return round(timed(fn, repeats) * 1e3, 3)
 
 
 def product_blob(ctx: Any, seed: int) -> bytes:

@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.he.helpers import make_lora
+from tests.he.test_torch_ring import _fused_qv
 from tests.he.torch_ring_reference import crt
-from vllm_tensafe.he import PublicContext, SecretKeySet, encrypt_matrix
+from vllm_tensafe.he import PublicContext, SecretKeySet
 from vllm_tensafe.he.gpu_engine import GpuDeltaEngine
-from vllm_tensafe.he.packing import fused_layouts
 from vllm_tensafe.he.ring import Ring
 
 RANK = 4
@@ -28,16 +27,10 @@ RANK = 4
 
 @pytest.fixture(scope="module")
 def loaded(ctx: PublicContext, secret: SecretKeySet) -> tuple:
-    """The default engine (B' encrypted) with one q/v adapter in slot 0."""
-    rng = np.random.default_rng(21)
-    d_in = 24
-    lq = make_lora(rng, 40, RANK, rslora=False, d_in=d_in)
-    lv = make_lora(rng, 16, RANK, rslora=False, d_in=d_in)
-    layout = fused_layouts([[("q", 40), ("v", 16)]], ctx.slot_count)
-    mq = encrypt_matrix(ctx, lq.b_mixed, slot_offset=layout["q"][0], tile_width=layout["q"][1])
-    mv = encrypt_matrix(ctx, lv.b_mixed, slot_offset=layout["v"][0], tile_width=layout["v"][1])
+    """The default engine (B' encrypted) with one q/v adapter (q 96 and v 32 rows) in slot 0."""
+    d_in, (lq, lv), (mq, mv) = _fused_qv(ctx, np.random.default_rng(21), rank=RANK)
     engine = GpuDeltaEngine.from_matrices(
-        secret, [mq, mv], output_slices=[40, 16], d_in=d_in, max_rank=RANK, device="cpu"
+        secret, [mq, mv], output_slices=[96, 32], d_in=d_in, max_rank=RANK, device="cpu"
     )
     engine.load(0, [mq, mv], [lq.a_mixed, lv.a_mixed])
     assert not engine.fold_secret  # the default: what the attack is about
@@ -74,7 +67,7 @@ def test_a_prefill_of_rank_tokens_gives_b_by_least_squares(loaded: tuple) -> Non
     x = rng.normal(size=(3 * RANK, d_in))
     deltas = engine.compute(torch.from_numpy(x), torch.zeros(len(x), dtype=torch.int64))
     d = deltas.double().numpy()
-    for lora, cols in ((lq, slice(0, 40)), (lv, slice(40, 56))):
+    for lora, cols in ((lq, slice(0, 96)), (lv, slice(96, 128))):
         u = x @ lora.a_mixed.T  # (T, r): U, as the engine's project() computes it
         b_hat = np.linalg.lstsq(u, d[:, cols], rcond=None)[0].T
         assert np.abs(b_hat - lora.b_mixed).max() < 1e-3 * max(1.0, np.abs(lora.b_mixed).max())
