@@ -160,6 +160,21 @@ def primitives(ctx: Any, secret: Any, repeats: int) -> dict[str, float]:
     }
 
 
+def product_ciphertext(ctx: Any, seed: int) -> Any:
+    """One request product as the host makes it: Enc(B' column) times a U plaintext (0.5), at
+    the product scale."""
+    p = ctx.profile
+    rng = np.random.default_rng(seed)
+    plain = seal.Plaintext()
+    ctx.encoder.encode(rng.normal(size=p.slot_count).tolist(), ctx.parms_id, p.b_scale, plain)
+    column = seal.Ciphertext(ctx.context)
+    ctx.encryptor.encrypt(plain, column)
+    ctx.encoder.encode(0.5, ctx.parms_id, p.u_scale, plain)
+    product = seal.Ciphertext(ctx.context)
+    ctx.evaluator.multiply_plain(column, plain, product)
+    return product
+
+
 # The slot mask of protocol v1 (removed): uniform in [-2^30, 2^30), encoded at 2^35 (SEAL's
 # fast path) and multiplied up to the product scale in the residues.
 _V1_MASK_BITS, _V1_MASK_ENCODE_BITS = 30, 35
@@ -171,14 +186,7 @@ def per_ciphertext(ctx: Any, secret: Any, repeats: int) -> dict[str, Any]:
     ring = Ring(ctx.context, ctx.parms_id, p.poly_modulus_degree)
     concealer = Concealer(ctx, ring)
     decryptor = seal.Decryptor(ctx.context, secret.secret_key)
-    rng = np.random.default_rng(5)
-    plain = seal.Plaintext()
-    ctx.encoder.encode(rng.normal(size=p.slot_count).tolist(), ctx.parms_id, p.b_scale, plain)
-    b_ct = seal.Ciphertext(ctx.context)
-    ctx.encryptor.encrypt(plain, b_ct)
-    ctx.encoder.encode(0.5, ctx.parms_id, p.u_scale, plain)
-    product = seal.Ciphertext(ctx.context)
-    ctx.evaluator.multiply_plain(b_ct, plain, product)
+    product = product_ciphertext(ctx, 5)
     residues = ciphertext_residues(product).copy()
     bits = p.product_scale_bits
     m = p.reply_exponent(bits)

@@ -31,7 +31,7 @@ import tenseal.sealapi as seal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from he_bench import TOKEN, _ref, start_service, timed
+from he_bench import TOKEN, _ref, product_ciphertext, start_service, timed
 
 from vllm_tensafe.he import generate_keys
 from vllm_tensafe.he.flooding import flood_coefficients
@@ -47,17 +47,8 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 def product_blob(ctx: Any, seed: int) -> bytes:
-    """One request ciphertext: Enc(B' column) times a U plaintext, at the product scale."""
-    p = ctx.profile
-    rng = np.random.default_rng(seed)
-    plain = seal.Plaintext()
-    ctx.encoder.encode(rng.normal(size=p.slot_count).tolist(), ctx.parms_id, p.b_scale, plain)
-    column = seal.Ciphertext(ctx.context)
-    ctx.encryptor.encrypt(plain, column)
-    ctx.encoder.encode(0.5, ctx.parms_id, p.u_scale, plain)
-    product = seal.Ciphertext(ctx.context)
-    ctx.evaluator.multiply_plain(column, plain, product)
-    return encode_ciphertext(product)
+    """One request ciphertext's wire bytes (he_bench.product_ciphertext)."""
+    return encode_ciphertext(product_ciphertext(ctx, seed))
 
 
 def stages(ctx: Any, secret: Any, blobs: list[bytes], repeats: int) -> dict[str, float]:
