@@ -150,3 +150,25 @@ def test_the_blocker_hides_what_is_installed() -> None:
     failed = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(failed) == {"transformers", "peft.tuners"}
     assert all("not installed (plain install)" in reason for reason in failed.values())
+
+
+def test_torch_ring_is_pure_torch() -> None:
+    """docs/gpu-he.md: torch_ring.py is pure torch, no TenSEAL. With TenSEAL hidden it imports;
+    ring.py (SEAL's NTT) does not, which shows the blocker hid it."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _BLOCKER,
+            json.dumps(["tenseal", "_sealapi_cpp"]),
+            json.dumps(["vllm_tensafe.he.torch_ring", "vllm_tensafe.he.ring"]),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    failed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(failed) == {"vllm_tensafe.he.ring"}

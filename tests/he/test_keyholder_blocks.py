@@ -14,7 +14,8 @@ import pytest
 from tests.he.helpers import ref, wire_ciphertext
 from tests.he.torch_ring_reference import crt, switch_reference
 from vllm_tensafe.he import PublicContext, SecretKeySet
-from vllm_tensafe.he.flooding import flood_coefficients, flood_residues, flood_step_bits
+from vllm_tensafe.he.flooding import flood_coefficients, flood_residues
+from vllm_tensafe.he.profiles import flood_step_bits
 from vllm_tensafe.he.ring import Ring, block_rows
 from vllm_tensafe.keyholder import LocalKeyHolder
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vllm_tensafe.he.csprng import random_words
+from vllm_tensafe.he.profiles import flood_step_bits
 from vllm_tensafe.he.residues import mul_pow2
 from vllm_tensafe.he.ring import block_rows
 
@@ -47,11 +48,6 @@ def normals(n: int) -> np.ndarray:
     """n independent N(0, 1) doubles (CSPRNG)."""
     z = complex_normal((n + 1) // 2)
     return np.concatenate([np.real(z), np.imag(z)])[:n]
-
-
-def flood_step_bits(sigma: float) -> int:
-    """k of the flood F = hi * 2^k + u: hi then keeps about 46 significant bits."""
-    return max(0, math.floor(math.log2(sigma)) - 45) if sigma > 0 else 0
 
 
 def flood_coefficients(ring: Ring, sigma: float, count: int) -> np.ndarray:

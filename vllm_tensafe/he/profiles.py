@@ -29,6 +29,12 @@ _MAX_BITS_128 = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 _MAX_BITS_192 = {4096: 75, 8192: 152, 16384: 305, 32768: 611}
 
 
+def flood_step_bits(sigma: float) -> int:
+    """k of the flood F = hi * 2^k + u (flooding.py, torch_ring.FloodParameters): with
+    hi = round(sigma * g / 2^k) hi keeps about 46 significant bits, exact in float64."""
+    return max(0, math.floor(math.log2(sigma)) - 45) if sigma > 0 else 0
+
+
 @dataclass(frozen=True)
 class HEProfile:
     """One CKKS parameter set. All ``*_bits`` are base-2 exponents."""

@@ -51,7 +51,7 @@ from fractions import Fraction
 import torch
 
 from vllm_tensafe.errors import HEError
-from vllm_tensafe.he.flooding import flood_step_bits
+from vllm_tensafe.he.profiles import flood_step_bits
 
 MASK32 = (1 << 32) - 1
 FFT_LIMB_BITS = 30
@@ -506,7 +506,7 @@ class FloodParameters:
     @classmethod
     def for_sigma(cls, sigma_c: float) -> FloodParameters:
         """sigma_c: the std per coefficient (profiles.HEProfile.flood_coefficient_sigma)."""
-        return cls(sigma_c, flood_step_bits(sigma_c))  # the key holder's rule (flooding.py)
+        return cls(sigma_c, flood_step_bits(sigma_c))  # the key holder's rule too
 
     @property
     def hi_scale(self) -> float:
