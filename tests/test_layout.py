@@ -115,12 +115,11 @@ print(json.dumps(failed))
 """
 
 
-def test_a_plain_install_imports_every_shipped_module() -> None:
-    """Every module but vllm_tensafe.vllm.* (which needs vLLM) imports without the extras."""
-    modules = [m for m in _shipped_modules() if not m.startswith("vllm_tensafe.vllm.")]
-    assert "vllm_tensafe.keyholder.server.app" in modules and len(modules) > 50
+def _imports_with_hidden(blocked: list[str], modules: list[str]) -> dict[str, str]:
+    """Import ``modules`` in a fresh interpreter where ``blocked`` cannot be imported: the
+    modules that failed, with why."""
     result = subprocess.run(
-        [sys.executable, "-c", _BLOCKER, json.dumps(EXTRAS_ONLY), json.dumps(modules)],
+        [sys.executable, "-c", _BLOCKER, json.dumps(blocked), json.dumps(modules)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -128,26 +127,21 @@ def test_a_plain_install_imports_every_shipped_module() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_plain_install_imports_every_shipped_module() -> None:
+    """Every module but vllm_tensafe.vllm.* (which needs vLLM) imports without the extras."""
+    modules = [m for m in _shipped_modules() if not m.startswith("vllm_tensafe.vllm.")]
+    assert "vllm_tensafe.keyholder.server.app" in modules and len(modules) > 50
+    assert _imports_with_hidden(EXTRAS_ONLY, modules) == {}
 
 
 def test_the_blocker_hides_what_is_installed() -> None:
     """Guard: transformers is installed here, and the subprocess still cannot import it."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _BLOCKER,
-            json.dumps(EXTRAS_ONLY),
-            json.dumps(["transformers", "peft.tuners", "vllm_tensafe.errors"]),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    failed = _imports_with_hidden(
+        EXTRAS_ONLY, ["transformers", "peft.tuners", "vllm_tensafe.errors"]
     )
-    failed = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(failed) == {"transformers", "peft.tuners"}
     assert all("not installed (plain install)" in reason for reason in failed.values())
 
@@ -155,20 +149,7 @@ def test_the_blocker_hides_what_is_installed() -> None:
 def test_torch_ring_is_pure_torch() -> None:
     """docs/gpu-he.md: torch_ring.py is pure torch, no TenSEAL. With TenSEAL hidden it imports;
     ring.py (SEAL's NTT) does not, which shows the blocker hid it."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _BLOCKER,
-            json.dumps(["tenseal", "_sealapi_cpp"]),
-            json.dumps(["vllm_tensafe.he.torch_ring", "vllm_tensafe.he.ring"]),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    failed = _imports_with_hidden(
+        ["tenseal", "_sealapi_cpp"], ["vllm_tensafe.he.torch_ring", "vllm_tensafe.he.ring"]
     )
-    assert result.returncode == 0, result.stderr
-    failed = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(failed) == {"vllm_tensafe.he.ring"}
