@@ -22,7 +22,7 @@ import numpy as np
 from vllm_tensafe.he.csprng import random_words
 from vllm_tensafe.he.profiles import flood_step_bits
 from vllm_tensafe.he.residues import mul_pow2
-from vllm_tensafe.he.ring import block_rows
+from vllm_tensafe.he.ring import row_blocks
 
 if TYPE_CHECKING:
     from vllm_tensafe.he.ring import Ring
@@ -61,16 +61,15 @@ def flood_coefficients(ring: Ring, sigma: float, count: int) -> np.ndarray:
     """
     k = flood_step_bits(sigma)
     if k > _FAST_STEP_BITS:
-        n = ring.n * count  # no profile floods this wide; the general residue path
+        n = ring.n * count  # low does not fit an int64: the general residue path
         hi = np.rint(normals(n) * (sigma / 2.0**k)).astype(np.int64)
         flood = ring.residues_of(hi)  # (L, n)
         mul_pow2(flood, k, ring.q)
         ring.add(flood, _uniform_centred(ring, k, n))
         return np.ascontiguousarray(flood.reshape(ring.primes, count, ring.n).transpose(1, 0, 2))
     out = np.empty((count, ring.primes, ring.n), dtype=np.uint64)
-    step = block_rows(ring.n)  # a few floods at a time: the temporaries stay in cache
-    for start in range(0, count, step):
-        rows = min(step, count - start)
+    for block in row_blocks(count, ring.n):  # a few floods at a time: temporaries in cache
+        rows = block.stop - block.start
         size = rows * ring.n
         # One keystream draw: words for the Gaussians (Box-Muller pairs), then the low parts.
         words = random_words(2 * size)
@@ -80,11 +79,12 @@ def flood_coefficients(ring: Ring, sigma: float, count: int) -> np.ndarray:
         else:
             low = np.zeros(size, dtype=np.int64)
         shape = (rows, ring.n)
-        out[start : start + rows] = flood_residues(ring, hi.reshape(shape), low.reshape(shape), k)
+        out[block] = flood_residues(ring, hi.reshape(shape), low.reshape(shape), k)
     return out
 
 
-# Up to this k, F mod q is one float-assisted reduction (flood_residues); beyond, the general path.
+# Up to this k, F mod q is one float-assisted reduction (flood_residues); beyond it (the
+# default profile's prefill groups at scale 2^146 have k = 70) the general path, unblocked.
 _FAST_STEP_BITS = 62
 
 

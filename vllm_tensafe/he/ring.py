@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,13 @@ _BLOCK_ELEMENTS = 1 << 15
 def block_rows(n: int) -> int:
     """Polynomials of n coefficients per block of a batched numpy computation."""
     return max(1, _BLOCK_ELEMENTS // n)
+
+
+def row_blocks(count: int, n: int) -> Iterator[slice]:
+    """Slices of ``count`` polynomials of n coefficients, ``block_rows(n)`` at a time."""
+    step = block_rows(n)
+    for start in range(0, count, step):
+        yield slice(start, min(start + step, count))
 
 
 @dataclass(frozen=True)
@@ -139,9 +147,8 @@ class Ring:
         out = np.empty((rows.shape[0], x.shape[-1]), dtype=np.uint64)
         # Blocks of a few polynomials: every temporary stays in the core's cache (one pass over
         # a whole batch per operation is memory-bound, ~4x slower at 32 ciphertexts).
-        step = block_rows(x.shape[-1])
-        for start in range(0, rows.shape[0], step):
-            out[start : start + step] = self._switch_block(rows[start : start + step], k)
+        for block in row_blocks(rows.shape[0], x.shape[-1]):
+            out[block] = self._switch_block(rows[block], k)
         return out.reshape(*lead, x.shape[-1])
 
     @staticmethod
@@ -240,9 +247,8 @@ class Ring:
     def uniform(self, count: int = 1) -> np.ndarray:
         """(count, L, N) residues uniform in [0, q_l): rejection sampling of the top bits."""
         out = np.empty((count, self.primes, self.n), dtype=np.uint64)
-        step = block_rows(self.n)  # a few polynomials per draw: the words stay in cache
-        for start in range(0, count, step):
-            rows = min(step, count - start)
+        for block in row_blocks(count, self.n):  # a few polynomials per draw: words in cache
+            rows = block.stop - block.start
             for prime, q in enumerate(self.moduli):
                 shift = np.uint64(64 - q.bit_length())
                 need = rows * self.n
@@ -253,8 +259,7 @@ class Ring:
                     good = words[words < np.uint64(q)]
                     taken.append(good)
                     have += good.size
-                block = np.concatenate(taken)[:need].reshape(rows, self.n)
-                out[start : start + rows, prime, :] = block
+                out[block, prime, :] = np.concatenate(taken)[:need].reshape(rows, self.n)
         return out
 
     def ternary(self, count: int = 1) -> np.ndarray:

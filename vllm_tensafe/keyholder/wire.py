@@ -128,19 +128,14 @@ def encode_ciphertext(ct: Any) -> bytes:
             "of the delta engine",
             "send only ciphertexts computed by vllm_tensafe.he.DeltaEngine",
         )
-    return encode_residues(ciphertext_residues(ct), int(scale_bits))
-
-
-def encode_residues(residues: np.ndarray, scale_bits: int) -> bytes:
-    """v2 wire bytes of NTT-form residues (2, L, N) at scale 2^scale_bits: what
-    ``encode_ciphertext`` makes of a SEAL ciphertext holding them."""
-    head = _CT_HEAD.pack(scale_bits, 1)
-    return head + np.ascontiguousarray(residues, dtype="<u8").tobytes()
+    head = _CT_HEAD.pack(int(scale_bits), 1)
+    return head + np.ascontiguousarray(ciphertext_residues(ct), dtype="<u8").tobytes()
 
 
 def encode_residue_batch(residues: np.ndarray, scale_bits: int) -> list[memoryview]:
     """v2 wire ciphertexts of a batch (B, 2, L, N) of NTT-form residues, as views of one
-    buffer (one copy for the whole batch, no SEAL object per ciphertext)."""
+    buffer (one copy for the whole batch, no SEAL object per ciphertext): for each, the bytes
+    ``encode_ciphertext`` makes of a SEAL ciphertext holding it."""
     batch = np.ascontiguousarray(residues, dtype="<u8").reshape(residues.shape[0], -1)
     size = _CT_HEAD.size + batch.shape[1] * 8
     buffer = np.empty((batch.shape[0], size), dtype=np.uint8)
