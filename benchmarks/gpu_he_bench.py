@@ -9,7 +9,8 @@ per call (one ciphertext per token and group), it times with the device synchron
 each stage:
 
 * local key holder (``GpuDeltaEngine``), B' encrypted with per-token decryption c0 + c1 s
-  (the default, ``local_decrypt``) and with the secret folded into the columns
+  (the default, ``local_decrypt``; a call of more tokens than the engine has columns decrypts
+  the columns once instead, ``decrypt_columns``) and with the secret folded into the columns
   (``--tensafe-he-fold-secret``, ``local_folded``): weights (U, norm, limbs), products (GEMM +
   exact reduction), decrypt, flood, switch (S_m), decode (FFT), assemble (gather, factors),
   the whole ``compute`` eagerly and, on CUDA, replayed from a CUDA graph, and the kernels one
@@ -120,6 +121,8 @@ def local_stages(
         "assemble": timer.ms(lambda: engine._assemble(evaluations, slot_row, factors)),
         "compute_eager": timer.ms(lambda: engine.compute(x, slots)),
     }
+    if engine._decrypts_columns(x.shape[0]):  # this call decrypts the columns, not products
+        out["decrypt_columns"] = timer.ms(lambda: engine._decrypted_table(engine.table))
     if engine.capturable:
         out["compute_graph"] = timer.ms(_captured(engine, x, slots))
     out["kernels_per_call"] = kernel_count(engine, x, slots)

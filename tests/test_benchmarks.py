@@ -99,3 +99,19 @@ def test_he_bench_per_ciphertext_runs() -> None:
     report = he_bench.per_ciphertext(ctx, secret, 1)
     assert report["v2_total_ms"] > 0 and report["v1_total_ms"] > 0
     assert report["bytes"]["v2_request_ciphertext"] > report["bytes"]["v2_reply"]
+
+
+def test_serve_bench_folded_variant_adds_only_the_fold_flag(tmp_path: Path) -> None:
+    """he-local-folded is he-local with B' decrypted at bind: the same server otherwise."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import serve_bench
+    finally:
+        sys.path.pop(0)
+    options = serve_bench.build_parser().parse_args(["--model", "tiny", "--adapter", "qv8"])
+    paths = {"model": tmp_path, "adapter": tmp_path / "a", "package": tmp_path / "p.tssp",
+             "keys": tmp_path / "keys" / "owner"}  # fmt: skip
+    local = serve_bench.server_for("he-local", paths, 8, None, options).args
+    folded = serve_bench.server_for("he-local-folded", paths, 8, None, options).args
+    assert "--tensafe-he-fold-secret" not in local
+    assert [a for a in folded if a != "--tensafe-he-fold-secret"] == local

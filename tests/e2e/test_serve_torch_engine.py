@@ -177,6 +177,28 @@ def test_encrypted_equals_transformers_peft(
         assert worst <= REFERENCE_LOGPROB_TOL
 
 
+# A prefill longer than any layer engine's columns (2 slots x up to 3 members x rank 16 = 96):
+# those calls decrypt the columns once instead of every token's product (gpu_engine.py).
+LONG_PROMPT = " ".join(["In the quiet garden the old gardener kept a secret word"] * 5)
+
+
+def test_a_long_prefill_equals_plaintext_lora(server: VllmServer, client: Any) -> None:
+    request = urllib.request.Request(
+        f"{server.base_url}/tokenize",
+        data=json.dumps({"model": BASE, "prompt": LONG_PROMPT}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        assert json.loads(reply.read())["count"] > 2 * 3 * 16
+    jobs = [(m, LONG_PROMPT) for m in (BASE, "p8", "e8", "pall", "eall")]
+    got = complete_all(client, jobs, at_once=False)
+    for plain, encrypted in PAIRS.items():
+        ours = got[(encrypted, LONG_PROMPT)]
+        assert_same_completion(ours, got[(plain, LONG_PROMPT)], LOGPROB_TOL)
+        base = got[(BASE, LONG_PROMPT)]
+        assert ours.token_ids != base.token_ids or ours.logprobs != base.logprobs
+
+
 def test_mixed_batches_with_slot_eviction(
     client: Any, sequential: dict[tuple[str, str], Any]
 ) -> None:

@@ -420,6 +420,27 @@ def test_compiled_stages_are_bit_identical_and_shared(
             ref = _reference(x.cpu().numpy().astype(np.float64), lq, lv, zero)
             assert np.abs(delta - ref).max() < engine.profile.tolerance
             assert engine.compiled
+        if not fold_secret:  # a prefill: the columns decrypted once, the decryptions combined
+            table = _compiled_stage(GpuDeltaEngine, "_decrypted_table", backend)(
+                engine, engine.table
+            )
+            assert torch.equal(table, reference._decrypted_table(reference.table))
+            tokens = reference.column_decrypt_tokens + 1
+            x = on(rng.normal(size=(tokens, d_in)), device).float()
+            slots = on(np.where(np.arange(tokens) % 5 == 2, -1, 1), device)
+            slot_row, limbs, factors = reference._weights(reference.project(x), slots)
+            digits = torch.bmm(limbs, table)
+            normals, words = reference.flood_source.draw((1, tokens, reference.ring.n))
+            want = reference._finish(digits, normals, words, slot_row, factors, True)
+            got = _compiled_stage(GpuDeltaEngine, "_finish", backend)(
+                engine, digits, normals, words, slot_row, factors, True
+            )
+            assert torch.equal(got, want)
+            delta = engine.compute(x, slots).cpu().numpy()
+            zero = [t for t in range(tokens) if t % 5 == 2]
+            ref = _reference(x.cpu().numpy().astype(np.float64), lq, lv, zero)
+            assert np.abs(delta - ref).max() < engine.profile.tolerance
+            assert engine.compiled
         if frames is None:
             frames = dynamo_utils.counters["frames"]["total"]
     # The second engine compiled nothing new.
@@ -479,6 +500,45 @@ def test_folded_products_equal_decrypted_products(
     )
     for t, ct in enumerate(cts):
         assert np.array_equal(as_u64(a[0, t]), seal_decrypt_coefficients(secret, ct))
+
+
+def test_long_calls_decrypt_the_columns_once(
+    qv: tuple, local_engines: dict, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B' encrypted, more tokens than columns (a prefill): the call decrypts the columns once
+    and combines the decryptions. The decrypted table is the folded engine's table bit for bit,
+    and the deltas are those of decrypting every token's product (same flood draws), whole and
+    in chunks."""
+    d_in, (lq, lv), _ = qv
+    engine, folded = local_engines[False], local_engines[True]
+    assert torch.equal(engine._decrypted_table(engine.table), folded.table)
+    threshold = engine.column_decrypt_tokens
+    assert threshold == engine.max_slots * engine.rank
+    tokens = threshold + 5
+    x = on(rng.normal(size=(tokens, d_in)), engine.device).float()
+    slots = on(np.where(np.arange(tokens) % 7 == 3, -1, 1), engine.device)
+    tables = []
+    real = engine._decrypted_table
+    monkeypatch.setattr(engine, "_decrypted_table", lambda t: tables.append(1) or real(t))
+
+    def deltas(column_threshold: int, chunk: int) -> torch.Tensor:
+        engine.column_decrypt_tokens, engine.chunk_tokens = column_threshold, chunk
+        engine.flood_source.generator.manual_seed(20261201)
+        try:
+            return engine.compute(x, slots)
+        finally:
+            engine.column_decrypt_tokens, engine.chunk_tokens = threshold, 512
+
+    for chunk in (512, 7):
+        tables.clear()
+        per_token = deltas(tokens, chunk)  # no call is longer than the threshold
+        assert tables == []
+        by_columns = deltas(threshold, chunk)
+        assert tables == [1]  # once per call, not per chunk
+        assert torch.equal(by_columns, per_token)
+    zero = [t for t in range(tokens) if t % 7 == 3]
+    ref = _reference(x.cpu().numpy().astype(np.float64), lq, lv, zero)
+    assert np.abs(by_columns.cpu().numpy() - ref).max() < engine.profile.tolerance
 
 
 def test_rerandomise_matches_seal(

@@ -458,6 +458,9 @@ class GpuDeltaEngine:
         self.d_in = d_in
         self.chunk_tokens = max(1, int(chunk_tokens))
         self._setup(secret, fold_secret, generator)
+        # B' encrypted: a call of more tokens than this decrypts the columns of every slot
+        # (max_slots * rank FFT products) instead of one product per token and group.
+        self.column_decrypt_tokens = self.max_slots * self.rank
         # The stages around the GEMM and the random draw are pure tensor code: compiled, their
         # ~200 elementwise kernels fuse into ~25 (launch latency dominates at small T, even
         # replayed from a CUDA graph). One compiled function per stage serves every engine of
@@ -737,22 +740,48 @@ class GpuDeltaEngine:
         self.stats.compute_calls += 1
         self.stats.tokens += tokens
         slots = token_slots[:tokens]
+        run = self._compute_chunk
+        if self._decrypts_columns(tokens):
+            # More tokens than columns: decrypt the columns (one FFT product per column) and
+            # combine the decryptions, instead of decrypting every token's product. Dec is
+            # linear mod q, so the deltas are the same bit for bit; the decrypted columns live
+            # only for this call, which reveals nothing its per-token decryptions (or its
+            # deltas, with T >= rank) do not (docs/gpu-he.md).
+            table = self._stage("_decrypted_table", self.table)
+
+            def run(u: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+                return self._compute_chunk(u, slots, table)
+
         chunk = self.chunk_tokens
         if tokens <= chunk:
-            return self._compute_chunk(u, slots)
+            return run(u, slots)
         # Long prefills in pieces: the transient memory is ~20 MB per token and group.
         return torch.cat(
-            [
-                self._compute_chunk(u[i : i + chunk], slots[i : i + chunk])
-                for i in range(0, tokens, chunk)
-            ]
+            [run(u[i : i + chunk], slots[i : i + chunk]) for i in range(0, tokens, chunk)]
         )
 
-    def _compute_chunk(self, u: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _decrypts_columns(self, tokens: int) -> bool:
+        """Whether a call of ``tokens`` decrypts the columns instead of the products. Not while
+        a CUDA graph is captured: vLLM captures small batches (up to 2 x max_num_seqs tokens by
+        default), where the gain is small, and the per-token path is the one whose compiled
+        stages vLLM's warm-up has already built."""
+        return (
+            not self.fold_secret
+            and self._s_spectrum is not None
+            and tokens > self.column_decrypt_tokens
+            and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        )
+
+    def _compute_chunk(
+        self, u: torch.Tensor, slots: torch.Tensor, decrypted: torch.Tensor | None = None
+    ) -> torch.Tensor:
         slot_row, weights, factors = self._stage("_weights", u, slots)
-        digits = torch.bmm(weights, self.table)  # exact float64 digit sums
+        table = self.table if decrypted is None else decrypted
+        digits = torch.bmm(weights, table)  # exact float64 digit sums
         normals, words = self.flood_source.draw((len(self.groups), u.shape[0], self.ring.n))
-        return self._stage("_finish", digits, normals, words, slot_row, factors)
+        return self._stage(
+            "_finish", digits, normals, words, slot_row, factors, decrypted is not None
+        )
 
     def _stage(self, name: str, *args: Any) -> Any:
         """Run the pure method ``name``: compiled when the engine compiles (and compiling has
@@ -785,11 +814,14 @@ class GpuDeltaEngine:
         words: torch.Tensor,
         slot_row: torch.Tensor,
         factors: torch.Tensor,
+        decrypted: bool = False,
     ) -> torch.Tensor:
         """Everything after the GEMM, given the flood's random draws (a pure function of its
-        inputs and the engine's buffers: ``compile=True`` fuses it)."""
-        residues = self.tables.reduce(digits, (self.polys, *self.ring.shape))
-        plain = self.decrypt(residues)
+        inputs and the engine's buffers: ``compile=True`` fuses it). ``decrypted``: the digits
+        come from ``_decrypted_table``, i.e. they are already decryptions."""
+        polys = 1 if decrypted else self.polys
+        residues = self.tables.reduce(digits, (polys, *self.ring.shape))
+        plain = residues[:, :, 0] if decrypted else self.decrypt(residues)
         flooded = self.ring.arith.add(plain, self._flood_residues(normals, words))
         evaluations = self.decode(self.ring.switch(flooded))
         return self._assemble(evaluations, slot_row, factors)
@@ -816,6 +848,19 @@ class GpuDeltaEngine:
         weights = torch.round(scaled * profile.u_scale).long()  # (G, T, S, R)
         limbs = self.tables.weight_limbs(weights)  # (G, T, S, A * R)
         return slot_row, limbs.reshape(len(self.groups), u.shape[0], -1), factors
+
+    def _decrypted_table(self, table: torch.Tensor) -> torch.Tensor:
+        """The GEMM table (G, S * A * R, K * 2 * L * N) of B' -> that of Dec(B'_j) =
+        c0 + c1 * s, (G, S * A * R, K * L * N): the columns' residues from the table's
+        unshifted rows, one FFT product each, the table rebuilt from the decryptions."""
+        assert self._s_spectrum is not None
+        g_count, s_count = len(self.groups), self.max_slots
+        rows = self.plan.weight_limbs * self.rank
+        per_slot = table.view(g_count, s_count, rows, -1)
+        columns = self.tables.columns(per_slot, self.rank, (self.polys, *self.ring.shape))
+        plain = self.ring.decrypt(columns, self._s_spectrum)  # (G, S, R, L, N)
+        rebuilt = self.tables.build(plain.unsqueeze(-3), batch_dims=2)  # (G, S, A * R, K*L*N)
+        return rebuilt.reshape(g_count, s_count * rows, -1)
 
     def _products(self, weight_limbs: torch.Tensor) -> torch.Tensor:
         """(G, T, S * A * R) weight limbs -> (G, T, P, L, N) product residues."""

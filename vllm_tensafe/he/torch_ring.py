@@ -214,10 +214,11 @@ class ProductTables:
         self.arith = arith
         self.plan = plan
 
-    def build(self, residues: torch.Tensor) -> torch.Tensor:
-        """(rank, ..., L, N) int64 residues -> (A * rank, K * size) float64 table."""
+    def build(self, residues: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
+        """(*batch, rank, ..., L, N) int64 residues -> (*batch, A * rank, K * size) float64
+        tables (``batch_dims`` leading dimensions, each entry its own table)."""
         plan = self.plan
-        rank = residues.shape[0]
+        lead = residues.shape[: batch_dims + 1]  # (*batch, rank)
         rows = []
         mask = (1 << plan.residue_limb_bits) - 1
         for a in range(plan.weight_limbs):
@@ -226,8 +227,19 @@ class ProductTables:
                 ((shifted >> (plan.residue_limb_bits * k)) & mask).double()
                 for k in range(plan.residue_limbs)
             ]
-            rows.append(torch.stack(limbs, dim=1).reshape(rank, -1))  # (rank, K * size)
-        return torch.cat(rows, dim=0)
+            rows.append(torch.stack(limbs, dim=batch_dims + 1).reshape(*lead, -1))
+        return torch.cat(rows, dim=batch_dims)
+
+    def columns(self, table: torch.Tensor, rank: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """The residues D_j back from a table (..., A * rank, K * size): rows a = 0 hold their
+        limbs unshifted, so (..., rank, *shape) int64, exactly what ``build`` was given."""
+        plan = self.plan
+        limbs = table[..., :rank, :].reshape(*table.shape[:-2], rank, plan.residue_limbs, *shape)
+        parts = limbs.long().unbind(dim=table.dim() - 1)
+        residues = parts[0]
+        for k in range(1, plan.residue_limbs):
+            residues = residues + (parts[k] << (plan.residue_limb_bits * k))
+        return residues
 
     def weight_limbs(self, weights: torch.Tensor) -> torch.Tensor:
         """int64 weights (..., rank) -> float64 limbs (..., A * rank), a-major."""
