@@ -431,9 +431,9 @@ def test_compiled_stages_are_bit_identical_and_shared(
             slot_row, limbs, factors = reference._weights(reference.project(x), slots)
             digits = torch.bmm(limbs, table)
             normals, words = reference.flood_source.draw((1, tokens, reference.ring.n))
-            want = reference._finish(digits, normals, words, slot_row, factors, True)
-            got = _compiled_stage(GpuDeltaEngine, "_finish", backend)(
-                engine, digits, normals, words, slot_row, factors, True
+            want = reference._finish_decrypted(digits, normals, words, slot_row, factors)
+            got = _compiled_stage(GpuDeltaEngine, "_finish_decrypted", backend)(
+                engine, digits, normals, words, slot_row, factors
             )
             assert torch.equal(got, want)
             delta = engine.compute(x, slots).cpu().numpy()

@@ -779,9 +779,8 @@ class GpuDeltaEngine:
         table = self.table if decrypted is None else decrypted
         digits = torch.bmm(weights, table)  # exact float64 digit sums
         normals, words = self.flood_source.draw((len(self.groups), u.shape[0], self.ring.n))
-        return self._stage(
-            "_finish", digits, normals, words, slot_row, factors, decrypted is not None
-        )
+        finish = "_finish" if decrypted is None else "_finish_decrypted"
+        return self._stage(finish, digits, normals, words, slot_row, factors)
 
     def _stage(self, name: str, *args: Any) -> Any:
         """Run the pure method ``name``: compiled when the engine compiles (and compiling has
@@ -814,14 +813,33 @@ class GpuDeltaEngine:
         words: torch.Tensor,
         slot_row: torch.Tensor,
         factors: torch.Tensor,
-        decrypted: bool = False,
     ) -> torch.Tensor:
         """Everything after the GEMM, given the flood's random draws (a pure function of its
-        inputs and the engine's buffers: ``compile=True`` fuses it). ``decrypted``: the digits
-        come from ``_decrypted_table``, i.e. they are already decryptions."""
-        polys = 1 if decrypted else self.polys
-        residues = self.tables.reduce(digits, (polys, *self.ring.shape))
-        plain = residues[:, :, 0] if decrypted else self.decrypt(residues)
+        inputs and the engine's buffers: ``compile=True`` fuses it)."""
+        residues = self.tables.reduce(digits, (self.polys, *self.ring.shape))
+        return self._from_decryptions(self.decrypt(residues), normals, words, slot_row, factors)
+
+    def _finish_decrypted(
+        self,
+        digits: torch.Tensor,
+        normals: torch.Tensor,
+        words: torch.Tensor,
+        slot_row: torch.Tensor,
+        factors: torch.Tensor,
+    ) -> torch.Tensor:
+        """``_finish`` for digits of ``_decrypted_table``'s, which are decryptions already (a
+        stage of its own: dynamo's recompile limit counts per compiled function)."""
+        plain = self.tables.reduce(digits, (1, *self.ring.shape))[:, :, 0]
+        return self._from_decryptions(plain, normals, words, slot_row, factors)
+
+    def _from_decryptions(
+        self,
+        plain: torch.Tensor,
+        normals: torch.Tensor,
+        words: torch.Tensor,
+        slot_row: torch.Tensor,
+        factors: torch.Tensor,
+    ) -> torch.Tensor:
         flooded = self.ring.arith.add(plain, self._flood_residues(normals, words))
         evaluations = self.decode(self.ring.switch(flooded))
         return self._assemble(evaluations, slot_row, factors)
