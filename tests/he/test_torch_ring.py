@@ -395,52 +395,45 @@ def test_compiled_stages_are_bit_identical_and_shared(
     ]
     for engine in compiled:
         engine.load(1, [mq, None, mv], [lq.a_mixed, None, lv.a_mixed])
+
+    def check(
+        engine: GpuDeltaEngine, token_slots: np.ndarray, finish: str, table: torch.Tensor
+    ) -> None:
+        """Compiled == eager stages on the same digits and draws; the whole call compiled
+        within the tolerance (tokens outside slot 1 get zero)."""
+        tokens = len(token_slots)
+        x = on(rng.normal(size=(tokens, d_in)), device).float()
+        slots = on(token_slots, device)
+        u = reference.project(x)
+        slot_row, limbs, factors = reference._weights(u, slots)
+        got_weights = _compiled_stage(GpuDeltaEngine, "_weights", backend)(engine, u, slots)
+        assert all(
+            torch.equal(a, b) for a, b in zip(got_weights, (slot_row, limbs, factors), strict=True)
+        )
+        digits = torch.bmm(limbs, table)
+        normals, words = reference.flood_source.draw((1, tokens, reference.ring.n))
+        want = getattr(reference, finish)(digits, normals, words, slot_row, factors)
+        got = _compiled_stage(GpuDeltaEngine, finish, backend)(
+            engine, digits, normals, words, slot_row, factors
+        )
+        assert torch.equal(got, want)
+        delta = engine.compute(x, slots).cpu().numpy()
+        zero = [t for t in range(tokens) if token_slots[t] != 1]  # slot -1, the empty slot 0
+        ref = _reference(x.cpu().numpy().astype(np.float64), lq, lv, zero)
+        assert np.abs(delta - ref).max() < engine.profile.tolerance
+        assert engine.compiled
+
     frames = None
     for engine in compiled:
         for tokens in (1, 3, 4):
-            x = on(rng.normal(size=(tokens, d_in)), device).float()
-            slots = on(np.array([1, -1, 1, 0][:tokens]), device)
-            u = reference.project(x)
-            slot_row, limbs, factors = reference._weights(u, slots)
-            got_weights = _compiled_stage(GpuDeltaEngine, "_weights", backend)(engine, u, slots)
-            assert all(
-                torch.equal(a, b)
-                for a, b in zip(got_weights, (slot_row, limbs, factors), strict=True)
-            )
-            digits = torch.bmm(limbs, reference.table)
-            normals, words = reference.flood_source.draw((1, tokens, reference.ring.n))
-            want = reference._finish(digits, normals, words, slot_row, factors)
-            got = _compiled_stage(GpuDeltaEngine, "_finish", backend)(
-                engine, digits, normals, words, slot_row, factors
-            )
-            assert torch.equal(got, want)
-            # The whole call takes the compiled path and stays within the tolerance.
-            delta = engine.compute(x, slots).cpu().numpy()
-            zero = [r for r in (1, 3) if r < tokens]  # slot -1 and the empty slot 0
-            ref = _reference(x.cpu().numpy().astype(np.float64), lq, lv, zero)
-            assert np.abs(delta - ref).max() < engine.profile.tolerance
-            assert engine.compiled
+            check(engine, np.array([1, -1, 1, 0][:tokens]), "_finish", reference.table)
         if not fold_secret:  # a prefill: the columns decrypted once, the decryptions combined
             table = _compiled_stage(GpuDeltaEngine, "_decrypted_table", backend)(
                 engine, engine.table
             )
             assert torch.equal(table, reference._decrypted_table(reference.table))
-            tokens = reference.column_decrypt_tokens + 1
-            x = on(rng.normal(size=(tokens, d_in)), device).float()
-            slots = on(np.where(np.arange(tokens) % 5 == 2, -1, 1), device)
-            slot_row, limbs, factors = reference._weights(reference.project(x), slots)
-            digits = torch.bmm(limbs, table)
-            normals, words = reference.flood_source.draw((1, tokens, reference.ring.n))
-            want = reference._finish_decrypted(digits, normals, words, slot_row, factors)
-            got = _compiled_stage(GpuDeltaEngine, "_finish_decrypted", backend)(
-                engine, digits, normals, words, slot_row, factors
-            )
-            assert torch.equal(got, want)
-            delta = engine.compute(x, slots).cpu().numpy()
-            zero = [t for t in range(tokens) if t % 5 == 2]
-            ref = _reference(x.cpu().numpy().astype(np.float64), lq, lv, zero)
-            assert np.abs(delta - ref).max() < engine.profile.tolerance
-            assert engine.compiled
+            prefill = np.where(np.arange(reference.column_decrypt_tokens + 1) % 5 == 2, -1, 1)
+            check(engine, prefill, "_finish_decrypted", table)
         if frames is None:
             frames = dynamo_utils.counters["frames"]["total"]
     # The second engine compiled nothing new.
