@@ -761,15 +761,13 @@ class GpuDeltaEngine:
         )
 
     def _decrypts_columns(self, tokens: int) -> bool:
-        """Whether a call of ``tokens`` decrypts the columns instead of the products. Not while
-        a CUDA graph is captured: vLLM captures small batches (up to 2 x max_num_seqs tokens by
-        default), where the gain is small, and the per-token path is the one whose compiled
-        stages vLLM's warm-up has already built."""
+        """Whether a call of ``tokens`` decrypts the columns instead of the products. A pure
+        function of the token count, so that a CUDA graph capture takes the path its warm-up
+        calls took (and compiled: nothing may compile under capture)."""
         return (
             not self.fold_secret
             and self._s_spectrum is not None
             and tokens > self.column_decrypt_tokens
-            and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
         )
 
     def _compute_chunk(
