@@ -1043,7 +1043,11 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
     def capturable(self) -> bool:
         return False
 
-    def _compute_chunk(self, u: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _compute_chunk(
+        self, u: torch.Tensor, slots: torch.Tensor, decrypted: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # The host holds no secret: it never decrypts columns (_decrypts_columns is false).
+        assert decrypted is None
         tokens = u.shape[0]
         started = time.perf_counter()
         slot_row, weights, factors = self._stage("_weights", u, slots)
