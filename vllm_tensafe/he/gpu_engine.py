@@ -872,8 +872,9 @@ class GpuDeltaEngine:
         assert self._s_spectrum is not None
         g_count, s_count = len(self.groups), self.max_slots
         rows = self.plan.weight_limbs * self.rank
-        per_slot = table.view(g_count, s_count, rows, -1)
-        columns = self.tables.columns(per_slot, self.rank, (self.polys, *self.ring.shape))
+        # Rows a = 0 hold each column's residue limbs unshifted: reduced, they give it back.
+        per_slot = table.view(g_count, s_count, rows, -1)[:, :, : self.rank]
+        columns = self.tables.reduce(per_slot, (self.polys, *self.ring.shape))  # (G, S, R, 2, L, N)
         plain = self.ring.decrypt(columns, self._s_spectrum)  # (G, S, R, L, N)
         rebuilt = self.tables.build(plain.unsqueeze(-3), batch_dims=2)  # (G, S, A * R, K*L*N)
         return rebuilt.reshape(g_count, s_count * rows, -1)

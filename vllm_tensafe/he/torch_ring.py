@@ -230,17 +230,6 @@ class ProductTables:
             rows.append(torch.stack(limbs, dim=batch_dims + 1).reshape(*lead, -1))
         return torch.cat(rows, dim=batch_dims)
 
-    def columns(self, table: torch.Tensor, rank: int, shape: tuple[int, ...]) -> torch.Tensor:
-        """The residues D_j back from a table (..., A * rank, K * size): rows a = 0 hold their
-        limbs unshifted, so (..., rank, *shape) int64, exactly what ``build`` was given."""
-        plan = self.plan
-        limbs = table[..., :rank, :].reshape(*table.shape[:-2], rank, plan.residue_limbs, *shape)
-        parts = limbs.long().unbind(dim=table.dim() - 1)
-        residues = parts[0]
-        for k in range(1, plan.residue_limbs):
-            residues = residues + (parts[k] << (plan.residue_limb_bits * k))
-        return residues
-
     def weight_limbs(self, weights: torch.Tensor) -> torch.Tensor:
         """int64 weights (..., rank) -> float64 limbs (..., A * rank), a-major."""
         plan = self.plan
