@@ -740,24 +740,23 @@ class GpuDeltaEngine:
         self.stats.compute_calls += 1
         self.stats.tokens += tokens
         slots = token_slots[:tokens]
-        run = self._compute_chunk
-        if self._decrypts_columns(tokens):
-            # More tokens than columns: decrypt the columns (one FFT product per column) and
-            # combine the decryptions, instead of decrypting every token's product. Dec is
-            # linear mod q, so the deltas are the same bit for bit; the decrypted columns live
-            # only for this call, which reveals nothing its per-token decryptions (or its
-            # deltas, with T >= rank) do not (docs/gpu-he.md).
-            table = self._stage("_decrypted_table", self.table)
-
-            def run(u: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-                return self._compute_chunk(u, slots, table)
-
+        # More tokens than columns: decrypt the columns (one FFT product per column) and
+        # combine the decryptions, instead of decrypting every token's product. Dec is linear
+        # mod q, so the deltas are the same bit for bit; the decrypted columns live only for
+        # this call, which reveals nothing its per-token decryptions (or its deltas, with
+        # T >= rank) do not (docs/gpu-he.md).
+        decrypted = (
+            self._stage("_decrypted_table", self.table) if self._decrypts_columns(tokens) else None
+        )
         chunk = self.chunk_tokens
         if tokens <= chunk:
-            return run(u, slots)
+            return self._compute_chunk(u, slots, decrypted)
         # Long prefills in pieces: the transient memory is ~20 MB per token and group.
         return torch.cat(
-            [run(u[i : i + chunk], slots[i : i + chunk]) for i in range(0, tokens, chunk)]
+            [
+                self._compute_chunk(u[i : i + chunk], slots[i : i + chunk], decrypted)
+                for i in range(0, tokens, chunk)
+            ]
         )
 
     def _decrypts_columns(self, tokens: int) -> bool:
