@@ -9,10 +9,11 @@ per call (one ciphertext per token and group), it times with the device synchron
 each stage:
 
 * local key holder (``GpuDeltaEngine``), B' encrypted with per-token decryption c0 + c1 s
-  (the default, ``local_decrypt``; a call of more tokens than the engine has columns decrypts
-  the columns once instead, ``decrypt_columns``) and with the secret folded into the columns
+  (the default, ``local_decrypt``) and with the secret folded into the columns
   (``--tensafe-he-fold-secret``, ``local_folded``): weights (U, norm, limbs), products (GEMM +
-  exact reduction), decrypt, flood, switch (S_m), decode (FFT), assemble (gather, factors),
+  exact reduction), decrypt, flood, switch (S_m), decode (FFT), assemble (gather, factors);
+  for a call of more tokens than the engine has columns, which decodes the columns once:
+  decode_columns, weights, combine (the float64 GEMM), flood (per slot), assemble;
   the whole ``compute`` eagerly and, on CUDA, replayed from a CUDA graph, and the kernels one
   call launches; on CUDA also both with their stages compiled (``*_compiled``, what vLLM
   serving runs: TENSAFE_HE_COMPILE), checked against the eager result on the same inputs;
@@ -105,24 +106,25 @@ def local_stages(
         return engine.project(x)
 
     u = u_of()
-    slot_row, limbs, factors = engine._weights(u, slots)
-    products = engine._products(limbs)
-    plain = engine.decrypt(products)
-    flooded = engine.flood(plain)
-    y = engine.ring.switch(flooded)
-    evaluations = engine.decode(y)
-    out = {
-        "weights": timer.ms(lambda: engine._weights(u_of(), slots)),
-        "products": timer.ms(lambda: engine._products(limbs)),
-        "decrypt": timer.ms(lambda: engine.decrypt(products)),
-        "flood": timer.ms(lambda: engine.flood(plain)),
-        "switch": timer.ms(lambda: engine.ring.switch(flooded)),
-        "decode": timer.ms(lambda: engine.decode(y)),
-        "assemble": timer.ms(lambda: engine._assemble(evaluations, slot_row, factors)),
-        "compute_eager": timer.ms(lambda: engine.compute(x, slots)),
-    }
-    if engine._decrypts_columns(x.shape[0]):  # this call decrypts the columns, not products
-        out["decrypt_columns"] = timer.ms(lambda: engine._decrypted_table(engine.table))
+    if engine._decodes_columns(x.shape[0]):  # a long call: the columns decoded once
+        out = long_call_stages(engine, timer, u_of, slots)
+    else:
+        slot_row, limbs, factors = engine._weights(u, slots)
+        products = engine._products(limbs)
+        plain = engine.decrypt(products)
+        flooded = engine.flood(plain)
+        y = engine.ring.switch(flooded)
+        real = engine.decode(y).real
+        out = {
+            "weights": timer.ms(lambda: engine._weights(u_of(), slots)),
+            "products": timer.ms(lambda: engine._products(limbs)),
+            "decrypt": timer.ms(lambda: engine.decrypt(products)),
+            "flood": timer.ms(lambda: engine.flood(plain)),
+            "switch": timer.ms(lambda: engine.ring.switch(flooded)),
+            "decode": timer.ms(lambda: engine.decode(y)),
+            "assemble": timer.ms(lambda: engine._assemble(real, slot_row, factors)),
+        }
+    out["compute_eager"] = timer.ms(lambda: engine.compute(x, slots))
     if engine.capturable:
         out["compute_graph"] = timer.ms(_captured(engine, x, slots))
     out["kernels_per_call"] = kernel_count(engine, x, slots)
@@ -133,6 +135,24 @@ def local_stages(
         peak = torch.cuda.max_memory_allocated(engine.device) - base
         out["transient_mib"] = round(peak / 2**20, 1)
     return out
+
+
+def long_call_stages(
+    engine: GpuDeltaEngine, timer: Timer, u_of: Callable[[], torch.Tensor], slots: torch.Tensor
+) -> dict[str, float]:
+    """The stages of a call longer than the engine's columns (docs/gpu-he.md, "Long calls")."""
+    u = u_of()
+    columns = engine._decoded_columns(engine.table)
+    slot_row, weights, factors = engine._column_weights(u, slots)
+    values = torch.bmm(weights, columns)
+    normals = engine.flood_source.normals(values.shape)
+    return {
+        "decode_columns": timer.ms(lambda: engine._decoded_columns(engine.table)),
+        "weights": timer.ms(lambda: engine._column_weights(u_of(), slots)),
+        "combine": timer.ms(lambda: torch.bmm(weights, columns)),
+        "flood": timer.ms(lambda: engine.flood_source.normals(values.shape)),
+        "assemble": timer.ms(lambda: engine._finish_decoded(values, normals, slot_row, factors)),
+    }
 
 
 def compiled_stages(
@@ -149,12 +169,20 @@ def compiled_stages(
         "first_call_s_including_compile": round(time.perf_counter() - started, 1)
     }
     u = engine.project(x)
-    slot_row, limbs, factors = reference._weights(u, slots)
-    digits = torch.bmm(limbs, engine.table)
-    normals, words = engine.flood_source.draw((len(engine.groups), x.shape[0], engine.ring.n))
-    finish = _compiled_stage(GpuDeltaEngine, "_finish", engine.compile_backend)
-    fused = finish(engine, digits, normals, words, slot_row, factors)
-    eager = reference._finish(digits, normals, words, slot_row, factors)
+    if engine._decodes_columns(x.shape[0]):
+        slot_row, weights, factors = reference._column_weights(u, slots)
+        values = torch.bmm(weights, reference._decoded_columns(engine.table))
+        normals = engine.flood_source.normals(values.shape)
+        finish = _compiled_stage(GpuDeltaEngine, "_finish_decoded", engine.compile_backend)
+        fused = finish(engine, values, normals, slot_row, factors)
+        eager = reference._finish_decoded(values, normals, slot_row, factors)
+    else:
+        slot_row, limbs, factors = reference._weights(u, slots)
+        digits = torch.bmm(limbs, engine.table)
+        normals, words = engine.flood_source.draw((len(engine.groups), x.shape[0], engine.ring.n))
+        finish = _compiled_stage(GpuDeltaEngine, "_finish", engine.compile_backend)
+        fused = finish(engine, digits, normals, words, slot_row, factors)
+        eager = reference._finish(digits, normals, words, slot_row, factors)
     out["max_abs_diff_vs_eager"] = float((fused - eager).abs().max())
     out["compute_eager"] = timer.ms(lambda: engine.compute(x, slots))
     out["compute_graph"] = timer.ms(_captured(engine, x, slots))

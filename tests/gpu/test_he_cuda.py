@@ -141,15 +141,15 @@ def test_long_call_replays_in_a_cuda_graph(
     ctx: PublicContext, secret: SecretKeySet, rng: np.random.Generator, compiled: bool
 ) -> None:
     """A batch longer than the engine's columns, captured before any adapter: warm-up and
-    capture both take the decrypted-columns path, and every replay decrypts the columns of
-    the adapters loaded since (the table is read at replay, not at capture)."""
+    capture both take the decoded-columns path, and every replay decodes the columns of the
+    adapters loaded since (the table is read at replay, not at capture)."""
     d_in, (lq, lv), (mq, mv) = _fused_qv(ctx, rng)
     engine = GpuDeltaEngine.from_matrices(
         secret, [mq, None, mv], output_slices=[96, 16, 32], d_in=d_in, max_slots=2, device=CUDA,
         compile=compiled,
     )  # fmt: skip
-    tokens = engine.column_decrypt_tokens + 4
-    assert engine._decrypts_columns(tokens)
+    tokens = engine.column_decode_tokens + 4
+    assert engine._decodes_columns(tokens)
     x_buf, slot_buf = _static_inputs(d_in, tokens)
     graph, out = _capture(engine, x_buf, slot_buf)
     engine.load(1, [mq, None, mv], [lq.a_mixed, None, lv.a_mixed])

@@ -8,6 +8,7 @@ them and overrides it, so the same checks run on CUDA tensors there."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -396,27 +397,38 @@ def test_compiled_stages_are_bit_identical_and_shared(
     for engine in compiled:
         engine.load(1, [mq, None, mv], [lq.a_mixed, None, lv.a_mixed])
 
-    def check(
-        engine: GpuDeltaEngine, token_slots: np.ndarray, finish: str, table: torch.Tensor
-    ) -> None:
-        """Compiled == eager stages on the same digits and draws; the whole call compiled
-        within the tolerance (tokens outside slot 1 get zero)."""
+    def stage(engine: GpuDeltaEngine, name: str, *args: Any) -> Any:
+        return _compiled_stage(GpuDeltaEngine, name, backend)(engine, *args)
+
+    def check(engine: GpuDeltaEngine, token_slots: np.ndarray) -> None:
+        """Compiled == eager stages on the same inputs and draws (bit for bit where they are
+        integer arithmetic; the float64 slot values of decoded columns within 1e-12, since
+        inductor may contract a multiply-add differently); the whole call compiled within the
+        tolerance (tokens outside slot 1 get zero)."""
         tokens = len(token_slots)
         x = on(rng.normal(size=(tokens, d_in)), device).float()
         slots = on(token_slots, device)
         u = reference.project(x)
-        slot_row, limbs, factors = reference._weights(u, slots)
-        got_weights = _compiled_stage(GpuDeltaEngine, "_weights", backend)(engine, u, slots)
-        assert all(
-            torch.equal(a, b) for a, b in zip(got_weights, (slot_row, limbs, factors), strict=True)
-        )
-        digits = torch.bmm(limbs, table)
-        normals, words = reference.flood_source.draw((1, tokens, reference.ring.n))
-        want = getattr(reference, finish)(digits, normals, words, slot_row, factors)
-        got = _compiled_stage(GpuDeltaEngine, finish, backend)(
-            engine, digits, normals, words, slot_row, factors
-        )
-        assert torch.equal(got, want)
+        if reference._decodes_columns(tokens):  # a prefill: the columns decoded once
+            columns = reference._decoded_columns(reference.table)
+            got_columns = stage(engine, "_decoded_columns", engine.table)
+            torch.testing.assert_close(got_columns, columns, rtol=1e-12, atol=1e-12)
+            weighed = reference._column_weights(u, slots)
+            got_weights = stage(engine, "_column_weights", u, slots)
+            values = torch.bmm(weighed[1], columns)
+            normals = reference.flood_source.normals(values.shape)
+            want = reference._finish_decoded(values, normals, weighed[0], weighed[2])
+            got = stage(engine, "_finish_decoded", values, normals, weighed[0], weighed[2])
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+        else:
+            weighed = reference._weights(u, slots)
+            got_weights = stage(engine, "_weights", u, slots)
+            digits = torch.bmm(weighed[1], reference.table)
+            normals, words = reference.flood_source.draw((1, tokens, reference.ring.n))
+            want = reference._finish(digits, normals, words, weighed[0], weighed[2])
+            got = stage(engine, "_finish", digits, normals, words, weighed[0], weighed[2])
+            assert torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(got_weights, weighed, strict=True))
         delta = engine.compute(x, slots).cpu().numpy()
         zero = [t for t in range(tokens) if token_slots[t] != 1]  # slot -1, the empty slot 0
         ref = _reference(x.cpu().numpy().astype(np.float64), lq, lv, zero)
@@ -426,14 +438,8 @@ def test_compiled_stages_are_bit_identical_and_shared(
     frames = None
     for engine in compiled:
         for tokens in (1, 3, 4):
-            check(engine, np.array([1, -1, 1, 0][:tokens]), "_finish", reference.table)
-        if not fold_secret:  # a prefill: the columns decrypted once, the decryptions combined
-            table = _compiled_stage(GpuDeltaEngine, "_decrypted_table", backend)(
-                engine, engine.table
-            )
-            assert torch.equal(table, reference._decrypted_table(reference.table))
-            prefill = np.where(np.arange(reference.column_decrypt_tokens + 1) % 5 == 2, -1, 1)
-            check(engine, prefill, "_finish_decrypted", table)
+            check(engine, np.array([1, -1, 1, 0][:tokens]))
+        check(engine, np.where(np.arange(reference.column_decode_tokens + 1) % 5 == 2, -1, 1))
         if frames is None:
             frames = dynamo_utils.counters["frames"]["total"]
     # The second engine compiled nothing new.
@@ -495,43 +501,82 @@ def test_folded_products_equal_decrypted_products(
         assert np.array_equal(as_u64(a[0, t]), seal_decrypt_coefficients(secret, ct))
 
 
-def test_long_calls_decrypt_the_columns_once(
-    qv: tuple, local_engines: dict, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """B' encrypted, more tokens than columns (a prefill): the call decrypts the columns once
-    and combines the decryptions. The decrypted table is the folded engine's table bit for bit,
-    and the deltas are those of decrypting every token's product (same flood draws), whole and
-    in chunks."""
+@pytest.mark.parametrize("fold_secret", [False, True])
+def test_long_calls_decode_the_columns_once(
+    qv: tuple, local_engines: dict, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch,
+    fold_secret: bool,
+) -> None:  # fmt: skip
+    """More tokens than columns (a prefill): the call decrypts and decodes the columns once
+    and combines their slot values. Folded or not, the decoded columns are the same bit for
+    bit; without the flood, the deltas are the per-token path's up to its rounding; with it,
+    both are within the tolerance of the float reference, whole and in chunks; the columns
+    are decoded once per call, not per chunk."""
     d_in, (lq, lv), _ = qv
-    engine, folded = local_engines[False], local_engines[True]
-    assert torch.equal(engine._decrypted_table(engine.table), folded.table)
-    threshold = engine.column_decrypt_tokens
+    engine = local_engines[fold_secret]
+    columns = engine._decoded_columns(engine.table)
+    other = local_engines[not fold_secret]
+    assert torch.equal(columns, other._decoded_columns(other.table))
+    threshold = engine.column_decode_tokens
     assert threshold == engine.max_slots * engine.rank
     tokens = threshold + 5
+    assert engine._decodes_columns(tokens) and not engine._decodes_columns(threshold)
     x = on(rng.normal(size=(tokens, d_in)), engine.device).float()
     slots = on(np.where(np.arange(tokens) % 7 == 3, -1, 1), engine.device)
-    tables = []
-    real = engine._decrypted_table
-    monkeypatch.setattr(engine, "_decrypted_table", lambda t: tables.append(1) or real(t))
-
-    def deltas(column_threshold: int, chunk: int) -> torch.Tensor:
-        engine.column_decrypt_tokens, engine.chunk_tokens = column_threshold, chunk
-        engine.flood_source.generator.manual_seed(20261201)
-        try:
-            return engine.compute(x, slots)
-        finally:
-            engine.column_decrypt_tokens, engine.chunk_tokens = threshold, 512
-
-    for chunk in (512, 7):
-        tables.clear()
-        per_token = deltas(tokens, chunk)  # no call is longer than the threshold
-        assert tables == []
-        by_columns = deltas(threshold, chunk)
-        assert tables == [1]  # once per call, not per chunk
-        assert torch.equal(by_columns, per_token)
     zero = [t for t in range(tokens) if t % 7 == 3]
     ref = _reference(x.cpu().numpy().astype(np.float64), lq, lv, zero)
-    assert np.abs(by_columns.cpu().numpy() - ref).max() < engine.profile.tolerance
+
+    # Noise-free, stage by stage: decoded columns == decrypting every token's product.
+    u = engine.project(x)
+    slot_row, limbs, factors = engine._weights(u, slots)
+    digits = torch.bmm(limbs, engine.table)
+    no_words = torch.zeros((len(engine.groups), tokens, engine.ring.n), dtype=torch.int64,
+                           device=engine.device)  # fmt: skip
+    per_token = engine._finish(digits, no_words.double(), no_words, slot_row, factors)
+    _, weights, _ = engine._column_weights(u, slots)
+    values = torch.bmm(weights, columns)
+    by_columns = engine._finish_decoded(values, torch.zeros_like(values), slot_row, factors)
+    assert torch.abs(by_columns - per_token).max() < 1e-6  # rounding 2^-32 per coefficient
+    assert torch.abs(per_token).max() > 0.1  # a meaningful comparison
+
+    decodes = []
+    real = engine._decoded_columns
+    monkeypatch.setattr(engine, "_decoded_columns", lambda t: decodes.append(1) or real(t))
+    results = []
+    for chunk in (512, 7):
+        decodes.clear()
+        engine.chunk_tokens = chunk
+        try:
+            results.append(engine.compute(x, slots).cpu().numpy())
+        finally:
+            engine.chunk_tokens = 512
+        assert decodes == [1]  # once per call, not per chunk
+        assert np.all(results[-1][zero] == 0.0)
+        assert np.abs(results[-1] - ref).max() < engine.profile.tolerance
+
+
+def test_decoded_flood_has_the_coefficient_floods_distribution(ring: DeviceRing) -> None:
+    """The slot flood of decoded columns (N(0, slot_flood_sigma^2) per slot) is the distribution
+    the coefficient flood of the per-token path gives after the switch and the decoding:
+    per-slot std flood_sigma, neighbouring slots uncorrelated, Gaussian tails."""
+    from vllm_tensafe.he.gpu_engine import PhiloxFlood
+
+    source = PhiloxFlood(ring.device)
+    source.generator.manual_seed(20261202)
+    normals, words = source.draw((32, ring.n))
+    flood = flood_residues(
+        ring.arith, ring.flood.high_parts(normals), ring.flood.low_parts_from_words(words),
+        ring.flood.k,
+    )  # fmt: skip
+    slots = ring.decoder.evaluations(ring.coefficients(ring.switch(flood))).real
+    sigma = ring.slot_flood_sigma  # the flood and the switch's rounding (1 % of it)
+    assert 1.0 < sigma / ring.profile.flood_sigma < 1.02
+    assert abs(float(slots.std()) / sigma - 1.0) < 0.01  # 131072 samples: SE 0.2 %
+    a, b = slots[:, :-1].flatten(), slots[:, 1:].flatten()
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.02
+    kurtosis = float(((slots / slots.std()) ** 4).mean())
+    assert abs(kurtosis - 3.0) < 0.1  # a Gaussian's; uniform noise would give 1.8
+    drawn = source.normals(tuple(slots.shape)) * sigma
+    assert abs(float(drawn.std()) / sigma - 1.0) < 0.01
 
 
 def test_rerandomise_matches_seal(

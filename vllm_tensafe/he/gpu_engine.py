@@ -17,7 +17,10 @@ secret key (c0 + c1 * s by FFT). With ``fold_secret`` the decryption is applied 
 columns at load instead: Dec is linear, so sum_j w_j Dec(B'_j) = Dec(sum_j w_j B'_j) exactly, and
 the per-token work drops the c1 polynomial and the FFT product; but the columns held on the
 device are then Dec(B'_j), i.e. B' in the clear up to CKKS noise, which anyone who can read the
-device memory reads (docs/gpu-he.md).
+device memory reads (docs/gpu-he.md). A call of more tokens than the engine has columns (a
+prefill) decrypts and decodes the columns once instead and combines their slot values with a
+float64 GEMM, the flood drawn per slot with the same distribution (``_decoded_columns``,
+``_finish_decoded``; within the tolerance, not bit-identical).
 
 With a **remote** key holder (``GpuRemoteDeltaEngine``) the device computes the products, the
 re-randomisation (c + (pk0 v, pk1 v + e1)), the pad (c0 + R, rho = S_m(R)) and the NTT of the
@@ -159,6 +162,15 @@ class DeviceRing:
         self.flood = FloodParameters.for_sigma(
             self.profile.flood_coefficient_sigma(self.scale_bits)
         )
+        # The columns Dec(B'_j) themselves have scale 2^b_scale_bits: their own switch brings
+        # them to the replies' scale 2^reply_scale_bits (rounding 2^-32 per coefficient).
+        b_bits = self.profile.b_scale_bits
+        self.column_switch = ModulusSwitch(self.moduli, self.profile.reply_exponent(b_bits))
+        self.column_delta_prime = self.column_switch.delta_prime(b_bits)
+        # Per slot, the per-token path's flood and its switch's rounding (uniform, 1/Delta'
+        # wide per coefficient) add up to this std; decoded columns draw it per slot.
+        rounding = (self.n / 2) / 12.0 / self.delta_prime**2
+        self.slot_flood_sigma = math.sqrt(self.profile.flood_sigma**2 + rounding)
         self._pk_spectra: torch.Tensor | None = None
         self._ntt: ForwardNTT | None = None
 
@@ -225,6 +237,13 @@ class DeviceRing:
         """Words z mod M -> float64 coefficients of the value polynomial (z centred / Delta')."""
         return self.switch.centre(z).double() * (1.0 / self.delta_prime)
 
+    def column_values(self, plain: torch.Tensor) -> torch.Tensor:
+        """Decryptions of columns (scale 2^b_scale_bits), (..., L, N) residues -> (..., N/2)
+        float64: the real parts of their evaluations (what ``decode`` gives a product)."""
+        words = self.column_switch.centre(self.column_switch(plain))
+        coeffs = words.double() * (1.0 / self.column_delta_prime)
+        return self.decoder.evaluations(coeffs).real
+
 
 # --- flood randomness for the local key holder ------------------------------------------------
 
@@ -266,6 +285,10 @@ class PhiloxFlood:
         words = torch.randint(-(1 << 63), (1 << 63) - 1, shape, dtype=torch.int64, **kw)
         return normals, words
 
+    def normals(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """N(0, 1) doubles of ``shape`` (the flood of decoded columns, drawn per slot)."""
+        return torch.randn(shape, dtype=torch.float64, device=self.device, generator=self.generator)
+
 
 class KeystreamWords:
     """Uniform 64-bit words from the CPU CSPRNG (csprng.py: AES-256-CTR), on the device."""
@@ -285,6 +308,10 @@ class KeystreamWords:
         count = math.prod(shape)
         words = self.words(2 * count).view(2, *shape)
         return normal_from_words(words[0]), words[1]
+
+    def normals(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """As PhiloxFlood.normals, from the CSPRNG (``shape[-1]`` even: Box-Muller pairs)."""
+        return normal_from_words(self.words(math.prod(shape)).view(shape))
 
 
 # --- layer layout: which ciphertext group carries which output rows ---------------------------
@@ -458,9 +485,9 @@ class GpuDeltaEngine:
         self.d_in = d_in
         self.chunk_tokens = max(1, int(chunk_tokens))
         self._setup(secret, fold_secret, generator)
-        # B' encrypted: a call of more tokens than this decrypts the columns of every slot
-        # (max_slots * rank FFT products) instead of one product per token and group.
-        self.column_decrypt_tokens = self.max_slots * self.rank
+        # A call of more tokens than this decodes the columns of every slot once (max_slots *
+        # rank decryptions) instead of decrypting one product per token and group.
+        self.column_decode_tokens = self.max_slots * self.rank
         # The stages around the GEMM and the random draw are pure tensor code: compiled, their
         # ~200 elementwise kernels fuse into ~25 (launch latency dominates at small T, even
         # replayed from a CUDA graph). One compiled function per stage serves every engine of
@@ -740,44 +767,43 @@ class GpuDeltaEngine:
         self.stats.compute_calls += 1
         self.stats.tokens += tokens
         slots = token_slots[:tokens]
-        # More tokens than columns: decrypt the columns (one FFT product per column) and
-        # combine the decryptions, instead of decrypting every token's product. Dec is linear
-        # mod q, so the deltas are the same bit for bit; the decrypted columns live only for
-        # this call, which reveals nothing its per-token decryptions (or its deltas, with
-        # T >= rank) do not (docs/gpu-he.md).
-        decrypted = (
-            self._stage("_decrypted_table", self.table) if self._decrypts_columns(tokens) else None
+        # More tokens than columns: decrypt and decode the columns once and combine their slot
+        # values (a float64 GEMM), flooded per slot, instead of one product, decryption and
+        # decoding per token (docs/gpu-he.md, "Long calls"). The decoded columns live only for
+        # this call, which reveals nothing its deltas (T >= rank) do not.
+        decoded = (
+            self._stage("_decoded_columns", self.table) if self._decodes_columns(tokens) else None
         )
         chunk = self.chunk_tokens
         if tokens <= chunk:
-            return self._compute_chunk(u, slots, decrypted)
+            return self._compute_chunk(u, slots, decoded)
         # Long prefills in pieces: the transient memory is ~20 MB per token and group.
         return torch.cat(
             [
-                self._compute_chunk(u[i : i + chunk], slots[i : i + chunk], decrypted)
+                self._compute_chunk(u[i : i + chunk], slots[i : i + chunk], decoded)
                 for i in range(0, tokens, chunk)
             ]
         )
 
-    def _decrypts_columns(self, tokens: int) -> bool:
-        """Whether a call of ``tokens`` decrypts the columns instead of the products. A pure
+    def _decodes_columns(self, tokens: int) -> bool:
+        """Whether a call of ``tokens`` decodes the columns instead of the products. A pure
         function of the token count, so that a CUDA graph capture takes the path its warm-up
         calls took (and compiled: nothing may compile under capture)."""
-        return (
-            not self.fold_secret
-            and self._s_spectrum is not None
-            and tokens > self.column_decrypt_tokens
-        )
+        has_key = self.fold_secret or self._s_spectrum is not None
+        return has_key and tokens > self.column_decode_tokens
 
     def _compute_chunk(
-        self, u: torch.Tensor, slots: torch.Tensor, decrypted: torch.Tensor | None = None
+        self, u: torch.Tensor, slots: torch.Tensor, decoded: torch.Tensor | None = None
     ) -> torch.Tensor:
-        slot_row, weights, factors = self._stage("_weights", u, slots)
-        table = self.table if decrypted is None else decrypted
-        digits = torch.bmm(weights, table)  # exact float64 digit sums
+        if decoded is not None:
+            slot_row, weights, factors = self._stage("_column_weights", u, slots)
+            values = torch.bmm(weights, decoded)  # (G, T, N/2) slot values
+            normals = self.flood_source.normals(values.shape)
+            return self._stage("_finish_decoded", values, normals, slot_row, factors)
+        slot_row, limbs, factors = self._stage("_weights", u, slots)
+        digits = torch.bmm(limbs, self.table)  # exact float64 digit sums
         normals, words = self.flood_source.draw((len(self.groups), u.shape[0], self.ring.n))
-        finish = "_finish" if decrypted is None else "_finish_decrypted"
-        return self._stage(finish, digits, normals, words, slot_row, factors)
+        return self._stage("_finish", digits, normals, words, slot_row, factors)
 
     def _stage(self, name: str, *args: Any) -> Any:
         """Run the pure method ``name``: compiled when the engine compiles (and compiling has
@@ -814,37 +840,49 @@ class GpuDeltaEngine:
         """Everything after the GEMM, given the flood's random draws (a pure function of its
         inputs and the engine's buffers: ``compile=True`` fuses it)."""
         residues = self.tables.reduce(digits, (self.polys, *self.ring.shape))
-        return self._from_decryptions(self.decrypt(residues), normals, words, slot_row, factors)
-
-    def _finish_decrypted(
-        self,
-        digits: torch.Tensor,
-        normals: torch.Tensor,
-        words: torch.Tensor,
-        slot_row: torch.Tensor,
-        factors: torch.Tensor,
-    ) -> torch.Tensor:
-        """``_finish`` for digits of ``_decrypted_table``'s, which are decryptions already (a
-        stage of its own: dynamo's recompile limit counts per compiled function)."""
-        plain = self.tables.reduce(digits, (1, *self.ring.shape))[:, :, 0]
-        return self._from_decryptions(plain, normals, words, slot_row, factors)
-
-    def _from_decryptions(
-        self,
-        plain: torch.Tensor,
-        normals: torch.Tensor,
-        words: torch.Tensor,
-        slot_row: torch.Tensor,
-        factors: torch.Tensor,
-    ) -> torch.Tensor:
-        flooded = self.ring.arith.add(plain, self._flood_residues(normals, words))
+        flooded = self.ring.arith.add(self.decrypt(residues), self._flood_residues(normals, words))
         evaluations = self.decode(self.ring.switch(flooded))
-        return self._assemble(evaluations, slot_row, factors)
+        return self._assemble(evaluations.real, slot_row, factors)
+
+    def _finish_decoded(
+        self,
+        values: torch.Tensor,
+        normals: torch.Tensor,
+        slot_row: torch.Tensor,
+        factors: torch.Tensor,
+    ) -> torch.Tensor:
+        """``_finish`` for slot values combined from ``_decoded_columns``: the flood added per
+        slot. A slot's real part is a sum of N coefficients with |zeta^k| = 1 and no two of
+        the N/2 slots conjugate, so the coefficient flood (i.i.d. Gaussian, std sigma_c) gives
+        i.i.d. Gaussian slots of std sigma_c sqrt(N/2) / scale, which is ``flood_sigma`` by
+        its definition (profiles.HEProfile.flood_coefficient_sigma); with the switch's
+        rounding, ``slot_flood_sigma``. The same distribution, drawn in the slots directly
+        (tests/he/test_torch_ring.py measures both)."""
+        noise = normals * self.ring.slot_flood_sigma
+        return self._assemble(values + noise, slot_row, factors)
+
+    def _column_weights(
+        self, u: torch.Tensor, token_slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_weights`` for decoded columns: the same integer weights as float64 values
+        w / 2^u_scale_bits (exact), (G, T, S * R), beside the index rows and norm factors."""
+        slot_row, weights, factors = self._integer_weights(u, token_slots)
+        values = weights.double() * (1.0 / self.profile.u_scale)
+        return slot_row, values.reshape(len(self.groups), u.shape[0], -1), factors
 
     def _weights(
         self, u: torch.Tensor, token_slots: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Integer GEMM weights (G, T, S * A * R), the tokens' index rows and norm factors."""
+        slot_row, weights, factors = self._integer_weights(u, token_slots)
+        limbs = self.tables.weight_limbs(weights)  # (G, T, S, A * R)
+        return slot_row, limbs.reshape(len(self.groups), u.shape[0], -1), factors
+
+    def _integer_weights(
+        self, u: torch.Tensor, token_slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """round(U * 2^u_scale_bits) per group (G, T, S, R) int64, the tokens' index rows and
+        the norm factors."""
         profile = self.profile
         s_count = self.max_slots
         slots = token_slots.long()
@@ -861,22 +899,25 @@ class GpuDeltaEngine:
         factors = torch.clamp(norms / profile.u_norm_bound, min=1.0)
         scaled = grouped / factors[:, :, None, None]
         weights = torch.round(scaled * profile.u_scale).long()  # (G, T, S, R)
-        limbs = self.tables.weight_limbs(weights)  # (G, T, S, A * R)
-        return slot_row, limbs.reshape(len(self.groups), u.shape[0], -1), factors
+        return slot_row, weights, factors
 
-    def _decrypted_table(self, table: torch.Tensor) -> torch.Tensor:
-        """The GEMM table (G, S * A * R, K * 2 * L * N) of B' -> that of Dec(B'_j) =
-        c0 + c1 * s, (G, S * A * R, K * L * N): the columns' residues from the table's
-        unshifted rows, one FFT product each, the table rebuilt from the decryptions."""
-        assert self._s_spectrum is not None
+    def _decoded_columns(self, table: torch.Tensor) -> torch.Tensor:
+        """The GEMM table (G, S * A * R, K * P * L * N) -> every column's slot values
+        (G, S * R, N/2) float64: its residues from the table's unshifted rows, decrypted
+        (c0 + c1 * s; already so when folded), switched and decoded. Dec, the switch and the
+        decoding are linear up to rounding (2^-32 per coefficient, far below the flood), so
+        sum_j (w_j / 2^u) values_j is the per-token path's slot value up to that rounding."""
         g_count, s_count = len(self.groups), self.max_slots
         rows = self.plan.weight_limbs * self.rank
         # Rows a = 0 hold each column's residue limbs unshifted: reduced, they give it back.
         per_slot = table.view(g_count, s_count, rows, -1)[:, :, : self.rank]
-        columns = self.tables.reduce(per_slot, (self.polys, *self.ring.shape))  # (G, S, R, 2, L, N)
-        plain = self.ring.decrypt(columns, self._s_spectrum)  # (G, S, R, L, N)
-        rebuilt = self.tables.build(plain.unsqueeze(-3), batch_dims=2)  # (G, S, A * R, K*L*N)
-        return rebuilt.reshape(g_count, s_count * rows, -1)
+        columns = self.tables.reduce(per_slot, (self.polys, *self.ring.shape))  # (G,S,R,P,L,N)
+        if self.fold_secret:
+            plain = columns.select(-3, 0)
+        else:
+            assert self._s_spectrum is not None
+            plain = self.ring.decrypt(columns, self._s_spectrum)  # (G, S, R, L, N)
+        return self.ring.column_values(plain).reshape(g_count, s_count * self.rank, -1)
 
     def _products(self, weight_limbs: torch.Tensor) -> torch.Tensor:
         """(G, T, S * A * R) weight limbs -> (G, T, P, L, N) product residues."""
@@ -908,11 +949,12 @@ class GpuDeltaEngine:
         return self.ring.decoder.evaluations(self.ring.coefficients(y))
 
     def _assemble(
-        self, evaluations: torch.Tensor, slot_row: torch.Tensor, factors: torch.Tensor
+        self, values: torch.Tensor, slot_row: torch.Tensor, factors: torch.Tensor
     ) -> torch.Tensor:
-        """(G, T, N/2) evaluations -> (T, out_features) deltas of every token's slot."""
+        """(G, T, N/2) real parts of the evaluations -> (T, out_features) deltas of every
+        token's slot."""
         tokens = slot_row.shape[0]
-        values = evaluations.real.permute(1, 0, 2).reshape(tokens, -1)
+        values = values.permute(1, 0, 2).reshape(tokens, -1)
         values = torch.cat([values, values.new_zeros(tokens, 1)], dim=1)
         index = self.index[slot_row]  # (T, out)
         delta = torch.gather(values, 1, index)
@@ -1044,10 +1086,10 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
         return False
 
     def _compute_chunk(
-        self, u: torch.Tensor, slots: torch.Tensor, decrypted: torch.Tensor | None = None
+        self, u: torch.Tensor, slots: torch.Tensor, decoded: torch.Tensor | None = None
     ) -> torch.Tensor:
-        # The host holds no secret: it never decrypts columns (_decrypts_columns is false).
-        assert decrypted is None
+        # The host holds no secret: it never decodes columns (_decodes_columns is false).
+        assert decoded is None
         tokens = u.shape[0]
         started = time.perf_counter()
         slot_row, weights, factors = self._stage("_weights", u, slots)
@@ -1073,7 +1115,7 @@ class GpuRemoteDeltaEngine(GpuDeltaEngine):
             replies = self._exchange(state, outgoing)
             started = time.perf_counter()
             evaluations[g_idx, t_idx] = self._stage("unpad_evaluations", replies, rho)
-        out = self._stage("_assemble", evaluations, slot_row, factors)
+        out = self._stage("_assemble", evaluations.real, slot_row, factors)
         self.stats.seconds_unmask += time.perf_counter() - started
         return out
 

@@ -214,11 +214,10 @@ class ProductTables:
         self.arith = arith
         self.plan = plan
 
-    def build(self, residues: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
-        """(*batch, rank, ..., L, N) int64 residues -> (*batch, A * rank, K * size) float64
-        tables (``batch_dims`` leading dimensions, each entry its own table)."""
+    def build(self, residues: torch.Tensor) -> torch.Tensor:
+        """(rank, ..., L, N) int64 residues -> (A * rank, K * size) float64 table."""
         plan = self.plan
-        lead = residues.shape[: batch_dims + 1]  # (*batch, rank)
+        rank = residues.shape[0]
         rows = []
         mask = (1 << plan.residue_limb_bits) - 1
         for a in range(plan.weight_limbs):
@@ -227,8 +226,8 @@ class ProductTables:
                 ((shifted >> (plan.residue_limb_bits * k)) & mask).double()
                 for k in range(plan.residue_limbs)
             ]
-            rows.append(torch.stack(limbs, dim=batch_dims + 1).reshape(*lead, -1))
-        return torch.cat(rows, dim=batch_dims)
+            rows.append(torch.stack(limbs, dim=1).reshape(rank, -1))  # (rank, K * size)
+        return torch.cat(rows, dim=0)
 
     def weight_limbs(self, weights: torch.Tensor) -> torch.Tensor:
         """int64 weights (..., rank) -> float64 limbs (..., A * rank), a-major."""
