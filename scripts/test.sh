@@ -27,4 +27,5 @@ if (( fast )); then
   export TENSAFE_FUZZ_SECONDS="${TENSAFE_FUZZ_SECONDS:-10}"
   exec .venv/bin/python -m pytest -ra -m "not vllm and not slow" ${args[@]+"${args[@]}"}
 fi
-exec .venv/bin/python -m pytest -ra ${args[@]+"${args[@]}"}
+# The 20 slowest tests at the end: the suite's length is watched (about 30 minutes on 2 cores).
+exec .venv/bin/python -m pytest -ra --durations=20 ${args[@]+"${args[@]}"}

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import AdapterFactory
-from tests.support.server_process import CPU_ARGS, CPU_ENV, free_port
+from tests.support.server_process import CPU_ARGS, CPU_ENV, die_with_parent, free_port
 
 pytestmark = pytest.mark.vllm
 
@@ -46,6 +46,7 @@ class Background:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
 
     def wait_http(self, url: str, timeout: float = 300) -> None:

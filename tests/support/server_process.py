@@ -31,6 +31,19 @@ CPU_ENV = {
 CPU_ARGS = ("--dtype", "float32", "--gpu-memory-utilization", "0.5", "--max-model-len", "512")
 
 
+def die_with_parent() -> None:
+    """``preexec_fn``: SIGTERM this child when the process that started it dies, even by
+    SIGKILL (a test run stopped by a time limit), so that no server outlives its test and
+    keeps a port or, on a GPU, its memory. vLLM shuts its engine processes down on SIGTERM.
+    Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -106,6 +119,7 @@ class VllmServer:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
