@@ -13,7 +13,7 @@ each stage:
   (``--tensafe-he-fold-secret``, ``local_folded``): weights (U, norm, limbs), products (GEMM +
   exact reduction), decrypt, flood, switch (S_m), decode (FFT), assemble (gather, factors);
   for a call of more tokens than the engine has columns, which decodes the columns once:
-  decode_columns, weights, combine (the float64 GEMM), flood (per slot), assemble;
+  decode_columns, weights, combine (the float64 GEMM), flood (the slot draws), finish;
   the whole ``compute`` eagerly and, on CUDA, replayed from a CUDA graph, and the kernels one
   call launches; on CUDA also both with their stages compiled (``*_compiled``, what vLLM
   serving runs: TENSAFE_HE_COMPILE), checked against the eager result on the same inputs;
@@ -140,7 +140,9 @@ def local_stages(
 def long_call_stages(
     engine: GpuDeltaEngine, timer: Timer, u_of: Callable[[], torch.Tensor], slots: torch.Tensor
 ) -> dict[str, float]:
-    """The stages of a call longer than the engine's columns (docs/gpu-he.md, "Long calls")."""
+    """The stages of a call longer than the engine's columns (docs/gpu-he.md, "Long calls"),
+    each on the whole call (``compute`` runs the per-token stages in chunks of
+    ``chunk_tokens``; ``compute_eager`` times that); ``finish`` is the flood and the gather."""
     u = u_of()
     columns = engine._decoded_columns(engine.table)
     slot_row, weights, factors = engine._column_weights(u, slots)
@@ -151,7 +153,7 @@ def long_call_stages(
         "weights": timer.ms(lambda: engine._column_weights(u_of(), slots)),
         "combine": timer.ms(lambda: torch.bmm(weights, columns)),
         "flood": timer.ms(lambda: engine.flood_source.normals(values.shape)),
-        "assemble": timer.ms(lambda: engine._finish_decoded(values, normals, slot_row, factors)),
+        "finish": timer.ms(lambda: engine._finish_decoded(values, normals, slot_row, factors)),
     }
 
 

@@ -164,6 +164,10 @@ def test_long_call_replays_in_a_cuda_graph(
     ref = _reference(xr, lq, lv, zero)
     assert np.all(got[zero] == 0.0)
     assert np.abs(got - ref).max() < ctx.profile.tolerance
+    graph.replay()  # the flood is drawn again at every replay, not recorded once
+    again = out.cpu().numpy()
+    assert not np.array_equal(again, got)
+    assert np.abs(again - ref).max() < ctx.profile.tolerance
     engine.unload(1)
     graph.replay()
     assert np.all(out.cpu().numpy() == 0.0)  # unloaded after capture: zero, not stale

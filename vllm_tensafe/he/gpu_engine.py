@@ -19,8 +19,8 @@ the per-token work drops the c1 polynomial and the FFT product; but the columns 
 device are then Dec(B'_j), i.e. B' in the clear up to CKKS noise, which anyone who can read the
 device memory reads (docs/gpu-he.md). A call of more tokens than the engine has columns (a
 prefill) decrypts and decodes the columns once instead and combines their slot values with a
-float64 GEMM, the flood drawn per slot with the same distribution (``_decoded_columns``,
-``_finish_decoded``; within the tolerance, not bit-identical).
+float64 GEMM, the profile's flood drawn per slot, where it is i.i.d. Gaussian
+(``_decoded_columns``, ``_finish_decoded``; within the tolerance, not bit-identical).
 
 With a **remote** key holder (``GpuRemoteDeltaEngine``) the device computes the products, the
 re-randomisation (c + (pk0 v, pk1 v + e1)), the pad (c0 + R, rho = S_m(R)) and the NTT of the
@@ -162,15 +162,21 @@ class DeviceRing:
         self.flood = FloodParameters.for_sigma(
             self.profile.flood_coefficient_sigma(self.scale_bits)
         )
-        # The columns Dec(B'_j) themselves have scale 2^b_scale_bits: their own switch brings
-        # them to the replies' scale 2^reply_scale_bits (rounding 2^-32 per coefficient).
+        # The columns Dec(B'_j) themselves have scale 2^b_scale_bits. They are rounded before
+        # the weights apply, so a rounding error of one column is multiplied by |u_j| (up to
+        # 2^u_norm_bits) and is the same in every call: two switches read each coefficient to
+        # 2^-64 (column_values), far below the flood whatever U, instead of the replies' 2^-32.
         b_bits = self.profile.b_scale_bits
-        self.column_switch = ModulusSwitch(self.moduli, self.profile.reply_exponent(b_bits))
+        column_m = self.profile.reply_exponent(b_bits)
+        if column_m < 64:  # the words below are read mod 2^64 (true of every shipped profile)
+            raise HEError(
+                f"profile {self.profile.name}: column switch exponent {column_m} < 64",
+                "use a vllm-tensafe profile",
+            )
+        self.column_switch = ModulusSwitch(self.moduli, column_m)
         self.column_delta_prime = self.column_switch.delta_prime(b_bits)
-        # Per slot, the per-token path's flood and its switch's rounding (uniform, 1/Delta'
-        # wide per coefficient) add up to this std; decoded columns draw it per slot.
-        rounding = (self.n / 2) / 12.0 / self.delta_prime**2
-        self.slot_flood_sigma = math.sqrt(self.profile.flood_sigma**2 + rounding)
+        self.column_fraction_switch = ModulusSwitch(self.moduli, column_m + 32)
+        self.column_fraction_delta_prime = self.column_fraction_switch.delta_prime(b_bits)
         self._pk_spectra: torch.Tensor | None = None
         self._ntt: ForwardNTT | None = None
 
@@ -239,9 +245,18 @@ class DeviceRing:
 
     def column_values(self, plain: torch.Tensor) -> torch.Tensor:
         """Decryptions of columns (scale 2^b_scale_bits), (..., L, N) residues -> (..., N/2)
-        float64: the real parts of their evaluations (what ``decode`` gives a product)."""
-        words = self.column_switch.centre(self.column_switch(plain))
-        coeffs = words.double() * (1.0 / self.column_delta_prime)
+        float64: the real parts of their evaluations (what ``decode`` gives a product).
+
+        Each coefficient x / 2^b is read in two words: hi = S_m(x) = round(x 2^m / Q) (value
+        times Delta' ~ 2^32, centred: |value| Delta' < 2^63 for every B' the packer accepts)
+        and the next 32 bits, r = S_(m+32)(x) - hi * 2^32 (mod 2^64, in fact |r| < 2^32: both
+        switches are within 1 of exact), so hi / Delta' + r / (Delta' 2^32) is the value to
+        about 2^-64 plus float64's rounding."""
+        hi = self.column_switch.centre(self.column_switch(plain))
+        fraction = self.column_fraction_switch(plain) - hi * (1 << 32)  # wraps mod 2^64
+        coeffs = hi.double() * (1.0 / self.column_delta_prime) + fraction.double() * (
+            1.0 / self.column_fraction_delta_prime
+        )
         return self.decoder.evaluations(coeffs).real
 
 
@@ -641,9 +656,13 @@ class GpuDeltaEngine:
         return 0 if state is None else sum(state.groups_used)
 
     def unload(self, slot: int) -> None:
+        rows = self.table.shape[1] // self.max_slots
         with torch.no_grad():
             self.index[slot].fill_(self._sentinel)
             self.loaded[slot] = False
+            # Zeroed, not only flagged: a long call decodes every slot's columns (a graph
+            # cannot skip the empty ones), and an unloaded adapter's must not be among them.
+            self.table[:, slot * rows : (slot + 1) * rows].zero_()
         self._slots.pop(slot, None)
 
     def _placement(
@@ -855,10 +874,11 @@ class GpuDeltaEngine:
         slot. A slot's real part is a sum of N coefficients with |zeta^k| = 1 and no two of
         the N/2 slots conjugate, so the coefficient flood (i.i.d. Gaussian, std sigma_c) gives
         i.i.d. Gaussian slots of std sigma_c sqrt(N/2) / scale, which is ``flood_sigma`` by
-        its definition (profiles.HEProfile.flood_coefficient_sigma); with the switch's
-        rounding, ``slot_flood_sigma``. The same distribution, drawn in the slots directly
-        (tests/he/test_torch_ring.py measures both)."""
-        noise = normals * self.ring.slot_flood_sigma
+        its definition (profiles.HEProfile.flood_coefficient_sigma): the profile's flood,
+        drawn in the slots directly (tests/he/test_torch_ring.py measures both paths). The
+        per-token path also rounds to 2^-32 per coefficient at the switch (+1 % of the
+        default profile's flood); these values are exact to about 2^-64."""
+        noise = normals * self.profile.flood_sigma
         return self._assemble(values + noise, slot_row, factors)
 
     def _column_weights(
