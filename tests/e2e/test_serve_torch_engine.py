@@ -178,7 +178,7 @@ def test_encrypted_equals_transformers_peft(
 
 
 # A prefill longer than any layer engine's columns (2 slots x up to 3 members x rank 16 = 96):
-# those calls decrypt the columns once instead of every token's product (gpu_engine.py).
+# those calls decode the columns once instead of decrypting every token's product (gpu_engine.py).
 LONG_PROMPT = " ".join(["In the quiet garden the old gardener kept a secret word"] * 5)
 
 

@@ -533,10 +533,9 @@ class GpuDeltaEngine:
         )
         size = self.polys * ring.moduli.count * ring.n
         g_count, s_count = len(self.groups), self.max_slots
-        a_rows = self.plan.weight_limbs * self.rank
         # Persistent buffers (written in place by load/unload; read by compute).
         self.table = torch.zeros(
-            (g_count, s_count * a_rows, self.plan.residue_limbs * size),
+            (g_count, s_count * self.slot_rows, self.plan.residue_limbs * size),
             dtype=torch.float64,
             device=self.device,
         )
@@ -627,7 +626,7 @@ class GpuDeltaEngine:
             )
         placement = self._placement(matrices)
         tables = self._slot_tables(matrices, placement)
-        rows = self.plan.weight_limbs * self.rank
+        rows = self.slot_rows
         index, column_group = self._slot_index(matrices, placement)
         with torch.no_grad():
             for g, table in enumerate(tables):
@@ -649,6 +648,11 @@ class GpuDeltaEngine:
         used = [table is not None for table in tables]
         self._slots[slot] = _SlotState(adapter_id, ref, used)
 
+    @property
+    def slot_rows(self) -> int:
+        """Rows of ``table`` per slot and group: the weight limbs of each of its columns."""
+        return self.plan.weight_limbs * self.rank
+
     def groups_used(self, slot: int) -> int:
         """Ciphertext groups the adapter in ``slot`` fills (0: none loaded): one ciphertext
         per token and group."""
@@ -656,7 +660,7 @@ class GpuDeltaEngine:
         return 0 if state is None else sum(state.groups_used)
 
     def unload(self, slot: int) -> None:
-        rows = self.table.shape[1] // self.max_slots
+        rows = self.slot_rows
         with torch.no_grad():
             self.index[slot].fill_(self._sentinel)
             self.loaded[slot] = False
@@ -789,7 +793,7 @@ class GpuDeltaEngine:
         # More tokens than columns: decrypt and decode the columns once and combine their slot
         # values (a float64 GEMM), flooded per slot, instead of one product, decryption and
         # decoding per token (docs/gpu-he.md, "Long calls"). The decoded columns live only for
-        # this call, which reveals nothing its deltas (T >= rank) do not.
+        # this call; the key spectrum beside the table decrypts them at any time anyway.
         decoded = (
             self._stage("_decoded_columns", self.table) if self._decodes_columns(tokens) else None
         )
@@ -924,13 +928,13 @@ class GpuDeltaEngine:
     def _decoded_columns(self, table: torch.Tensor) -> torch.Tensor:
         """The GEMM table (G, S * A * R, K * P * L * N) -> every column's slot values
         (G, S * R, N/2) float64: its residues from the table's unshifted rows, decrypted
-        (c0 + c1 * s; already so when folded), switched and decoded. Dec, the switch and the
-        decoding are linear up to rounding (2^-32 per coefficient, far below the flood), so
-        sum_j (w_j / 2^u) values_j is the per-token path's slot value up to that rounding."""
+        (c0 + c1 * s; already so when folded), read to ~2^-64 and decoded
+        (DeviceRing.column_values). Dec and the decoding are linear, so
+        sum_j (w_j / 2^u) values_j is the per-token path's slot value up to that path's own
+        switch rounding (2^-32 per coefficient)."""
         g_count, s_count = len(self.groups), self.max_slots
-        rows = self.plan.weight_limbs * self.rank
         # Rows a = 0 hold each column's residue limbs unshifted: reduced, they give it back.
-        per_slot = table.view(g_count, s_count, rows, -1)[:, :, : self.rank]
+        per_slot = table.view(g_count, s_count, self.slot_rows, -1)[:, :, : self.rank]
         columns = self.tables.reduce(per_slot, (self.polys, *self.ring.shape))  # (G,S,R,P,L,N)
         if self.fold_secret:
             plain = columns.select(-3, 0)
